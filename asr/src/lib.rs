@@ -1,0 +1,41 @@
+//! Speech-to-text for Parley.
+//!
+//! One trait, [`Transcriber`], that the call pipeline uses for partial and final
+//! transcripts, and one engine behind it: Whisper through whisper-rs
+//! ([`WhisperTranscriber`]). The model is loaded once per process and shared by every
+//! call; each transcription borrows per-run decoder state from a small pool.
+//!
+//! [`convert`] turns the CTranslate2 Whisper weights that ship on the package index
+//! into the ggml file that whisper.cpp loads.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong turning speech into text.
+#[derive(Debug, thiserror::Error)]
+pub enum AsrError {
+    /// The model file could not be read or is not a Whisper model.
+    #[error("cannot load the Whisper model {path}: {reason} (run `parley models install` to fetch and convert it)")]
+    Load { path: PathBuf, reason: String },
+    /// The decoder failed on this audio.
+    #[error("transcription failed: {0}")]
+    Decode(String),
+    /// Converting CTranslate2 weights to ggml failed.
+    #[error("cannot convert the Whisper model: {0}")]
+    Convert(String),
+}
+
+/// The text heard in one stretch of audio.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transcript {
+    /// The words, trimmed, without Whisper's bracketed non-speech tags.
+    pub text: String,
+}
+
+/// A speech-to-text engine shared by all calls.
+///
+/// Implementations are blocking (they run model code): call them from a dedicated
+/// thread or `spawn_blocking`, never directly on the async runtime.
+pub trait Transcriber: Send + Sync {
+    /// Transcribes one utterance of 16 kHz mono samples in [-1, 1].
+    fn transcribe(&self, samples_16k: &[f32]) -> Result<Transcript, AsrError>;
+}

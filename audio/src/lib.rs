@@ -1,0 +1,1 @@
+//! Audio plumbing for Parley: plain synchronous code, no async runtime.

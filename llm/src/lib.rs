@@ -1,0 +1,128 @@
+//! Language models for Parley.
+//!
+//! The agent talks to a model through two traits: an [`LlmEngine`] is loaded once and
+//! shared by every call; each call opens its own [`LlmSession`], which keeps that
+//! call's KV cache between turns so turn N only prefills the tokens that are new
+//! since turn N-1 (the conversation is re-rendered every turn and compared token by
+//! token with what the cache already holds).
+//!
+//! The embedded engine runs Qwen2-architecture GGUF models with candle on the CPU
+//! (CUDA with the `cuda` feature).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+/// Everything that can go wrong running a language model.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// The GGUF weights or the tokenizer could not be loaded.
+    #[error("cannot load the language model {path}: {reason} (run `parley models install` to fetch it)")]
+    Load { path: PathBuf, reason: String },
+    /// The tokenizer failed on this text.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    /// The model failed while running.
+    #[error("model error: {0}")]
+    Model(String),
+    /// The conversation no longer fits in the model's context window.
+    #[error("the conversation is {tokens} tokens, over the model's context of {limit}")]
+    ContextFull { tokens: usize, limit: usize },
+}
+
+/// Who said a message in the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of a conversation, as the model sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role and text.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+}
+
+/// Sampling and length settings for one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// Stop after this many generated tokens.
+    pub max_tokens: usize,
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    /// Nucleus sampling cut-off, used when `temperature > 0`.
+    pub top_p: f64,
+    /// Seed for sampling, so a run can be repeated.
+    pub seed: u64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458 }
+    }
+}
+
+/// What one generation cost, for latency reports and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Of those, how many were already in the session's KV cache.
+    pub cached_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Milliseconds spent prefilling the uncached prompt tokens.
+    pub prefill_ms: f64,
+    /// Milliseconds from the call to the first generated text.
+    pub first_token_ms: f64,
+    /// Milliseconds for the whole call.
+    pub total_ms: f64,
+    /// Why generation stopped.
+    pub finish: FinishReason,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced its end-of-turn token.
+    #[default]
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// The caller's token callback asked to stop (barge-in, cancel).
+    Cancelled,
+}
+
+/// A language model loaded once and shared by every call.
+pub trait LlmEngine: Send + Sync {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &str;
+    /// Opens a session for one call; it holds that call's KV cache.
+    fn new_session(&self) -> Box<dyn LlmSession>;
+}
+
+/// One call's conversation with the model. Blocking: run on a dedicated thread or
+/// `spawn_blocking`.
+pub trait LlmSession: Send {
+    /// Generates the assistant's next message for `messages` (the whole conversation
+    /// so far, system prompt first), calling `on_text` with each piece of decoded
+    /// text as soon as it is known. Returning `ControlFlow::Break` from `on_text`
+    /// stops generation (finish reason `Cancelled`). The KV cache keeps the longest
+    /// token prefix shared with the previous call, so only new tokens are prefilled.
+    fn generate(
+        &mut self,
+        messages: &[ChatMessage],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<GenerationStats, LlmError>;
+}
