@@ -10,6 +10,13 @@
 
 use std::path::PathBuf;
 
+pub mod convert;
+mod text;
+mod whisper;
+
+pub use text::clean_transcript;
+pub use whisper::{SAMPLE_RATE, WhisperOptions, WhisperTranscriber};
+
 /// Everything that can go wrong turning speech into text.
 #[derive(Debug, thiserror::Error)]
 pub enum AsrError {

@@ -12,6 +12,13 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+pub mod chat;
+pub mod engine;
+pub mod qwen2;
+pub mod tokenizer;
+
+pub use engine::{CandleEngine, CandleOptions, CandleSession, LlmDevice};
+
 /// Everything that can go wrong running a language model.
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {

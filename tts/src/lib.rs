@@ -4,8 +4,50 @@
 //! Piper engine behind it (VITS voices run with ONNX Runtime, phonemes from
 //! espeak-ng). [`chunker`] cuts a stream of LLM tokens into speakable phrases so
 //! synthesis starts on the first phrase instead of waiting for the whole reply.
+//!
+//! ```no_run
+//! # #[cfg(feature = "piper")]
+//! # fn main() -> Result<(), parley_tts::TtsError> {
+//! use parley_tts::chunker::PhraseChunker;
+//! use parley_tts::piper::{PiperOptions, PiperVoice, VoiceFiles};
+//! use parley_tts::Synthesizer;
+//!
+//! let files = VoiceFiles::in_models_dir(std::path::Path::new("/root/.cache/parley/models"));
+//! let voice = PiperVoice::load_files(&files, &PiperOptions::default())?;
+//! let mut chunker = PhraseChunker::new();
+//! for token in ["Your refill ", "is ready. ", "Pick it up ", "after 3 p.m."] {
+//!     for phrase in chunker.push(token) {
+//!         let samples = voice.synthesize(&phrase)?; // mono f32 at voice.sample_rate()
+//!         # let _ = samples;
+//!     }
+//! }
+//! if let Some(rest) = chunker.finish() {
+//!     let samples = voice.synthesize(&rest)?;
+//!     # let _ = samples;
+//! }
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "piper"))]
+//! # fn main() {}
+//! ```
+//!
+//! The `piper` feature (on by default) needs `libespeak-ng-dev` to build and the
+//! `espeak-ng-data` files plus an ONNX Runtime library (`libonnxruntime.so`, from
+//! `parley models install`) to run.
 
 use std::path::PathBuf;
+
+pub mod chunker;
+#[cfg(feature = "piper")]
+pub mod espeak;
+#[cfg(feature = "piper")]
+pub mod onnx;
+#[cfg(feature = "piper")]
+pub mod piper;
+pub mod text;
+
+#[cfg(feature = "piper")]
+pub use piper::{PiperOptions, PiperVoice, VoiceFiles};
 
 /// Everything that can go wrong turning text into speech.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,141 @@
+//! What goes into a call and what comes out of it, independent of any wire protocol.
+
+use crate::settings::SessionSettings;
+
+/// Input from the transport to a call.
+#[derive(Debug)]
+pub enum CallInput {
+    /// Caller audio, encoded in the session's input format (already base64-decoded).
+    Audio(Vec<u8>),
+    /// The client ends the caller's turn by hand (`input_audio_buffer.commit`).
+    Commit,
+    /// The client drops uncommitted audio (`input_audio_buffer.clear`).
+    ClearInput,
+    /// A typed user message (`conversation.item.create` with text).
+    UserText(String),
+    /// The client asks for a reply now (`response.create`).
+    CreateResponse,
+    /// The client stops the reply in progress (`response.cancel`).
+    CancelResponse,
+    /// New session settings (`session.update`), already merged and validated.
+    Update(Box<SessionSettings>),
+}
+
+/// Why a response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseStatus {
+    /// It ran to the end.
+    Completed,
+    /// The client cancelled it or the caller barged in.
+    Cancelled,
+    /// A model failed; see the accompanying error event.
+    Failed,
+}
+
+impl ResponseStatus {
+    /// The Realtime protocol's name for the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Stable error codes, so clients can react to a class of problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// A response is already in progress.
+    ActiveResponse,
+    /// Nothing to commit or answer.
+    EmptyBuffer,
+    /// Audio bytes that do not fit the input format.
+    InvalidAudio,
+    /// The caller's uncommitted audio exceeded the buffer limit.
+    BufferFull,
+    /// Speech-to-text failed for a turn.
+    TranscriptionFailed,
+    /// The language model or the voice failed.
+    ModelFailed,
+}
+
+impl ErrorCode {
+    /// The code string sent to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ActiveResponse => "conversation_already_has_active_response",
+            Self::EmptyBuffer => "input_audio_buffer_commit_empty",
+            Self::InvalidAudio => "invalid_audio",
+            Self::BufferFull => "input_audio_buffer_full",
+            Self::TranscriptionFailed => "transcription_failed",
+            Self::ModelFailed => "model_failed",
+        }
+    }
+}
+
+/// Where the time of one turn went, measured from the end of the caller's speech.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnMetrics {
+    /// The response this turn produced.
+    pub response_id: String,
+    /// End of speech → turn committed (the VAD silence window).
+    pub endpoint_ms: Option<f64>,
+    /// End of speech → final transcript.
+    pub transcript_ms: Option<f64>,
+    /// Time the speech-to-text itself took.
+    pub asr_ms: Option<f64>,
+    /// End of speech → first LLM text.
+    pub first_token_ms: Option<f64>,
+    /// End of speech → first agent audio sent.
+    pub first_audio_ms: Option<f64>,
+    /// Prompt tokens, and how many of them came from the KV cache.
+    pub prompt_tokens: usize,
+    /// Tokens reused from the session's KV cache.
+    pub cached_tokens: usize,
+    /// Milliseconds the LLM spent on prefill.
+    pub prefill_ms: f64,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Time to synthesize the first phrase.
+    pub first_tts_ms: Option<f64>,
+}
+
+/// Output from a call to its transport.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// Settings in force (after start or an update).
+    SessionUpdated(Box<SessionSettings>),
+    /// The VAD heard the caller start speaking.
+    SpeechStarted { item_id: String, audio_start_ms: u64 },
+    /// The VAD heard the caller stop.
+    SpeechStopped { item_id: String, audio_end_ms: u64 },
+    /// A user audio item was committed to the conversation.
+    InputCommitted { item_id: String, previous_item_id: Option<String> },
+    /// The input buffer was cleared on the client's request.
+    InputCleared,
+    /// A conversation item was added (user text, user audio, assistant reply).
+    ItemAdded { item_id: String, previous_item_id: Option<String>, role: crate::ItemRole, text: Option<String> },
+    /// The final transcript of a user audio item.
+    UserTranscript { item_id: String, transcript: String },
+    /// A response started.
+    ResponseCreated { response_id: String },
+    /// The response's assistant item.
+    OutputItemAdded { response_id: String, item_id: String },
+    /// A chunk of the agent's audio, encoded in the output format.
+    AudioDelta { response_id: String, item_id: String, audio: Vec<u8> },
+    /// Text of the agent's speech, sent as the matching audio starts.
+    TranscriptDelta { response_id: String, item_id: String, delta: String },
+    /// No more audio for this response item.
+    AudioDone { response_id: String, item_id: String },
+    /// The full text the agent spoke (cut to what was heard on interruption).
+    TranscriptDone { response_id: String, item_id: String, transcript: String },
+    /// The response ended.
+    ResponseDone { response_id: String, item_id: Option<String>, status: ResponseStatus, transcript: String },
+    /// The client must drop audio it has buffered (barge-in).
+    OutputAudioCleared { response_id: String },
+    /// Latency breakdown of a turn.
+    Metrics(TurnMetrics),
+    /// Something went wrong; the call goes on.
+    Error { code: ErrorCode, message: String },
+}

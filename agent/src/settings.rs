@@ -1,0 +1,80 @@
+//! Per-call settings, changed by the client (`session.update`) over server defaults.
+
+use parley_audio::format::AudioFormat;
+use parley_audio::vad::TurnSettings;
+use parley_llm::GenerateOptions;
+
+/// The default instructions: a voice agent must answer briefly, in plain speech.
+pub const DEFAULT_INSTRUCTIONS: &str = "You are Parley, a friendly voice assistant on a live call. \
+Answer in one or two short spoken sentences. Do not use lists, markdown, code or emoji. \
+If you did not understand the caller, ask them to repeat.";
+
+/// Server-side voice activity detection: when set, the server decides when the
+/// caller's turn ends and (optionally) answers on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnDetection {
+    /// VAD threshold, padding and silence window.
+    pub vad: TurnSettings,
+    /// Start a response as soon as a turn is committed.
+    pub create_response: bool,
+    /// Speech during a response interrupts it (barge-in).
+    pub interrupt_response: bool,
+}
+
+impl Default for TurnDetection {
+    fn default() -> Self {
+        Self { vad: TurnSettings::default(), create_response: true, interrupt_response: true }
+    }
+}
+
+/// How outbound audio is cut and paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacingSettings {
+    /// Duration of each audio frame sent (20 ms suits telephony).
+    pub frame_ms: u32,
+    /// How far ahead of real time the sender may run, to absorb network jitter.
+    /// Kept small so that barge-in drops little and "heard" is known closely.
+    pub lead_ms: u32,
+}
+
+impl Default for PacingSettings {
+    fn default() -> Self {
+        Self { frame_ms: 20, lead_ms: 120 }
+    }
+}
+
+/// Everything one call can configure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSettings {
+    /// The system prompt.
+    pub instructions: String,
+    /// What the caller sends.
+    pub input_format: AudioFormat,
+    /// What the caller wants back.
+    pub output_format: AudioFormat,
+    /// `None` means the client commits turns itself.
+    pub turn_detection: Option<TurnDetection>,
+    /// Sampling settings for replies.
+    pub generate: GenerateOptions,
+    /// The voice name (informational while one voice is loaded).
+    pub voice: String,
+    /// Outbound pacing.
+    pub pacing: PacingSettings,
+    /// Largest input buffer kept without a commit, in milliseconds of audio.
+    pub max_buffer_ms: u32,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            instructions: DEFAULT_INSTRUCTIONS.to_string(),
+            input_format: AudioFormat::Pcm16 { rate: 24_000 },
+            output_format: AudioFormat::Pcm16 { rate: 24_000 },
+            turn_detection: Some(TurnDetection::default()),
+            generate: GenerateOptions { max_tokens: 120, ..GenerateOptions::default() },
+            voice: "joe".to_string(),
+            pacing: PacingSettings::default(),
+            max_buffer_ms: 60_000,
+        }
+    }
+}

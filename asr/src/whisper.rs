@@ -1,0 +1,263 @@
+//! [`WhisperTranscriber`]: Whisper through whisper.cpp (whisper-rs).
+
+use std::path::Path;
+use std::sync::{Mutex, Once};
+use std::time::Instant;
+
+use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState};
+
+use crate::text::clean_transcript;
+use crate::{AsrError, Transcriber, Transcript};
+
+/// Input sample rate Whisper expects.
+pub const SAMPLE_RATE: usize = 16_000;
+/// Shortest input worth decoding; shorter audio is padded with silence up to this, as
+/// whisper.cpp refuses very short input and guesses badly on a fraction of a second.
+const MIN_SAMPLES: usize = SAMPLE_RATE;
+/// Encoder frames per second of audio (10 ms mel hop, then a stride-2 convolution).
+const ENCODER_FRAMES_PER_SECOND: usize = 50;
+/// Extra encoder frames beyond the audio itself when the context is reduced: Whisper
+/// was trained on 30 s windows and ends words better with some silence after them.
+const AUDIO_CTX_MARGIN: usize = 64;
+/// Upper bound on tokens decoded per second of audio, so a decoder stuck repeating
+/// itself stops early instead of filling the 224-token budget.
+const MAX_TOKENS_PER_SECOND: usize = 12;
+/// Tokens always allowed, on top of [`MAX_TOKENS_PER_SECOND`].
+const MIN_MAX_TOKENS: usize = 16;
+
+/// How [`WhisperTranscriber`] runs the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WhisperOptions {
+    /// CPU threads per transcription.
+    pub threads: usize,
+    /// Spoken language (ISO 639-1, such as `en`); ignored by English-only models.
+    pub language: String,
+    /// Decoder states kept ready for reuse: about the number of transcriptions
+    /// expected to run at once. More concurrent calls still work; their extra states
+    /// are created on demand and dropped afterwards.
+    pub pool_size: usize,
+    /// Shrink the encoder's context to the audio's length (plus a margin) instead of
+    /// always encoding a 30 s window: several times faster on short utterances.
+    pub fit_audio_ctx: bool,
+}
+
+impl Default for WhisperOptions {
+    fn default() -> Self {
+        Self { threads: 2, language: "en".into(), pool_size: 2, fit_audio_ctx: true }
+    }
+}
+
+/// Whisper, loaded once and shared by every call.
+///
+/// The model weights live in one whisper.cpp context; each transcription borrows a
+/// decoder state (KV caches and scratch buffers, a few tens of MB for tiny.en) from a
+/// small pool, so concurrent transcriptions run in parallel without reloading anything.
+///
+/// ```no_run
+/// use parley_asr::{Transcriber, WhisperOptions, WhisperTranscriber};
+/// let asr = WhisperTranscriber::load("ggml-tiny.en.bin".as_ref(), WhisperOptions::default())?;
+/// let heard = asr.transcribe(&vec![0.0; 16_000])?;
+/// println!("{}", heard.text);
+/// # Ok::<(), parley_asr::AsrError>(())
+/// ```
+pub struct WhisperTranscriber {
+    ctx: WhisperContext,
+    states: Mutex<Vec<WhisperState>>,
+    options: WhisperOptions,
+    model_audio_ctx: usize,
+}
+
+impl std::fmt::Debug for WhisperTranscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhisperTranscriber").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl WhisperTranscriber {
+    /// Loads a ggml Whisper model (as written by [`crate::convert::ct2_to_ggml`]) and
+    /// prepares `options.pool_size` decoder states.
+    pub fn load(model: &Path, options: WhisperOptions) -> Result<Self, AsrError> {
+        route_whisper_logs();
+        let fail = |reason: String| AsrError::Load { path: model.to_path_buf(), reason };
+        if !model.is_file() {
+            return Err(fail("no such file".into()));
+        }
+        let started = Instant::now();
+        let ctx = WhisperContext::new_with_params(model, WhisperContextParameters::default())
+            .map_err(|e| fail(format!("whisper.cpp rejected it ({e})")))?;
+        let model_audio_ctx = usize::try_from(ctx.model_n_audio_ctx()).unwrap_or(0);
+        let states = (0..options.pool_size.max(1))
+            .map(|_| ctx.create_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(format!("cannot allocate decoder state ({e})")))?;
+        tracing::info!(
+            model = %model.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            states = states.len(),
+            "whisper model loaded"
+        );
+        Ok(Self { ctx, states: Mutex::new(states), options, model_audio_ctx })
+    }
+
+    /// The options this transcriber was loaded with.
+    pub fn options(&self) -> &WhisperOptions {
+        &self.options
+    }
+
+    /// Takes a decoder state from the pool, or makes one when all are in use.
+    fn checkout(&self) -> Result<PooledState<'_>, AsrError> {
+        let pooled = self.states.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let state = match pooled {
+            Some(state) => state,
+            None => self
+                .ctx
+                .create_state()
+                .map_err(|e| AsrError::Decode(format!("cannot allocate decoder state ({e})")))?,
+        };
+        Ok(PooledState { owner: self, state: Some(state) })
+    }
+
+    fn params(&self, samples: usize) -> FullParams<'_, '_> {
+        let mut p = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
+        p.set_n_threads(i32::try_from(self.options.threads.max(1)).unwrap_or(1));
+        p.set_language(Some(&self.options.language));
+        p.set_translate(false);
+        p.set_no_context(true);
+        p.set_no_timestamps(true);
+        p.set_single_segment(true);
+        p.set_suppress_blank(true);
+        p.set_suppress_nst(true);
+        p.set_print_special(false);
+        p.set_print_progress(false);
+        p.set_print_realtime(false);
+        p.set_print_timestamps(false);
+        let seconds = samples.div_ceil(SAMPLE_RATE);
+        p.set_max_tokens(i32::try_from(MIN_MAX_TOKENS + MAX_TOKENS_PER_SECOND * seconds).unwrap_or(0));
+        if self.options.fit_audio_ctx {
+            let ctx = audio_ctx_for(samples, self.model_audio_ctx);
+            p.set_audio_ctx(i32::try_from(ctx).unwrap_or(0));
+        }
+        p
+    }
+}
+
+/// Encoder context (in frames) that covers `samples` of audio plus a margin, capped at
+/// the model's full window.
+fn audio_ctx_for(samples: usize, model_audio_ctx: usize) -> usize {
+    let frames = (samples * ENCODER_FRAMES_PER_SECOND).div_ceil(SAMPLE_RATE);
+    (frames + AUDIO_CTX_MARGIN).min(model_audio_ctx)
+}
+
+impl Transcriber for WhisperTranscriber {
+    fn transcribe(&self, samples_16k: &[f32]) -> Result<Transcript, AsrError> {
+        if samples_16k.is_empty() {
+            return Ok(Transcript::default());
+        }
+        let padded;
+        let audio = if samples_16k.len() < MIN_SAMPLES {
+            padded = [samples_16k, &vec![0.0; MIN_SAMPLES - samples_16k.len()]].concat();
+            &padded[..]
+        } else {
+            samples_16k
+        };
+        let started = Instant::now();
+        let mut pooled = self.checkout()?;
+        let state = pooled.state.as_mut().ok_or_else(|| AsrError::Decode("no decoder state".into()))?;
+        state
+            .full(self.params(audio.len()), audio)
+            .map_err(|e| AsrError::Decode(e.to_string()))?;
+        let mut raw = String::new();
+        for segment in state.as_iter() {
+            let text = segment.to_str_lossy().map_err(|e| AsrError::Decode(e.to_string()))?;
+            raw.push_str(&text);
+        }
+        drop(pooled);
+        let text = clean_transcript(&raw);
+        tracing::debug!(
+            audio_ms = (samples_16k.len() * 1000 / SAMPLE_RATE) as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            chars = text.len(),
+            "transcribed"
+        );
+        Ok(Transcript { text })
+    }
+}
+
+/// A decoder state on loan; it goes back to the pool (if the pool has room) when
+/// dropped, including when the transcription fails or panics.
+struct PooledState<'a> {
+    owner: &'a WhisperTranscriber,
+    state: Option<WhisperState>,
+}
+
+impl Drop for PooledState<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            let mut pool = self.owner.states.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < self.owner.options.pool_size.max(1) {
+                pool.push(state);
+            }
+        }
+    }
+}
+
+/// Sends whisper.cpp's and ggml's log lines to `tracing` (target `parley_asr::whisper_cpp`)
+/// instead of stderr: its chatty load report at debug level, warnings and errors as such.
+fn route_whisper_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the callback is a plain function that lives for the whole program
+        // and ignores its (null) user data.
+        unsafe {
+            whisper_rs::whisper_rs_sys::whisper_log_set(Some(log_line), std::ptr::null_mut());
+            whisper_rs::whisper_rs_sys::ggml_log_set(Some(log_line), std::ptr::null_mut());
+        }
+    });
+}
+
+unsafe extern "C" fn log_line(
+    level: whisper_rs::whisper_rs_sys::ggml_log_level,
+    text: *const std::ffi::c_char,
+    _user_data: *mut std::ffi::c_void,
+) {
+    use whisper_rs::whisper_rs_sys as sys;
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: whisper.cpp passes a NUL-terminated string valid for this call.
+    let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
+    let text = text.trim();
+    if text.is_empty() || text == "." {
+        return;
+    }
+    match level {
+        sys::ggml_log_level_GGML_LOG_LEVEL_ERROR => {
+            tracing::error!(target: "parley_asr::whisper_cpp", "{text}")
+        }
+        sys::ggml_log_level_GGML_LOG_LEVEL_WARN => {
+            tracing::warn!(target: "parley_asr::whisper_cpp", "{text}")
+        }
+        sys::ggml_log_level_GGML_LOG_LEVEL_INFO => {
+            tracing::debug!(target: "parley_asr::whisper_cpp", "{text}")
+        }
+        _ => tracing::trace!(target: "parley_asr::whisper_cpp", "{text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audio_ctx_follows_length_and_caps_at_the_model_window() {
+        assert_eq!(audio_ctx_for(SAMPLE_RATE, 1500), 50 + AUDIO_CTX_MARGIN);
+        assert_eq!(audio_ctx_for(SAMPLE_RATE * 5 / 2, 1500), 125 + AUDIO_CTX_MARGIN);
+        assert_eq!(audio_ctx_for(SAMPLE_RATE * 60, 1500), 1500);
+    }
+
+    #[test]
+    fn default_options() {
+        let o = WhisperOptions::default();
+        assert_eq!((o.threads, o.language.as_str(), o.fit_audio_ctx), (2, "en", true));
+    }
+}

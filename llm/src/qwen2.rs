@@ -1,0 +1,527 @@
+//! A Qwen2 decoder forward pass on candle, split so many calls share one model.
+//!
+//! [`Qwen2Weights`] is immutable after loading: every session of an engine shares it
+//! behind an `Arc` and runs [`Qwen2Weights::forward`] concurrently. The attention
+//! state lives in a separate [`KvCache`] per session, which can be truncated to any
+//! token position so a session keeps the prefix its next prompt shares with the
+//! previous one and recomputes only the rest.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::LlmError;
+
+/// Shape and numerics of a Qwen2 model, read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2Config {
+    /// Number of decoder blocks.
+    pub n_layer: usize,
+    /// Query heads per block.
+    pub n_head: usize,
+    /// Key/value heads per block (grouped-query attention: `n_head` is a multiple).
+    pub n_kv_head: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Epsilon of every RMS norm.
+    pub rms_eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// The context the model was trained for.
+    pub trained_context: usize,
+    /// Rows of the token embedding (and of the output logits).
+    pub vocab_size: usize,
+}
+
+/// How to load the weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2LoadOptions {
+    /// Dequantize every matrix to f32 at load. Candle's quantized kernels process a
+    /// multi-token prefill row by row, so on a small CPU a 164-token prefill took
+    /// 19.7 s quantized against 1.1 s dequantized (MODELS.md); the price is RAM
+    /// (about 2 GB for the 0.5B model instead of about 0.5 GB).
+    pub dequantize: bool,
+    /// Longest sequence a session may hold (prompt plus reply). Sizes the RoPE
+    /// tables; capped at the model's trained context.
+    pub max_context: usize,
+}
+
+impl Default for Qwen2LoadOptions {
+    fn default() -> Self {
+        Self { dequantize: true, max_context: 4096 }
+    }
+}
+
+/// One decoder block's weights.
+struct Block {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    bq: Tensor,
+    bk: Tensor,
+    bv: Tensor,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// The immutable weights of a Qwen2 model, loaded once and shared by every session.
+pub struct Qwen2Weights {
+    config: Qwen2Config,
+    max_context: usize,
+    device: Device,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    output: QMatMul,
+    /// RoPE tables, `(max_context, head_dim / 2)`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Converts a candle error into an [`LlmError::Model`] saying what was being done.
+pub(crate) trait ModelContext<T> {
+    fn context(self, what: &str) -> Result<T, LlmError>;
+}
+
+impl<T> ModelContext<T> for candle_core::Result<T> {
+    fn context(self, what: &str) -> Result<T, LlmError> {
+        self.map_err(|e| LlmError::Model(format!("{what}: {e}")))
+    }
+}
+
+impl Qwen2Weights {
+    /// Loads a `qwen2` GGUF file onto `device`.
+    pub fn load(path: &Path, device: &Device, options: &Qwen2LoadOptions) -> Result<Self, LlmError> {
+        let load_err = |reason: String| LlmError::Load { path: path.to_path_buf(), reason };
+        let file = File::open(path).map_err(|e| load_err(format!("cannot open: {e}")))?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| load_err(format!("not a readable GGUF file: {e}")))?;
+        Self::from_gguf(&content, &mut reader, device, options).map_err(load_err)
+    }
+
+    fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        options: &Qwen2LoadOptions,
+    ) -> Result<Self, String> {
+        let md = |key: &str| {
+            content.metadata.get(key).ok_or_else(|| format!("metadata has no `{key}`"))
+        };
+        let md_usize = |key: &str| -> Result<usize, String> {
+            let v = md(key)?;
+            v.to_u32()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u64().map(|x| x as usize))
+                .map_err(|e| format!("{key}: {e}"))
+        };
+        let md_f64 = |key: &str| -> Result<f64, String> {
+            let v = md(key)?;
+            v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|e| format!("{key}: {e}"))
+        };
+
+        let arch = md("general.architecture")?
+            .to_string()
+            .map_err(|e| format!("general.architecture: {e}"))?;
+        if arch != "qwen2" {
+            return Err(format!("architecture `{arch}` is not supported (only `qwen2`)"));
+        }
+        let n_head = md_usize("qwen2.attention.head_count")?;
+        let n_kv_head = md_usize("qwen2.attention.head_count_kv")?;
+        let hidden = md_usize("qwen2.embedding_length")?;
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || hidden % n_head != 0 {
+            return Err(format!(
+                "inconsistent attention shape: {n_head} heads, {n_kv_head} kv heads, width {hidden}"
+            ));
+        }
+        let head_dim = hidden / n_head;
+        let trained_context = md_usize("qwen2.context_length")?;
+        let rope_theta = md_f64("qwen2.rope.freq_base").unwrap_or(10_000.0);
+        let rms_eps = md_f64("qwen2.attention.layer_norm_rms_epsilon")?;
+        let n_layer = md_usize("qwen2.block_count")?;
+        let max_context = options.max_context.clamp(1, trained_context.max(1));
+
+        let tensor = |reader: &mut R, name: &str| -> Result<QTensor, String> {
+            content.tensor(reader, name, device).map_err(|e| format!("tensor `{name}`: {e}"))
+        };
+        let dense = |q: QTensor, name: &str| -> Result<Tensor, String> {
+            q.dequantize(device).map_err(|e| format!("dequantizing `{name}`: {e}"))
+        };
+        let matmul = |q: QTensor, name: &str| -> Result<QMatMul, String> {
+            let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            if options.dequantize || float {
+                Ok(QMatMul::Tensor(dense(q, name)?))
+            } else {
+                Ok(QMatMul::QTensor(std::sync::Arc::new(q)))
+            }
+        };
+        let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
+
+        let embed_q = tensor(reader, "token_embd.weight")?;
+        let vocab_size = embed_q.shape().dims().first().copied().unwrap_or(0);
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => matmul(tensor(reader, "output.weight")?, "output.weight")?,
+            // Tied embeddings: the output head is the embedding matrix.
+            false => matmul(tensor(reader, "token_embd.weight")?, "token_embd.weight")?,
+        };
+        let embed = dense(embed_q, "token_embd.weight")?;
+        let final_norm = load_dense(reader, "output_norm.weight")?;
+
+        let mut blocks = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let name = |part: &str| format!("blk.{i}.{part}");
+            let mm = |reader: &mut R, part: &str| {
+                let n = name(part);
+                matmul(tensor(reader, &n)?, &n)
+            };
+            blocks.push(Block {
+                wq: mm(reader, "attn_q.weight")?,
+                wk: mm(reader, "attn_k.weight")?,
+                wv: mm(reader, "attn_v.weight")?,
+                wo: mm(reader, "attn_output.weight")?,
+                w_gate: mm(reader, "ffn_gate.weight")?,
+                w_up: mm(reader, "ffn_up.weight")?,
+                w_down: mm(reader, "ffn_down.weight")?,
+                attn_norm: load_dense(reader, &name("attn_norm.weight"))?,
+                ffn_norm: load_dense(reader, &name("ffn_norm.weight"))?,
+                bq: load_dense(reader, &name("attn_q.bias"))?,
+                bk: load_dense(reader, &name("attn_k.bias"))?,
+                bv: load_dense(reader, &name("attn_v.bias"))?,
+            });
+        }
+
+        let (cos, sin) = rope_tables(head_dim, rope_theta, max_context, device)
+            .map_err(|e| format!("RoPE tables: {e}"))?;
+        Ok(Self {
+            config: Qwen2Config {
+                n_layer,
+                n_head,
+                n_kv_head,
+                head_dim,
+                hidden,
+                rms_eps,
+                rope_theta,
+                trained_context,
+                vocab_size,
+            },
+            max_context,
+            device: device.clone(),
+            embed,
+            blocks,
+            final_norm,
+            output,
+            cos,
+            sin,
+        })
+    }
+
+    /// The model's shape, as read from the file.
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    /// The longest sequence a [`KvCache`] of this model may hold.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for one session of this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.config.n_layer).map(|_| LayerKv::default()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` through the model at positions `cache.len()..`, appending their
+    /// keys and values to `cache`, and returns the logits for the token after the
+    /// last one as an f32 vector of `vocab_size`.
+    ///
+    /// Any number of tokens may be given at once (a prefill), on top of any cache
+    /// contents: each new token attends to the whole cache and to the new tokens up to
+    /// itself. On error the cache keeps its previous length and contents.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, LlmError> {
+        let seq = tokens.len();
+        if seq == 0 {
+            return Err(LlmError::Model("forward called with no tokens".into()));
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(LlmError::Model("KV cache belongs to a different model".into()));
+        }
+        let pos = cache.len;
+        if pos + seq > self.max_context {
+            return Err(LlmError::ContextFull { tokens: pos + seq, limit: self.max_context });
+        }
+        self.forward_inner(tokens, cache, pos).context("forward pass")
+    }
+
+    fn forward_inner(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        pos: usize,
+    ) -> candle_core::Result<Tensor> {
+        let seq = tokens.len();
+        let eps = self.config.rms_eps as f32;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mask = causal_mask(seq, pos, &self.device)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let attn = self.attention(block, &h, kv, pos, &cos, &sin, mask.as_ref())?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            let gate = block.w_gate.forward(&h)?.silu()?;
+            let up = block.w_up.forward(&h)?;
+            x = (x + block.w_down.forward(&(gate * up)?)?)?;
+        }
+        cache.len = pos + seq;
+
+        let last = x.narrow(1, seq - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
+        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+    }
+
+    /// Grouped-query self-attention of one block over cache + new tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        kv: &mut LayerKv,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let Qwen2Config { n_head, n_kv_head, head_dim, hidden, .. } = self.config;
+        let (b, seq, _) = x.dims3()?;
+        let group = n_head / n_kv_head;
+
+        let q = block.wq.forward(x)?.broadcast_add(&block.bq)?;
+        let k = block.wk.forward(x)?.broadcast_add(&block.bk)?;
+        let v = block.wv.forward(x)?.broadcast_add(&block.bv)?;
+        // (b, seq, heads * dim) -> (b, heads, seq, dim)
+        let q = q.reshape((b, seq, n_head, head_dim))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, seq, n_kv_head, head_dim))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, seq, n_kv_head, head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+
+        let (k, v) = kv.append(&k, &v, pos, self.max_context)?;
+        let kv_len = pos + seq;
+
+        // Grouped-query attention without copying K/V per query head: the `group`
+        // query heads sharing one kv head are stacked along the sequence axis, so
+        // q becomes (b, n_kv_head, group * seq, dim) against k (b, n_kv_head, kv_len, dim).
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let q = (q * scale)?.reshape((b, n_kv_head, group * seq, head_dim))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((b, n_kv_head, group, seq, kv_len))?
+                .broadcast_add(mask)?
+                .reshape((b, n_kv_head, group * seq, kv_len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (b, n_kv_head, group * seq, dim)
+        let out = out
+            .reshape((b, n_head, seq, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, seq, hidden))?;
+        block.wo.forward(&out)
+    }
+}
+
+/// The additive causal mask for `seq` new tokens at positions `pos..pos + seq` over
+/// `pos + seq` keys: new token `i` sees every cached key and new keys `0..=i`.
+/// `None` for a single token, which may see everything.
+fn causal_mask(seq: usize, pos: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    if seq <= 1 {
+        return Ok(None);
+    }
+    let kv_len = pos + seq;
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..kv_len).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(data, (seq, kv_len), device).map(Some)
+}
+
+/// `cos` and `sin` of every position's rotation angles, `(positions, head_dim / 2)`.
+fn rope_tables(
+    head_dim: usize,
+    theta: f64,
+    positions: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> =
+        (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+    let mut angles = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        angles.extend(inv_freq.iter().map(|f| p as f32 * f));
+    }
+    let angles = Tensor::from_vec(angles, (positions, half), device)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Granularity of KV buffer growth, in tokens, so a decode step rarely reallocates.
+const KV_GROW_STEP: usize = 512;
+
+/// Keys and values of one block: preallocated buffers `(1, n_kv_head, capacity, dim)`
+/// of which the first `KvCache::len` positions are valid.
+#[derive(Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerKv {
+    /// Writes `k`, `v` (`(1, n_kv_head, seq, dim)`) at `pos` and returns views of
+    /// positions `0..pos + seq`.
+    fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        max_context: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let needed = pos + seq;
+        let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+        if needed > capacity {
+            let new_capacity = needed.div_ceil(KV_GROW_STEP).saturating_mul(KV_GROW_STEP)
+                .max(capacity.saturating_mul(2))
+                .min(max_context)
+                .max(needed);
+            self.k = Some(grow(self.k.take(), k, pos, new_capacity)?);
+            self.v = Some(grow(self.v.take(), v, pos, new_capacity)?);
+        }
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
+            candle_core::bail!("KV buffer missing after allocation");
+        };
+        kb.slice_set(k, 2, pos)?;
+        vb.slice_set(v, 2, pos)?;
+        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+    }
+}
+
+/// A zeroed buffer of `capacity` positions shaped like `like`, holding the first `keep`
+/// positions of `old`.
+fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, capacity: usize) -> candle_core::Result<Tensor> {
+    let (b, heads, _, dim) = like.dims4()?;
+    let buf = Tensor::zeros((b, heads, capacity, dim), like.dtype(), like.device())?;
+    if let Some(old) = old
+        && keep > 0
+    {
+        buf.slice_set(&old.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+    }
+    Ok(buf)
+}
+
+/// One session's attention state: the keys and values of every token it has run,
+/// position by position. Owned by the session, so sessions never share or lock it.
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of token positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on, keeping the prefix, so the next forward
+    /// continues at `len`. Cheap: the buffers stay allocated and are overwritten.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Forgets everything and frees the buffers (for a session that goes idle).
+    pub fn clear(&mut self) {
+        for layer in &mut self.layers {
+            *layer = LayerKv::default();
+        }
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_lets_new_tokens_see_the_cache_and_earlier_new_tokens() -> candle_core::Result<()> {
+        let mask = causal_mask(3, 2, &Device::Cpu)?;
+        let Some(mask) = mask else { panic!("a 3-token step needs a mask") };
+        let rows: Vec<Vec<f32>> = mask.to_vec2()?;
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(
+            rows,
+            vec![
+                vec![0.0, 0.0, 0.0, ninf, ninf],
+                vec![0.0, 0.0, 0.0, 0.0, ninf],
+                vec![0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        );
+        assert!(causal_mask(1, 7, &Device::Cpu)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn kv_buffers_grow_keep_the_prefix_and_truncate() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let mut layer = LayerKv::default();
+        let step = |from: f32, n: usize| {
+            Tensor::arange(from, from + n as f32, &dev)?.reshape((1, 1, n, 1))
+        };
+        let a = step(0.0, 3)?;
+        layer.append(&a, &a, 0, 10_000)?;
+        // Force a reallocation past the first growth step.
+        let b = step(3.0, KV_GROW_STEP)?;
+        let (k, _) = layer.append(&b, &b, 3, 10_000)?;
+        let got: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        let want: Vec<f32> = (0..KV_GROW_STEP + 3).map(|x| x as f32).collect();
+        assert_eq!(got, want);
+        // Truncate to 2 and overwrite from there.
+        let c = step(100.0, 2)?;
+        let (k, _) = layer.append(&c, &c, 2, 10_000)?;
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vec![0.0, 1.0, 100.0, 101.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_tables_start_at_identity() -> candle_core::Result<()> {
+        let (cos, sin) = rope_tables(4, 10_000.0, 3, &Device::Cpu)?;
+        assert_eq!(cos.to_vec2::<f32>()?[0], vec![1.0, 1.0]);
+        assert_eq!(sin.to_vec2::<f32>()?[0], vec![0.0, 0.0]);
+        let s1 = sin.to_vec2::<f32>()?[1][0];
+        assert!((s1 - 1f32.sin()).abs() < 1e-6);
+        Ok(())
+    }
+}

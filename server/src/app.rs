@@ -1,0 +1,143 @@
+//! Process-wide state and the HTTP router.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use parley_agent::{Engines, SessionSettings};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Shared by every request.
+pub struct App {
+    /// The validated configuration.
+    pub config: Config,
+    /// What a new call starts with.
+    pub session_defaults: SessionSettings,
+    /// Exported at `/metrics`.
+    pub metrics: Metrics,
+    engines: OnceLock<Arc<Engines>>,
+    load_error: OnceLock<String>,
+    active: Arc<AtomicUsize>,
+}
+
+/// A call's place in the server's capacity; freed when dropped.
+pub struct CallSlot {
+    /// The call's id, for logs and events.
+    pub id: String,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a call was not admitted: an HTTP status and a message that says what to do.
+pub struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"type": "invalid_request_error", "code": self.0.as_u16(), "message": self.1}});
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+impl App {
+    /// State for a server with `config`; engines are attached once loaded.
+    pub fn new(config: Config) -> Self {
+        let session_defaults = config.session_defaults();
+        Self {
+            config,
+            session_defaults,
+            metrics: Metrics::default(),
+            engines: OnceLock::new(),
+            load_error: OnceLock::new(),
+            active: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Makes the server ready.
+    pub fn set_engines(&self, engines: Engines) {
+        let _ = self.engines.set(Arc::new(engines));
+    }
+
+    /// Records why the models failed to load (reported by `/readyz`).
+    pub fn set_load_error(&self, e: String) {
+        let _ = self.load_error.set(e);
+    }
+
+    /// The models, once loaded.
+    pub fn engines(&self) -> Option<Arc<Engines>> {
+        self.engines.get().cloned()
+    }
+
+    /// Calls in progress.
+    pub fn active_calls(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// The longest a call may last.
+    pub fn max_call_duration(&self) -> Option<Duration> {
+        match self.config.server.max_call_seconds {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        }
+    }
+
+    /// Checks the key, readiness and capacity before a call starts.
+    pub fn admit(&self, headers: &HeaderMap) -> Result<CallSlot, Refusal> {
+        let keys = &self.config.server.api_keys;
+        if !keys.is_empty() {
+            let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|k| keys.iter().any(|ok| ok == k)) {
+                return Err(Refusal(StatusCode::UNAUTHORIZED, "missing or unknown API key: send `Authorization: Bearer KEY`".into()));
+            }
+        }
+        if self.engines.get().is_none() {
+            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "the models are still loading; retry when /readyz returns 200".into()));
+        }
+        let max = self.config.server.max_calls;
+        let taken = self.active.fetch_add(1, Ordering::SeqCst);
+        if taken >= max {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.calls_refused.inc();
+            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, format!("the server is at its limit of {max} calls; retry later or raise server.max_calls")));
+        }
+        self.metrics.calls_total.inc();
+        let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        Ok(CallSlot { id, active: self.active.clone() })
+    }
+}
+
+/// Every route of the server.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/realtime", get(crate::realtime::handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.engines().is_some() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if let Some(e) = app.load_error.get() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("model loading failed: {e}\n")).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading models\n").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.render(app.active_calls(), app.engines().is_some());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

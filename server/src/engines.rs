@@ -1,0 +1,37 @@
+//! Loading the models a server shares between calls.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use parley_agent::Engines;
+use parley_asr::{WhisperOptions, WhisperTranscriber};
+use parley_llm::{CandleEngine, CandleOptions};
+use parley_tts::PiperVoice;
+use tracing::info;
+
+use crate::config::Config;
+use crate::models;
+
+/// Checks the model files and loads all three models (several seconds: the LLM
+/// dequantizes its weights).
+pub fn load(config: &Config) -> Result<Engines> {
+    let dir = config.models_dir();
+    let paths = models::check(&dir)?;
+
+    let t = Instant::now();
+    let asr = WhisperTranscriber::load(&paths.whisper, WhisperOptions { threads: config.asr.threads, ..WhisperOptions::default() })
+        .context("loading speech-to-text")?;
+    info!(ms = t.elapsed().as_millis() as u64, "speech-to-text loaded");
+
+    let t = Instant::now();
+    let tts = PiperVoice::load(&paths.piper_onnx, &paths.piper_config, &paths.onnxruntime).context("loading the voice")?;
+    info!(ms = t.elapsed().as_millis() as u64, "voice loaded");
+
+    let t = Instant::now();
+    let options = CandleOptions { dequantize: config.llm.dequantize, max_context: config.llm.context, ..CandleOptions::default() };
+    let llm = CandleEngine::load(&paths.llm_gguf, &paths.llm_tokenizer, options).context("loading the language model")?;
+    info!(ms = t.elapsed().as_millis() as u64, "language model loaded");
+
+    Ok(Engines { transcriber: Arc::new(asr), llm: Arc::new(llm), tts: Arc::new(tts) })
+}

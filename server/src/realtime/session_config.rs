@@ -1,0 +1,245 @@
+//! `session.update` applied to a call's settings, and the session object the
+//! server reports back in `session.created` / `session.updated`.
+
+use parley_agent::{SessionSettings, TurnDetection};
+use parley_audio::format::AudioFormat;
+use serde_json::{Value, json};
+
+use super::client_events::{FormatPatch, ProtocolError, SessionPatch, TurnDetectionPatch};
+use super::Dialect;
+
+fn invalid(reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::InvalidEvent { event: "session.update".into(), reason: reason.into() }
+}
+
+/// PCM rates the pipeline resamples from and to.
+const PCM_RATES: [u32; 4] = [8_000, 16_000, 24_000, 48_000];
+
+fn ga_format(f: &FormatPatch) -> Result<AudioFormat, ProtocolError> {
+    match f.kind.as_str() {
+        "audio/pcm" => {
+            let rate = f.rate.unwrap_or(24_000);
+            if PCM_RATES.contains(&rate) {
+                Ok(AudioFormat::Pcm16 { rate })
+            } else {
+                Err(invalid(format!("audio/pcm rate {rate} is not supported; use one of {PCM_RATES:?}")))
+            }
+        }
+        "audio/pcmu" => Ok(AudioFormat::Pcmu),
+        "audio/pcma" => Ok(AudioFormat::Pcma),
+        other => Err(invalid(format!("unknown audio format `{other}`; use audio/pcm, audio/pcmu or audio/pcma"))),
+    }
+}
+
+fn beta_format(name: &str) -> Result<AudioFormat, ProtocolError> {
+    match name {
+        "pcm16" => Ok(AudioFormat::Pcm16 { rate: 24_000 }),
+        "g711_ulaw" => Ok(AudioFormat::Pcmu),
+        "g711_alaw" => Ok(AudioFormat::Pcma),
+        other => Err(invalid(format!("unknown audio format `{other}`; use pcm16, g711_ulaw or g711_alaw"))),
+    }
+}
+
+fn apply_turn_detection(current: &Option<TurnDetection>, patch: Option<TurnDetectionPatch>, defaults: &SessionSettings) -> Result<Option<TurnDetection>, ProtocolError> {
+    let Some(p) = patch else { return Ok(None) };
+    let mut td = current.clone().or_else(|| defaults.turn_detection.clone()).unwrap_or_default();
+    match p.kind.as_deref().unwrap_or("server_vad") {
+        "server_vad" => {}
+        "semantic_vad" => {
+            // No semantic end-of-turn model yet: map eagerness onto the silence window.
+            td.vad.silence_duration_ms = match p.eagerness.as_deref().unwrap_or("auto") {
+                "high" => 300,
+                "low" => 1200,
+                _ => 600,
+            };
+        }
+        other => return Err(invalid(format!("unknown turn_detection type `{other}`; use server_vad"))),
+    }
+    if let Some(t) = p.threshold {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(invalid(format!("turn_detection.threshold must be between 0 and 1, not {t}")));
+        }
+        td.vad.threshold = t;
+    }
+    if let Some(v) = p.prefix_padding_ms {
+        td.vad.prefix_padding_ms = v.min(2_000);
+    }
+    if let Some(v) = p.silence_duration_ms {
+        if !(100..=10_000).contains(&v) {
+            return Err(invalid(format!("turn_detection.silence_duration_ms must be 100..=10000, not {v}")));
+        }
+        td.vad.silence_duration_ms = v;
+    }
+    if let Some(v) = p.create_response {
+        td.create_response = v;
+    }
+    if let Some(v) = p.interrupt_response {
+        td.interrupt_response = v;
+    }
+    Ok(Some(td))
+}
+
+fn max_tokens(v: &Value) -> Result<usize, ProtocolError> {
+    match v {
+        Value::String(s) if s == "inf" => Ok(1024),
+        Value::Number(n) => n
+            .as_u64()
+            .filter(|n| (1..=4096).contains(n))
+            .map(|n| n as usize)
+            .ok_or_else(|| invalid("max_output_tokens must be 1..=4096 or \"inf\"")),
+        _ => Err(invalid("max_output_tokens must be a number or \"inf\"")),
+    }
+}
+
+/// Returns `current` with the patch applied; nothing changes when it fails.
+pub fn apply(current: &SessionSettings, patch: SessionPatch, defaults: &SessionSettings) -> Result<SessionSettings, ProtocolError> {
+    let mut s = current.clone();
+    if let Some(i) = patch.instructions {
+        s.instructions = i;
+    }
+    if let Some(f) = patch.input_audio_format.as_deref() {
+        s.input_format = beta_format(f)?;
+    }
+    if let Some(f) = patch.output_audio_format.as_deref() {
+        s.output_format = beta_format(f)?;
+    }
+    if let Some(td) = patch.turn_detection {
+        s.turn_detection = apply_turn_detection(&s.turn_detection, td, defaults)?;
+    }
+    if let Some(v) = patch.voice {
+        s.voice = v;
+    }
+    if let Some(audio) = patch.audio {
+        if let Some(input) = audio.input {
+            if let Some(f) = input.format.as_ref() {
+                s.input_format = ga_format(f)?;
+            }
+            if let Some(td) = input.turn_detection {
+                s.turn_detection = apply_turn_detection(&s.turn_detection, td, defaults)?;
+            }
+        }
+        if let Some(output) = audio.output {
+            if let Some(f) = output.format.as_ref() {
+                s.output_format = ga_format(f)?;
+            }
+            if let Some(v) = output.voice {
+                s.voice = v;
+            }
+        }
+    }
+    if let Some(v) = patch.max_output_tokens.as_ref().or(patch.max_response_output_tokens.as_ref()) {
+        s.generate.max_tokens = max_tokens(v)?;
+    }
+    if let Some(t) = patch.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(invalid(format!("temperature must be between 0 and 2, not {t}")));
+        }
+        s.generate.temperature = t;
+    }
+    Ok(s)
+}
+
+fn ga_format_json(f: AudioFormat) -> Value {
+    match f {
+        AudioFormat::Pcm16 { rate } => json!({"type": "audio/pcm", "rate": rate}),
+        AudioFormat::Pcmu => json!({"type": "audio/pcmu"}),
+        AudioFormat::Pcma => json!({"type": "audio/pcma"}),
+    }
+}
+
+fn beta_format_name(f: AudioFormat) -> &'static str {
+    match f {
+        AudioFormat::Pcm16 { .. } => "pcm16",
+        AudioFormat::Pcmu => "g711_ulaw",
+        AudioFormat::Pcma => "g711_alaw",
+    }
+}
+
+fn turn_detection_json(td: &Option<TurnDetection>) -> Value {
+    match td {
+        None => Value::Null,
+        Some(t) => json!({
+            "type": "server_vad",
+            "threshold": t.vad.threshold,
+            "prefix_padding_ms": t.vad.prefix_padding_ms,
+            "silence_duration_ms": t.vad.silence_duration_ms,
+            "create_response": t.create_response,
+            "interrupt_response": t.interrupt_response,
+        }),
+    }
+}
+
+/// The session object in the client's dialect.
+pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
+    match dialect {
+        Dialect::Ga => json!({
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": id,
+            "model": "parley",
+            "output_modalities": ["audio"],
+            "instructions": s.instructions,
+            "audio": {
+                "input": {
+                    "format": ga_format_json(s.input_format),
+                    "turn_detection": turn_detection_json(&s.turn_detection),
+                    "transcription": {"model": "whisper-tiny.en"},
+                },
+                "output": {"format": ga_format_json(s.output_format), "voice": s.voice, "speed": 1.0},
+            },
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": s.generate.max_tokens,
+        }),
+        Dialect::Beta => json!({
+            "object": "realtime.session",
+            "id": id,
+            "model": "parley",
+            "modalities": ["audio", "text"],
+            "instructions": s.instructions,
+            "voice": s.voice,
+            "input_audio_format": beta_format_name(s.input_format),
+            "output_audio_format": beta_format_name(s.output_format),
+            "input_audio_transcription": {"model": "whisper-tiny.en"},
+            "turn_detection": turn_detection_json(&s.turn_detection),
+            "tools": [],
+            "tool_choice": "auto",
+            "temperature": s.generate.temperature,
+            "max_response_output_tokens": s.generate.max_tokens,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::realtime::client_events::{ClientEvent, parse};
+
+    fn patch(json: &str) -> SessionPatch {
+        match parse(json).1 {
+            Ok(ClientEvent::SessionUpdate(p)) => p,
+            other => panic!("not a session.update: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ga_update_changes_formats_and_vad() {
+        let d = SessionSettings::default();
+        let s = apply(&d, patch(r#"{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/pcmu"},
+            "turn_detection":{"type":"server_vad","silence_duration_ms":700,"threshold":0.6}}}}}"#), &d).expect("valid");
+        assert_eq!(s.input_format, AudioFormat::Pcmu);
+        assert_eq!(s.output_format, d.output_format);
+        let td = s.turn_detection.expect("vad on");
+        assert_eq!(td.vad.silence_duration_ms, 700);
+        assert!((td.vad.threshold - 0.6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn null_turn_detection_turns_it_off_and_bad_rate_is_refused() {
+        let d = SessionSettings::default();
+        let s = apply(&d, patch(r#"{"type":"session.update","session":{"turn_detection":null}}"#), &d).expect("valid");
+        assert!(s.turn_detection.is_none());
+        let e = apply(&d, patch(r#"{"type":"session.update","session":{"audio":{"output":{"format":{"type":"audio/pcm","rate":11025}}}}}"#), &d);
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! `parley serve`: start listening at once, load the models in the background,
+//! report ready when they are in.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tracing::{error, info};
+
+use crate::app::{App, router};
+use crate::config::Config;
+
+/// Options of `parley serve`; each overrides the config file.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks a free one and prints it).
+    #[arg(long, env = "PARLEY_LISTEN")]
+    listen: Option<String>,
+    /// Configuration file (TOML); `parley config` prints the defaults.
+    #[arg(long, env = "PARLEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Models folder.
+    #[arg(long, env = "PARLEY_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Calls served at once.
+    #[arg(long, env = "PARLEY_MAX_CALLS")]
+    max_calls: Option<usize>,
+    /// Log as JSON lines.
+    #[arg(long, env = "PARLEY_LOG_JSON")]
+    log_json: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs the server until interrupted.
+pub fn run(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_json);
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(dir) = args.models_dir {
+        config.models.dir = dir.to_string_lossy().into_owned();
+    }
+    if let Some(n) = args.max_calls {
+        config.server.max_calls = n;
+    }
+    config.validate()?;
+    // Fail fast, before binding, when the models are missing.
+    crate::models::check(&config.models_dir())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let addr = config.listen_addr()?;
+    let app = Arc::new(App::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}; is another server using it?"))?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("parley listening on http://{local}");
+    info!(%local, "listening");
+
+    let loader = app.clone();
+    tokio::task::spawn_blocking(move || match crate::engines::load(&loader.config) {
+        Ok(engines) => {
+            loader.set_engines(engines);
+            info!("models loaded; ready");
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "model loading failed");
+            loader.set_load_error(format!("{e:#}"));
+        }
+    });
+
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("server failed")?;
+    info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
