@@ -32,12 +32,14 @@ impl AudioFormat {
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, AudioError> {
         match self {
             AudioFormat::Pcm16 { .. } => pcm::decode_pcm16le(bytes),
-            AudioFormat::Pcmu => {
-                Ok(bytes.iter().map(|&b| pcm::i16_to_f32(g711::ulaw_decode(b))).collect())
-            }
-            AudioFormat::Pcma => {
-                Ok(bytes.iter().map(|&b| pcm::i16_to_f32(g711::alaw_decode(b))).collect())
-            }
+            AudioFormat::Pcmu => Ok(bytes
+                .iter()
+                .map(|&b| pcm::i16_to_f32(g711::ulaw_decode(b)))
+                .collect()),
+            AudioFormat::Pcma => Ok(bytes
+                .iter()
+                .map(|&b| pcm::i16_to_f32(g711::alaw_decode(b)))
+                .collect()),
         }
     }
 
@@ -45,12 +47,14 @@ impl AudioFormat {
     pub fn encode(&self, samples: &[f32]) -> Vec<u8> {
         match self {
             AudioFormat::Pcm16 { .. } => pcm::encode_pcm16le(samples),
-            AudioFormat::Pcmu => {
-                samples.iter().map(|&s| g711::ulaw_encode(pcm::f32_to_i16(s))).collect()
-            }
-            AudioFormat::Pcma => {
-                samples.iter().map(|&s| g711::alaw_encode(pcm::f32_to_i16(s))).collect()
-            }
+            AudioFormat::Pcmu => samples
+                .iter()
+                .map(|&s| g711::ulaw_encode(pcm::f32_to_i16(s)))
+                .collect(),
+            AudioFormat::Pcma => samples
+                .iter()
+                .map(|&s| g711::alaw_encode(pcm::f32_to_i16(s)))
+                .collect(),
         }
     }
 
@@ -97,14 +101,21 @@ mod tests {
     #[test]
     fn decode_encode_lengths_and_values() {
         let samples: Vec<f32> = (0..160).map(|i| (i as f32 * 0.1).sin() * 0.5).collect();
-        for format in [AudioFormat::Pcm16 { rate: 16_000 }, AudioFormat::Pcmu, AudioFormat::Pcma] {
+        for format in [
+            AudioFormat::Pcm16 { rate: 16_000 },
+            AudioFormat::Pcmu,
+            AudioFormat::Pcma,
+        ] {
             let bytes = format.encode(&samples);
             assert_eq!(bytes.len(), samples.len() * format.bytes_per_sample());
             let back = format.decode(&bytes).unwrap();
             assert_eq!(back.len(), samples.len());
             // G.711 keeps about 1/16 relative precision; PCM16 is near exact.
             for (a, b) in samples.iter().zip(&back) {
-                assert!((a - b).abs() <= a.abs() / 16.0 + 1e-3, "{format:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= a.abs() / 16.0 + 1e-3,
+                    "{format:?}: {a} vs {b}"
+                );
             }
         }
     }

@@ -14,7 +14,10 @@ impl Framer {
     /// Creates a framer emitting frames of `frame_len` samples (at least 1).
     pub fn new(frame_len: usize) -> Self {
         let frame_len = frame_len.max(1);
-        Self { frame_len, pending: Vec::with_capacity(frame_len) }
+        Self {
+            frame_len,
+            pending: Vec::with_capacity(frame_len),
+        }
     }
 
     /// Adds samples and returns every frame completed by them, oldest first.
@@ -26,7 +29,10 @@ impl Framer {
             self.pending.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if self.pending.len() == self.frame_len {
-                frames.push(std::mem::replace(&mut self.pending, Vec::with_capacity(self.frame_len)));
+                frames.push(std::mem::replace(
+                    &mut self.pending,
+                    Vec::with_capacity(self.frame_len),
+                ));
             }
         }
         frames
@@ -70,7 +76,10 @@ mod tests {
         assert!(framer.push(&input[..3]).is_empty());
         assert_eq!(framer.pending(), 3);
         let frames = framer.push(&input[3..]);
-        assert_eq!(frames, vec![vec![0.0, 1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0, 7.0]]);
+        assert_eq!(
+            frames,
+            vec![vec![0.0, 1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0, 7.0]]
+        );
         assert_eq!(framer.pending(), 2);
         assert_eq!(framer.flush(), Some(vec![8.0, 9.0, 0.0, 0.0]));
         assert_eq!(framer.pending(), 0);

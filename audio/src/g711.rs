@@ -26,7 +26,11 @@ pub fn ulaw_decode(code: u8) -> i16 {
     let exponent = (code >> 4) & 0x07;
     let mantissa = i32::from(code & 0x0F);
     let magnitude = (((mantissa << 3) + ULAW_BIAS) << exponent) - ULAW_BIAS;
-    let value = if code & 0x80 != 0 { -magnitude } else { magnitude };
+    let value = if code & 0x80 != 0 {
+        -magnitude
+    } else {
+        magnitude
+    };
     value as i16
 }
 
@@ -34,7 +38,11 @@ pub fn ulaw_decode(code: u8) -> i16 {
 pub fn alaw_encode(sample: i16) -> u8 {
     // A-law has no zero level: negative samples are folded with one's complement
     // so that -1 and 0 land symmetrically on the smallest negative and positive steps.
-    let (sign, folded) = if sample >= 0 { (0x80u8, sample) } else { (0u8, !sample) };
+    let (sign, folded) = if sample >= 0 {
+        (0x80u8, sample)
+    } else {
+        (0u8, !sample)
+    };
     let magnitude = (folded >> 3) as u16; // 13-bit domain: 0..=4095
     let segment_bits = if magnitude < 32 {
         (magnitude >> 1) as u8
@@ -56,7 +64,11 @@ pub fn alaw_decode(code: u8) -> i16 {
     } else {
         ((mantissa << 4) + 0x108) << (exponent - 1)
     };
-    if code & 0x80 != 0 { magnitude } else { -magnitude }
+    if code & 0x80 != 0 {
+        magnitude
+    } else {
+        -magnitude
+    }
 }
 
 #[cfg(test)]
@@ -81,21 +93,33 @@ mod tests {
         let positive = bits & 0x80 != 0;
         let e = i32::from((bits >> 4) & 7);
         let m = i32::from(bits & 0x0F);
-        let level = if e == 0 { 2 * m + 1 } else { (2 * m + 33) * (1 << (e - 1)) } * 8;
+        let level = if e == 0 {
+            2 * m + 1
+        } else {
+            (2 * m + 33) * (1 << (e - 1))
+        } * 8;
         if positive { level } else { -level }
     }
 
     #[test]
     fn ulaw_decode_matches_segment_formula_for_every_code() {
         for code in 0..=255u8 {
-            assert_eq!(i32::from(ulaw_decode(code)), ulaw_reference(code), "code {code:#04x}");
+            assert_eq!(
+                i32::from(ulaw_decode(code)),
+                ulaw_reference(code),
+                "code {code:#04x}"
+            );
         }
     }
 
     #[test]
     fn alaw_decode_matches_segment_formula_for_every_code() {
         for code in 0..=255u8 {
-            assert_eq!(i32::from(alaw_decode(code)), alaw_reference(code), "code {code:#04x}");
+            assert_eq!(
+                i32::from(alaw_decode(code)),
+                alaw_reference(code),
+                "code {code:#04x}"
+            );
         }
     }
 

@@ -20,12 +20,14 @@ pub fn f32_to_i16(s: f32) -> i16 {
     if s.is_nan() {
         return 0;
     }
-    (s * FULL_SCALE).round().clamp(f32::from(i16::MIN), f32::from(i16::MAX)) as i16
+    (s * FULL_SCALE)
+        .round()
+        .clamp(f32::from(i16::MIN), f32::from(i16::MAX)) as i16
 }
 
 /// Decodes little-endian 16-bit PCM bytes, as sent by Realtime clients, into samples.
 pub fn decode_pcm16le(bytes: &[u8]) -> Result<Vec<f32>, AudioError> {
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return Err(AudioError::OddPcmLength(bytes.len()));
     }
     Ok(bytes
@@ -36,7 +38,10 @@ pub fn decode_pcm16le(bytes: &[u8]) -> Result<Vec<f32>, AudioError> {
 
 /// Encodes samples as little-endian 16-bit PCM bytes for the wire.
 pub fn encode_pcm16le(samples: &[f32]) -> Vec<u8> {
-    samples.iter().flat_map(|&s| f32_to_i16(s).to_le_bytes()).collect()
+    samples
+        .iter()
+        .flat_map(|&s| f32_to_i16(s).to_le_bytes())
+        .collect()
 }
 
 #[cfg(test)]
@@ -45,7 +50,10 @@ mod tests {
 
     #[test]
     fn odd_length_is_an_error() {
-        assert!(matches!(decode_pcm16le(&[1, 2, 3]), Err(AudioError::OddPcmLength(3))));
+        assert!(matches!(
+            decode_pcm16le(&[1, 2, 3]),
+            Err(AudioError::OddPcmLength(3))
+        ));
         assert_eq!(decode_pcm16le(&[]).unwrap(), Vec::<f32>::new());
     }
 
@@ -53,7 +61,10 @@ mod tests {
     fn little_endian_round_trip() {
         let bytes = [0x00, 0x80, 0xFF, 0x7F, 0x01, 0x00, 0xFF, 0xFF];
         let samples = decode_pcm16le(&bytes).unwrap();
-        assert_eq!(samples, vec![-1.0, 32767.0 / 32768.0, 1.0 / 32768.0, -1.0 / 32768.0]);
+        assert_eq!(
+            samples,
+            vec![-1.0, 32767.0 / 32768.0, 1.0 / 32768.0, -1.0 / 32768.0]
+        );
         assert_eq!(encode_pcm16le(&samples), bytes);
     }
 

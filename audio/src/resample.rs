@@ -16,17 +16,22 @@ const SINC_LEN: usize = 256;
 /// Largest exact sub-sample grid used with nearest-point interpolation; ratios
 /// needing a finer grid fall back to cubic interpolation between 256 points.
 const MAX_EXACT_GRID: usize = 256;
-/// Input processed per rubato call, as a fraction of a second (10 ms).
-const CHUNKS_PER_SECOND: u32 = 100;
+/// Input processed per rubato call, as a fraction of a second (5 ms): small
+/// enough to add little latency, large enough to keep per-call overhead low.
+const CHUNKS_PER_SECOND: u32 = 200;
 
 /// Stateful streaming resampler (rubato sinc, good anti-aliasing), one per stream; never reset between chunks.
 ///
-/// Input of any chunk length is buffered and converted in fixed 10 ms blocks, so
-/// the output does not depend on how the input was chunked. The filter's
-/// look-ahead is trimmed off the front: output sample `k` corresponds to input
-/// time `k / to_hz`, and it becomes available about [`latency_samples`](Self::latency_samples)
-/// input samples (plus up to one block) after that input arrives.
+/// Input of any chunk length is buffered and converted in fixed 5 ms blocks, so
+/// the output does not depend on how the input was chunked. Output is aligned
+/// with the input clock (output sample `k` is the signal at time `k / to_hz`,
+/// no leading delay), but it can only be computed once the filter has seen the
+/// input that follows: it comes out at most
+/// [`latency_samples`](Self::latency_samples) input samples late.
 pub struct StreamResampler {
+    from_hz: u32,
+    to_hz: u32,
+    /// `None` when the rates are equal.
     inner: Option<Converter>,
 }
 
@@ -59,10 +64,16 @@ impl StreamResampler {
                 return Err(AudioError::UnsupportedRate(rate));
             }
         }
-        if from_hz == to_hz {
-            return Ok(Self { inner: None });
-        }
-        Ok(Self { inner: Some(Converter::new(from_hz, to_hz)?) })
+        let inner = if from_hz == to_hz {
+            None
+        } else {
+            Some(Converter::new(from_hz, to_hz)?)
+        };
+        Ok(Self {
+            from_hz,
+            to_hz,
+            inner,
+        })
     }
 
     /// Converts the next piece of the stream; returns whatever output is ready
@@ -84,20 +95,25 @@ impl StreamResampler {
         }
     }
 
-    /// How many input samples of look-ahead the filter needs before an output
-    /// sample for a given instant can be produced (0 for passthrough).
+    /// Worst-case wait, in input samples, between an instant of input arriving
+    /// and the output for that instant coming out of [`process`](Self::process):
+    /// the filter's look-ahead plus one block (0 for passthrough). About 21 ms
+    /// from 8 kHz, 10 ms from 24 kHz, 8 ms from 48 kHz.
     pub fn latency_samples(&self) -> usize {
-        self.inner.as_ref().map_or(0, |_| SINC_LEN / 2)
+        self.inner.as_ref().map_or(0, |c| {
+            let step = c.from_hz.div_ceil(c.to_hz) as usize;
+            SINC_LEN / 2 + 2 + step + c.chunk - 1
+        })
     }
 
     /// The input rate this resampler was built for.
-    pub fn from_hz(&self) -> Option<u32> {
-        self.inner.as_ref().map(|c| c.from_hz)
+    pub fn from_hz(&self) -> u32 {
+        self.from_hz
     }
 
     /// The output rate this resampler was built for.
-    pub fn to_hz(&self) -> Option<u32> {
-        self.inner.as_ref().map(|c| c.to_hz)
+    pub fn to_hz(&self) -> u32 {
+        self.to_hz
     }
 }
 
@@ -127,15 +143,26 @@ fn alignment(from_hz: u32, to_hz: u32, grid: usize, exact: bool) -> Alignment {
         for skip in 0..=2 * q {
             let num = (skip + 1) * p + 1 - q;
             if num >= 0 && num % q == 0 {
-                return Alignment { zeros: (num / q) as usize, skip: skip as usize };
+                return Alignment {
+                    zeros: (num / q) as usize,
+                    skip: skip as usize,
+                };
             }
         }
     }
-    // Interpolated grid: align to the nearest output sample.
+    // Interpolated grid: no exact solution in general, so take the lead-in
+    // (up to a few milliseconds) that leaves the smallest sub-sample error.
     let step = p as f64 / q as f64;
     let offset = step - 1.0 + 1.0 / f as f64;
-    let zeros = offset.max(0.0).ceil();
-    Alignment { zeros: zeros as usize, skip: ((zeros - offset) / step).round() as usize }
+    let residual = |zeros: usize| {
+        let skip = ((zeros as f64 - offset) / step).round().max(0.0);
+        (zeros as f64 - offset - skip * step).abs()
+    };
+    let zeros = (0..=64)
+        .min_by(|&a, &b| residual(a).total_cmp(&residual(b)))
+        .unwrap_or(0);
+    let skip = ((zeros as f64 - offset) / step).round().max(0.0) as usize;
+    Alignment { zeros, skip }
 }
 
 impl Converter {
@@ -160,8 +187,13 @@ impl Converter {
             window,
         };
         let chunk = (from_hz / CHUNKS_PER_SECOND).max(1) as usize;
-        let rubato = SincFixedIn::<f32>::new(ratio, 1.0, params, chunk, 1)
-            .map_err(|source| AudioError::Resampler { from_hz, to_hz, source })?;
+        let rubato = SincFixedIn::<f32>::new(ratio, 1.0, params, chunk, 1).map_err(|source| {
+            AudioError::Resampler {
+                from_hz,
+                to_hz,
+                source,
+            }
+        })?;
         let out_buf = rubato.output_buffer_allocate(true);
         let mut conv = Self {
             rubato,
@@ -196,8 +228,8 @@ impl Converter {
         self.consumed += input.len() as u64;
         let mut out = std::mem::take(&mut self.carry);
         out.reserve(
-            ((self.pending.len() + input.len()) as u64 * u64::from(self.to_hz) / u64::from(self.from_hz))
-                as usize
+            ((self.pending.len() + input.len()) as u64 * u64::from(self.to_hz)
+                / u64::from(self.from_hz)) as usize
                 + 1,
         );
         self.feed(input, &mut out);
@@ -223,7 +255,10 @@ impl Converter {
         let input = [self.pending.as_slice()];
         // The buffers are sized by rubato itself, so this cannot fail; if it ever
         // did, losing one block beats taking the call down.
-        let Ok((_, produced)) = self.rubato.process_into_buffer(&input, &mut self.out_buf, None) else {
+        let Ok((_, produced)) = self
+            .rubato
+            .process_into_buffer(&input, &mut self.out_buf, None)
+        else {
             debug_assert!(false, "rubato rejected buffers it sized itself");
             return;
         };
@@ -262,7 +297,9 @@ mod tests {
     use std::f32::consts::TAU;
 
     fn sine(freq: f32, rate: u32, len: usize) -> Vec<f32> {
-        (0..len).map(|i| 0.5 * (TAU * freq * i as f32 / rate as f32).sin()).collect()
+        (0..len)
+            .map(|i| 0.5 * (TAU * freq * i as f32 / rate as f32).sin())
+            .collect()
     }
 
     fn run(from: u32, to: u32, input: &[f32], chunk: usize) -> Vec<f32> {
@@ -306,7 +343,9 @@ mod tests {
         // The delay is trimmed, so the output matches the ideal tone sample for sample.
         let ideal = sine(1000.0, 8_000, out.len());
         let body = out.len() / 8..out.len() * 7 / 8;
-        let worst = body.map(|i| (out[i] - ideal[i]).abs()).fold(0.0f32, f32::max);
+        let worst = body
+            .map(|i| (out[i] - ideal[i]).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst < 0.01, "deviation from the ideal 1 kHz tone: {worst}");
     }
 
@@ -339,9 +378,15 @@ mod tests {
 
     #[test]
     fn chunking_does_not_change_the_output() {
-        for (from, to) in [(24_000, 8_000), (8_000, 16_000), (16_000, 24_000), (44_100, 16_000)] {
-            let input: Vec<f32> =
-                (0..from as usize / 2).map(|i| ((i as f32 * 0.013).sin() + (i as f32 * 0.31).cos()) * 0.3).collect();
+        for (from, to) in [
+            (24_000, 8_000),
+            (8_000, 16_000),
+            (16_000, 24_000),
+            (44_100, 16_000),
+        ] {
+            let input: Vec<f32> = (0..from as usize / 2)
+                .map(|i| ((i as f32 * 0.013).sin() + (i as f32 * 0.31).cos()) * 0.3)
+                .collect();
             let whole = run(from, to, &input, input.len());
             let mut r = StreamResampler::new(from, to).unwrap();
             let mut pieces = Vec::new();
@@ -383,12 +428,44 @@ mod tests {
     }
 
     #[test]
+    fn output_arrives_within_the_stated_latency() {
+        for (from, to) in [
+            (24_000, 8_000),
+            (8_000, 16_000),
+            (16_000, 24_000),
+            (48_000, 16_000),
+            (11_025, 16_000),
+        ] {
+            let mut r = StreamResampler::new(from, to).unwrap();
+            let latency = r.latency_samples();
+            let mut produced = 0usize;
+            let mut worst = 0usize;
+            // Feed one sample at a time and note how late each output instant appears.
+            for fed in 1..=from as usize / 4 {
+                produced += r.process(&[0.0]).len();
+                // Input instants already covered by output: produced * from / to.
+                let covered = produced * from as usize / to as usize;
+                worst = worst.max(fed.saturating_sub(covered));
+            }
+            assert!(worst <= latency, "{from}->{to}: {worst} > {latency}");
+            assert!(
+                worst + 16 >= latency,
+                "{from}->{to}: {worst} much below {latency}"
+            );
+        }
+    }
+
+    #[test]
     fn equal_rates_pass_through_and_bad_rates_are_rejected() {
         let mut r = StreamResampler::new(16_000, 16_000).unwrap();
         assert_eq!(r.process(&[0.1, 0.2]), vec![0.1, 0.2]);
         assert!(r.flush().is_empty());
         assert_eq!(r.latency_samples(), 0);
-        assert!(matches!(StreamResampler::new(0, 16_000), Err(AudioError::UnsupportedRate(0))));
+        assert_eq!((r.from_hz(), r.to_hz()), (16_000, 16_000));
+        assert!(matches!(
+            StreamResampler::new(0, 16_000),
+            Err(AudioError::UnsupportedRate(0))
+        ));
         assert!(StreamResampler::new(16_000, 10_000_000).is_err());
     }
 }

@@ -13,7 +13,10 @@ use crate::{AudioError, pcm};
 /// Reads a WAV file, mixing all channels to mono `f32`; returns the samples
 /// and the file's sample rate (not resampled).
 pub fn read_wav(path: &Path) -> Result<(Vec<f32>, u32), AudioError> {
-    let wrap = |source| AudioError::WavRead { path: path.to_owned(), source };
+    let wrap = |source| AudioError::WavRead {
+        path: path.to_owned(),
+        source,
+    };
     let reader = WavReader::open(path).map_err(wrap)?;
     decode(reader, path)
 }
@@ -21,8 +24,10 @@ pub fn read_wav(path: &Path) -> Result<(Vec<f32>, u32), AudioError> {
 /// Parses an in-memory WAV file like [`read_wav`], for uploads and embedded fixtures.
 pub fn read_wav_bytes(bytes: &[u8]) -> Result<(Vec<f32>, u32), AudioError> {
     let path = Path::new("<memory>");
-    let reader = WavReader::new(Cursor::new(bytes))
-        .map_err(|source| AudioError::WavRead { path: path.to_owned(), source })?;
+    let reader = WavReader::new(Cursor::new(bytes)).map_err(|source| AudioError::WavRead {
+        path: path.to_owned(),
+        source,
+    })?;
     decode(reader, path)
 }
 
@@ -30,11 +35,19 @@ fn decode<R: Read>(reader: WavReader<R>, path: &Path) -> Result<(Vec<f32>, u32),
     let spec = reader.spec();
     let channels = usize::from(spec.channels);
     if channels == 0 {
-        return Err(AudioError::NoChannels { path: path.to_owned() });
+        return Err(AudioError::NoChannels {
+            path: path.to_owned(),
+        });
     }
-    let wrap = |source| AudioError::WavRead { path: path.to_owned(), source };
+    let wrap = |source| AudioError::WavRead {
+        path: path.to_owned(),
+        source,
+    };
     let interleaved: Vec<f32> = match spec.sample_format {
-        SampleFormat::Float => reader.into_samples::<f32>().collect::<Result<_, _>>().map_err(wrap)?,
+        SampleFormat::Float => reader
+            .into_samples::<f32>()
+            .collect::<Result<_, _>>()
+            .map_err(wrap)?,
         SampleFormat::Int => {
             let scale = 1.0 / (1u64 << spec.bits_per_sample.clamp(1, 32).saturating_sub(1)) as f32;
             reader
@@ -53,8 +66,10 @@ fn decode<R: Read>(reader: WavReader<R>, path: &Path) -> Result<(Vec<f32>, u32),
 
 /// Writes mono samples as a 16-bit PCM WAV file.
 pub fn write_wav(path: &Path, samples: &[f32], rate: u32) -> Result<(), AudioError> {
-    std::fs::write(path, wav_bytes(samples, rate))
-        .map_err(|source| AudioError::WavWrite { path: path.to_owned(), source })
+    std::fs::write(path, wav_bytes(samples, rate)).map_err(|source| AudioError::WavWrite {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Builds an in-memory 16-bit mono WAV file, e.g. for an HTTP response or an ASR engine that wants files.
@@ -101,7 +116,10 @@ mod tests {
         for (a, b) in samples.iter().zip(&back) {
             assert!((a - b).abs() < 1.0 / 32768.0);
         }
-        assert_eq!(read_wav_bytes(&wav_bytes(&samples, 16_000)).unwrap().0, back);
+        assert_eq!(
+            read_wav_bytes(&wav_bytes(&samples, 16_000)).unwrap().0,
+            back
+        );
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct CallArgs {
     /// Instructions (system prompt) for this call.
     #[arg(long)]
     instructions: Option<String>,
+    /// Append each turn's metrics (server breakdown plus the client's own first-audio
+    /// latency) as one JSON line to this file, for benchmarks.
+    #[arg(long)]
+    metrics_out: Option<PathBuf>,
     /// API key, sent as a bearer token.
     #[arg(long, env = "PARLEY_API_KEY")]
     api_key: Option<String>,
@@ -153,10 +157,17 @@ async fn call(args: &CallArgs) -> Result<()> {
                             println!();
                             agent_text_open = false;
                         }
-                        let client = match (speech_end, first_audio) {
-                            (Some(end), Some(first)) => format!(" (client saw {:.0} ms)", first.saturating_duration_since(end).as_secs_f64() * 1000.0),
-                            _ => String::new(),
+                        let client_ms = match (speech_end, first_audio) {
+                            (Some(end), Some(first)) => Some(first.saturating_duration_since(end).as_secs_f64() * 1000.0),
+                            _ => None,
                         };
+                        let client = client_ms.map(|v| format!(" (client saw {v:.0} ms)")).unwrap_or_default();
+                        if let Some(path) = &args.metrics_out {
+                            let mut line = m.clone();
+                            line["client_first_audio_ms"] = json!(client_ms);
+                            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+                            writeln!(f, "{line}")?;
+                        }
                         println!(
                             "latency from end of speech: endpoint {} | transcript {} (asr {}) | first token {} | first audio {}{client} | prompt {} tokens, {} cached, prefill {}",
                             ms(&m["endpoint_ms"]), ms(&m["transcript_ms"]), ms(&m["asr_ms"]), ms(&m["first_token_ms"]), ms(&m["first_audio_ms"]),
