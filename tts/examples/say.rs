@@ -18,8 +18,12 @@ use parley_tts::{PiperOptions, PiperVoice, Synthesizer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let text = args.next().unwrap_or_else(|| "One two three four.".to_owned());
-    let out = args.next().unwrap_or_else(|| "/tmp/tts-check.wav".to_owned());
+    let text = args
+        .next()
+        .unwrap_or_else(|| "One two three four.".to_owned());
+    let out = args
+        .next()
+        .unwrap_or_else(|| "/tmp/tts-check.wav".to_owned());
     let files = support::voice_files()?;
     let voice = PiperVoice::load_files(&files, &PiperOptions::default())?;
     println!("phonemes: {}", voice.phonemes(&text)?);

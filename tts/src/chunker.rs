@@ -60,7 +60,10 @@ impl Default for PhraseChunker {
 impl PhraseChunker {
     /// A chunker at the start of a reply.
     pub fn new() -> Self {
-        Self { buf: String::new(), first: true }
+        Self {
+            buf: String::new(),
+            first: true,
+        }
     }
 
     /// Adds streamed text and returns the phrases it completed, in order, cleaned
@@ -124,8 +127,11 @@ impl PhraseChunker {
                     return None;
                 };
                 if next.is_whitespace() {
-                    let boundary =
-                        if single_period { text::period_boundary(s, 0, i) } else { Boundary::Yes };
+                    let boundary = if single_period {
+                        text::period_boundary(s, 0, i)
+                    } else {
+                        Boundary::Yes
+                    };
                     match boundary {
                         Boundary::Yes => return Some(byte_after(end)),
                         Boundary::Undecided => return None,
@@ -136,16 +142,19 @@ impl PhraseChunker {
                 continue;
             }
             if self.first && text::is_clause_end(c) {
-                let Some(&(_, next)) = chars.get(k + 1) else {
-                    return None;
-                };
+                // At the end of the buffer the next character decides: wait for it.
+                let &(_, next) = chars.get(k + 1)?;
                 if next.is_whitespace() && k + 1 >= FIRST_PHRASE_MIN_CHARS {
                     return Some(i + 1);
                 }
             }
             k += 1;
         }
-        if chars.len() > MAX_PHRASE_CHARS { self.hard_cut(&chars) } else { None }
+        if chars.len() > MAX_PHRASE_CHARS {
+            self.hard_cut(&chars)
+        } else {
+            None
+        }
     }
 
     /// Where to cut a phrase that grew past [`MAX_PHRASE_CHARS`] without a sentence
@@ -247,15 +256,25 @@ mod tests {
     fn never_cuts_numbers() {
         assert_eq!(
             all_ways("It is 3.5 degrees at 10:00 and costs 1,000 dollars, more or less, ok. Next."),
-            ["It is 3.5 degrees at 10:00 and costs 1,000 dollars,", "more or less, ok.", "Next."]
+            [
+                "It is 3.5 degrees at 10:00 and costs 1,000 dollars,",
+                "more or less, ok.",
+                "Next."
+            ]
         );
     }
 
     #[test]
     fn never_cuts_abbreviations() {
         assert_eq!(
-            all_ways("Mr. and Mrs. Smith met Dr. Jones. They like fruit, e.g. apples, i.e. food. Fine."),
-            ["Mr. and Mrs. Smith met Dr. Jones.", "They like fruit, e.g. apples, i.e. food.", "Fine."]
+            all_ways(
+                "Mr. and Mrs. Smith met Dr. Jones. They like fruit, e.g. apples, i.e. food. Fine."
+            ),
+            [
+                "Mr. and Mrs. Smith met Dr. Jones.",
+                "They like fruit, e.g. apples, i.e. food.",
+                "Fine."
+            ]
         );
     }
 
@@ -263,7 +282,12 @@ mod tests {
     fn sentence_final_abbreviations_look_at_the_next_word() {
         assert_eq!(
             all_ways("Come at 5 p.m. or later. We close at 9 p.m. See you, etc. Bye"),
-            ["Come at 5 p.m. or later.", "We close at 9 p.m.", "See you, etc.", "Bye"]
+            [
+                "Come at 5 p.m. or later.",
+                "We close at 9 p.m.",
+                "See you, etc.",
+                "Bye"
+            ]
         );
     }
 
@@ -271,7 +295,10 @@ mod tests {
     fn never_cuts_emails_or_urls() {
         assert_eq!(
             all_ways("Write to john.doe@example.com or visit https://example.com/a?b=c. Thanks"),
-            ["Write to john.doe@example.com or visit https://example.com/a?b=c.", "Thanks"]
+            [
+                "Write to john.doe@example.com or visit https://example.com/a?b=c.",
+                "Thanks"
+            ]
         );
     }
 
@@ -279,7 +306,10 @@ mod tests {
     fn first_phrase_cuts_at_a_comma_once_long_enough() {
         assert_eq!(
             all_ways("Yes, your prescription is ready, and you can pick it up today, or tomorrow."),
-            ["Yes, your prescription is ready,", "and you can pick it up today, or tomorrow."]
+            [
+                "Yes, your prescription is ready,",
+                "and you can pick it up today, or tomorrow."
+            ]
         );
         assert_eq!(
             all_ways("Okay; let me check that: one moment please; thanks."),
@@ -290,16 +320,30 @@ mod tests {
     #[test]
     fn next_reply_gets_a_fresh_first_phrase() {
         let mut c = PhraseChunker::new();
-        assert_eq!(c.push("Your order number is ready, and more "), ["Your order number is ready,"]);
+        assert_eq!(
+            c.push("Your order number is ready, and more "),
+            ["Your order number is ready,"]
+        );
         assert_eq!(c.finish().as_deref(), Some("and more"));
-        assert_eq!(c.push("Second reply starts here, with a comma "), ["Second reply starts here,"]);
+        assert_eq!(
+            c.push("Second reply starts here, with a comma "),
+            ["Second reply starts here,"]
+        );
     }
 
     #[test]
     fn cuts_at_newlines_and_strips_markdown() {
         assert_eq!(
-            all_ways("## Your options\n- **Refill** now\n- Pick up at `noon`\n\n1. First step\n2. Second"),
-            ["Your options", "Refill now", "Pick up at noon", "1. First step", "2. Second"]
+            all_ways(
+                "## Your options\n- **Refill** now\n- Pick up at `noon`\n\n1. First step\n2. Second"
+            ),
+            [
+                "Your options",
+                "Refill now",
+                "Pick up at noon",
+                "1. First step",
+                "2. Second"
+            ]
         );
     }
 
@@ -324,14 +368,21 @@ mod tests {
         assert!(phrases.len() >= 3, "{phrases:?}");
         for p in &phrases {
             assert!(p.chars().count() <= MAX_PHRASE_CHARS, "{} chars", p.len());
-            assert!(p.split(' ').all(|w| w == "word"), "cut inside a word: {p:?}");
+            assert!(
+                p.split(' ').all(|w| w == "word"),
+                "cut inside a word: {p:?}"
+            );
         }
         assert_eq!(phrases.join(" "), long.trim());
     }
 
     #[test]
     fn hard_cut_prefers_a_clause_boundary_and_spares_abbreviations() {
-        let text = format!("{}, and then Dr. Smith {}", "a".repeat(150), "b ".repeat(40));
+        let text = format!(
+            "{}, and then Dr. Smith {}",
+            "a".repeat(150),
+            "b ".repeat(40)
+        );
         let mut c = PhraseChunker::new();
         c.first = false; // not the first phrase: commas alone do not cut
         let phrases = c.push(&text);
@@ -350,14 +401,23 @@ mod tests {
         let mut c = PhraseChunker::new();
         let phrases = c.push(&url);
         assert!(!phrases.is_empty());
-        assert!(phrases.iter().all(|p| p.chars().count() <= MAX_PHRASE_CHARS));
+        assert!(
+            phrases
+                .iter()
+                .all(|p| p.chars().count() <= MAX_PHRASE_CHARS)
+        );
     }
 
     #[test]
     fn multibyte_text_is_safe() {
         assert_eq!(
             all_ways("Ça va très bien… Merci! «Voilà» — naïve café. 日本語です。"),
-            ["Ça va très bien…", "Merci!", "«Voilà» — naïve café.", "日本語です。"]
+            [
+                "Ça va très bien…",
+                "Merci!",
+                "«Voilà» — naïve café.",
+                "日本語です。"
+            ]
         );
     }
 

@@ -31,9 +31,18 @@ const EE_OK: c_int = 0;
 
 #[link(name = "espeak-ng")]
 unsafe extern "C" {
-    fn espeak_Initialize(output: c_int, buflength: c_int, path: *const c_char, options: c_int) -> c_int;
+    fn espeak_Initialize(
+        output: c_int,
+        buflength: c_int,
+        path: *const c_char,
+        options: c_int,
+    ) -> c_int;
     fn espeak_SetVoiceByName(name: *const c_char) -> c_int;
-    fn espeak_TextToPhonemes(textptr: *mut *const c_void, textmode: c_int, phonememode: c_int) -> *const c_char;
+    fn espeak_TextToPhonemes(
+        textptr: *mut *const c_void,
+        textmode: c_int,
+        phonememode: c_int,
+    ) -> *const c_char;
 }
 
 /// espeak-ng's global state: whether it is initialised and which voice is selected.
@@ -42,7 +51,10 @@ struct State {
     voice: Option<String>,
 }
 
-static ESPEAK: Mutex<State> = Mutex::new(State { initialized: false, voice: None });
+static ESPEAK: Mutex<State> = Mutex::new(State {
+    initialized: false,
+    voice: None,
+});
 
 /// Turns `text` into the IPA phoneme string a Piper voice was trained on.
 ///
@@ -52,7 +64,11 @@ static ESPEAK: Mutex<State> = Mutex::new(State { initialized: false, voice: None
 pub fn phonemize(text: &str, voice: &str) -> Result<String, TtsError> {
     let mut out = String::new();
     for (clause, punct) in split_clauses(text) {
-        let phonemes = if clause.trim().is_empty() { String::new() } else { clause_phonemes(&clause, voice)? };
+        let phonemes = if clause.trim().is_empty() {
+            String::new()
+        } else {
+            clause_phonemes(&clause, voice)?
+        };
         if phonemes.is_empty() && punct.is_none() {
             continue;
         }
@@ -69,12 +85,20 @@ pub fn phonemize(text: &str, voice: &str) -> Result<String, TtsError> {
 
 /// Phonemes of one clause (no clause punctuation inside).
 fn clause_phonemes(clause: &str, voice: &str) -> Result<String, TtsError> {
-    let c_text = CString::new(clause).map_err(|_| TtsError::Phonemize("text contains a NUL byte".into()))?;
-    let mut state = ESPEAK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let c_text =
+        CString::new(clause).map_err(|_| TtsError::Phonemize("text contains a NUL byte".into()))?;
+    let mut state = ESPEAK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !state.initialized {
         // SAFETY: plain C call; a null path selects espeak-ng's compiled-in data directory.
         let rate = unsafe {
-            espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, std::ptr::null(), ESPEAK_INITIALIZE_DONT_EXIT)
+            espeak_Initialize(
+                AUDIO_OUTPUT_SYNCHRONOUS,
+                0,
+                std::ptr::null(),
+                ESPEAK_INITIALIZE_DONT_EXIT,
+            )
         };
         if rate <= 0 {
             return Err(TtsError::Phonemize(format!(
@@ -85,12 +109,15 @@ fn clause_phonemes(clause: &str, voice: &str) -> Result<String, TtsError> {
         tracing::debug!(rate, "espeak-ng initialised");
     }
     if state.voice.as_deref() != Some(voice) {
-        let c_voice = CString::new(voice).map_err(|_| TtsError::Phonemize("voice name contains a NUL byte".into()))?;
+        let c_voice = CString::new(voice)
+            .map_err(|_| TtsError::Phonemize("voice name contains a NUL byte".into()))?;
         // SAFETY: `c_voice` is a valid NUL-terminated string for the duration of the call.
         let rc = unsafe { espeak_SetVoiceByName(c_voice.as_ptr()) };
         if rc != EE_OK {
             state.voice = None;
-            return Err(TtsError::Phonemize(format!("espeak-ng has no voice {voice:?} (error {rc})")));
+            return Err(TtsError::Phonemize(format!(
+                "espeak-ng has no voice {voice:?} (error {rc})"
+            )));
         }
         state.voice = Some(voice.to_owned());
     }
@@ -128,7 +155,12 @@ fn strip_language_switches(phonemes: &str) -> String {
     while let Some(open) = rest.find('(') {
         let after = &rest[open + 1..];
         match after.find(')') {
-            Some(close) if close > 0 && after[..close].chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            Some(close)
+                if close > 0
+                    && after[..close]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+            {
                 out.push_str(&rest[..open]);
                 rest = &after[close + 1..];
             }
@@ -158,7 +190,9 @@ pub(crate) fn split_clauses(text: &str) -> Vec<(String, Option<char>)> {
             continue;
         }
         let mut end = k;
-        while end + 1 < chars.len() && (text::is_sentence_end(chars[end + 1].1) || text::is_clause_end(chars[end + 1].1)) {
+        while end + 1 < chars.len()
+            && (text::is_sentence_end(chars[end + 1].1) || text::is_clause_end(chars[end + 1].1))
+        {
             end += 1;
         }
         let mut after = end;
@@ -166,7 +200,9 @@ pub(crate) fn split_clauses(text: &str) -> Vec<(String, Option<char>)> {
             after += 1;
         }
         let at_end = after + 1 == chars.len();
-        let followed_by_space = chars.get(after + 1).is_some_and(|&(_, c)| c.is_whitespace());
+        let followed_by_space = chars
+            .get(after + 1)
+            .is_some_and(|&(_, c)| c.is_whitespace());
         let is_boundary = (at_end || followed_by_space)
             && (c != '.' || end != k || text::period_boundary(text, start, i) != Boundary::No);
         if is_boundary {
@@ -220,13 +256,19 @@ mod tests {
                 ("Fine".into(), None),
             ]
         );
-        assert_eq!(clauses("Wait... \"what.\" "), vec![("Wait".into(), Some('.')), ("\"what".into(), Some('.'))]);
+        assert_eq!(
+            clauses("Wait... \"what.\" "),
+            vec![("Wait".into(), Some('.')), ("\"what".into(), Some('.'))]
+        );
         assert_eq!(clauses(""), vec![]);
     }
 
     #[test]
     fn language_switches_are_removed() {
-        assert_eq!(strip_language_switches("(fr)bɔ̃ʒuʁ(en) wˈɜːld"), "bɔ̃ʒuʁ wˈɜːld");
+        assert_eq!(
+            strip_language_switches("(fr)bɔ̃ʒuʁ(en) wˈɜːld"),
+            "bɔ̃ʒuʁ wˈɜːld"
+        );
         assert_eq!(strip_language_switches("a ( b"), "a ( b");
     }
 
@@ -234,7 +276,10 @@ mod tests {
     fn hello_world_phonemes() -> Result<(), TtsError> {
         let ipa = phonemize("hello world", "en-us")?;
         // espeak-ng 1.51: "həlˈoʊ wˈɜːld".
-        assert!(ipa.contains('h') && ipa.contains('ə') && ipa.contains('w'), "{ipa}");
+        assert!(
+            ipa.contains('h') && ipa.contains('ə') && ipa.contains('w'),
+            "{ipa}"
+        );
         assert!(ipa.contains('ˈ'), "stress marks expected: {ipa}");
         assert!(ipa.contains(' '), "words separated: {ipa}");
         Ok(())
@@ -252,17 +297,27 @@ mod tests {
     #[test]
     fn phonemizing_from_many_threads_is_safe() {
         let handles: Vec<_> = (0..4)
-            .map(|i| std::thread::spawn(move || phonemize(&format!("thread number {i} says hello"), "en-us")))
+            .map(|i| {
+                std::thread::spawn(move || {
+                    phonemize(&format!("thread number {i} says hello"), "en-us")
+                })
+            })
             .collect();
         for h in handles {
-            let ipa = h.join().expect("thread panicked").expect("phonemize failed");
+            let ipa = h
+                .join()
+                .expect("thread panicked")
+                .expect("phonemize failed");
             assert!(ipa.contains("həlˈoʊ"), "{ipa}");
         }
     }
 
     #[test]
     fn unknown_voice_is_an_error() {
-        assert!(matches!(phonemize("hi", "no-such-voice-xyz"), Err(TtsError::Phonemize(_))));
+        assert!(matches!(
+            phonemize("hi", "no-such-voice-xyz"),
+            Err(TtsError::Phonemize(_))
+        ));
         // and the next call with a good voice still works
         assert!(phonemize("hi", "en-us").is_ok_and(|s| !s.is_empty()));
     }

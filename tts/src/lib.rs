@@ -12,7 +12,8 @@
 //! use parley_tts::piper::{PiperOptions, PiperVoice, VoiceFiles};
 //! use parley_tts::Synthesizer;
 //!
-//! let files = VoiceFiles::in_models_dir(std::path::Path::new("/root/.cache/parley/models"));
+//! // The layout `parley models install` creates under $PARLEY_MODELS_DIR.
+//! let files = VoiceFiles::in_models_dir(std::path::Path::new("/var/cache/parley/models"));
 //! let voice = PiperVoice::load_files(&files, &PiperOptions::default())?;
 //! let mut chunker = PhraseChunker::new();
 //! for token in ["Your refill ", "is ready. ", "Pick it up ", "after 3 p.m."] {

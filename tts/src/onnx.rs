@@ -23,7 +23,9 @@ static ENVIRONMENT: Mutex<Option<(Environment, PathBuf)>> = Mutex::new(None);
 /// one is logged as a warning), because the runtime cannot be loaded twice. A
 /// failed first call can be retried with a better path.
 pub fn environment(dylib: &Path) -> Result<Environment, TtsError> {
-    let mut slot = ENVIRONMENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = ENVIRONMENT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some((env, loaded)) = slot.as_ref() {
         if loaded != dylib {
             tracing::warn!(
@@ -34,7 +36,10 @@ pub fn environment(dylib: &Path) -> Result<Environment, TtsError> {
         }
         return Ok(env.clone());
     }
-    let load_err = |reason: String| TtsError::Load { path: dylib.to_path_buf(), reason };
+    let load_err = |reason: String| TtsError::Load {
+        path: dylib.to_path_buf(),
+        reason,
+    };
     if !dylib.is_file() {
         return Err(load_err("the ONNX Runtime library is missing".into()));
     }

@@ -69,7 +69,11 @@ impl VoiceFiles {
 
     /// The files that do not exist, for a readiness check or an error message.
     pub fn missing(&self) -> Vec<&Path> {
-        [&self.onnx, &self.config, &self.ort_dylib].into_iter().map(PathBuf::as_path).filter(|p| !p.is_file()).collect()
+        [&self.onnx, &self.config, &self.ort_dylib]
+            .into_iter()
+            .map(PathBuf::as_path)
+            .filter(|p| !p.is_file())
+            .collect()
     }
 }
 
@@ -77,11 +81,13 @@ impl VoiceFiles {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PiperOptions {
     /// Threads ONNX Runtime uses inside one synthesis. Default 1: on a small
-    /// server ASR and the LLM need the other cores, and a phrase takes a few tens
-    /// of milliseconds anyway; 2 is about 1.5× faster on an idle 2-core machine.
+    /// server ASR and the LLM need the other cores, and one thread already runs
+    /// about 10× faster than real time; on a busy 2-core machine 2 threads were
+    /// measured twice as slow as 1 (they fight the other work for the cores).
     pub intra_threads: usize,
     /// Sessions in the pool, i.e. how many phrases (of different calls) can be
-    /// synthesized at the same time. Each costs about 100 MB. Default 1.
+    /// synthesized at the same time. Each holds its own copy of the weights
+    /// (about 80–100 MB resident for the shipped voice). Default 1.
     pub sessions: usize,
     /// Overrides the voice's `length_scale` (speaking rate): above 1 is slower.
     pub length_scale: Option<f32>,
@@ -89,7 +95,11 @@ pub struct PiperOptions {
 
 impl Default for PiperOptions {
     fn default() -> Self {
-        Self { intra_threads: 1, sessions: 1, length_scale: None }
+        Self {
+            intra_threads: 1,
+            sessions: 1,
+            length_scale: None,
+        }
     }
 }
 
@@ -172,7 +182,10 @@ impl PiperVoice {
     ) -> Result<PiperVoice, TtsError> {
         let started = Instant::now();
         let config = read_config(config_json)?;
-        let load_err = |reason: String| TtsError::Load { path: onnx.to_path_buf(), reason };
+        let load_err = |reason: String| TtsError::Load {
+            path: onnx.to_path_buf(),
+            reason,
+        };
         if !onnx.is_file() {
             return Err(load_err("the voice model is missing".into()));
         }
@@ -200,8 +213,14 @@ impl PiperVoice {
         let mut sessions = Vec::with_capacity(count);
         for _ in 0..count {
             let session = Session::builder(&env)
-                .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(Into::into))
-                .and_then(|b| b.with_intra_threads(options.intra_threads.max(1)).map_err(Into::into))
+                .and_then(|b| {
+                    b.with_optimization_level(GraphOptimizationLevel::Level3)
+                        .map_err(Into::into)
+                })
+                .and_then(|b| {
+                    b.with_intra_threads(options.intra_threads.max(1))
+                        .map_err(Into::into)
+                })
                 .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
                 .and_then(|mut b| b.commit_from_file(onnx))
                 .map_err(|e| load_err(format!("ONNX Runtime cannot load the model: {e}")))?;
@@ -209,11 +228,20 @@ impl PiperVoice {
         }
         let inputs: Vec<String> = sessions
             .first()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).inputs().iter().map(|i| i.name().to_owned()).collect())
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .inputs()
+                    .iter()
+                    .map(|i| i.name().to_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         for required in ["input", "input_lengths", "scales"] {
             if !inputs.iter().any(|i| i == required) {
-                return Err(load_err(format!("not a Piper model: no input {required:?} (inputs: {inputs:?})")));
+                return Err(load_err(format!(
+                    "not a Piper model: no input {required:?} (inputs: {inputs:?})"
+                )));
             }
         }
         let has_speaker_input = inputs.iter().any(|i| i == "sid");
@@ -225,14 +253,24 @@ impl PiperVoice {
             has_speaker_input,
             sample_rate: config.audio.sample_rate,
             espeak_voice: config.espeak.voice,
-            scales: [inference.noise_scale, options.length_scale.unwrap_or(inference.length_scale), inference.noise_w],
+            scales: [
+                inference.noise_scale,
+                options.length_scale.unwrap_or(inference.length_scale),
+                inference.noise_w,
+            ],
             phoneme_ids,
             bos,
             eos,
             pad,
         };
-        // Fail at load, not on the first call, if espeak-ng or its voice is missing.
-        espeak::phonemize("ready", &voice.espeak_voice)?;
+        // Fail at load, not on the first call, if espeak-ng or its voice is missing,
+        // and run each session once: ONNX Runtime's first run allocates and plans,
+        // which would otherwise slow the first phrase of the first call.
+        let warm_up = voice.ids(&espeak::phonemize("Ready.", &voice.espeak_voice)?);
+        for session in &voice.sessions {
+            let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+            voice.run_session(&mut session, warm_up.clone())?;
+        }
         tracing::info!(
             model = %onnx.display(),
             sessions = count,
@@ -268,22 +306,35 @@ impl PiperVoice {
         ids
     }
 
-    /// Runs the model on one id sequence.
+    /// Runs the model on one id sequence, on the first free session.
     fn infer(&self, ids: Vec<i64>) -> Result<Vec<f32>, TtsError> {
+        let mut session = self.acquire_session();
+        self.run_session(&mut session, ids)
+    }
+
+    fn run_session(&self, session: &mut Session, ids: Vec<i64>) -> Result<Vec<f32>, TtsError> {
         let run_err = |what: &str, e: ort::Error| TtsError::Synthesis(format!("{what}: {e}"));
         let n = ids.len();
-        let input = Tensor::from_array(([1usize, n], ids)).map_err(|e| run_err("input tensor", e))?;
-        let lengths = Tensor::from_array(([1usize], vec![n as i64])).map_err(|e| run_err("length tensor", e))?;
-        let scales = Tensor::from_array(([3usize], self.scales.to_vec())).map_err(|e| run_err("scales tensor", e))?;
-        let mut inputs = ort::inputs!["input" => input, "input_lengths" => lengths, "scales" => scales];
+        let input =
+            Tensor::from_array(([1usize, n], ids)).map_err(|e| run_err("input tensor", e))?;
+        let lengths = Tensor::from_array(([1usize], vec![n as i64]))
+            .map_err(|e| run_err("length tensor", e))?;
+        let scales = Tensor::from_array(([3usize], self.scales.to_vec()))
+            .map_err(|e| run_err("scales tensor", e))?;
+        let mut inputs =
+            ort::inputs!["input" => input, "input_lengths" => lengths, "scales" => scales];
         if self.has_speaker_input {
-            let sid = Tensor::from_array(([1usize], vec![0i64])).map_err(|e| run_err("speaker tensor", e))?;
+            let sid = Tensor::from_array(([1usize], vec![0i64]))
+                .map_err(|e| run_err("speaker tensor", e))?;
             inputs.push(("sid".into(), sid.into()));
         }
-        let mut session = self.acquire_session();
         let outputs = session.run(inputs).map_err(|e| run_err("model run", e))?;
-        let output = outputs.get("output").ok_or_else(|| TtsError::Synthesis("the model has no output \"output\"".into()))?;
-        let (_, audio) = output.try_extract_tensor::<f32>().map_err(|e| run_err("output tensor", e))?;
+        let output = outputs
+            .get("output")
+            .ok_or_else(|| TtsError::Synthesis("the model has no output \"output\"".into()))?;
+        let (_, audio) = output
+            .try_extract_tensor::<f32>()
+            .map_err(|e| run_err("output tensor", e))?;
         Ok(audio.to_vec())
     }
 
@@ -298,7 +349,9 @@ impl PiperVoice {
         }
         // A panic during a run cannot leave a session half-updated in a way that
         // matters for the next run (inputs are per run), so poisoning is ignored.
-        self.sessions[start % n].lock().unwrap_or_else(|p| p.into_inner())
+        self.sessions[start % n]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -331,10 +384,14 @@ impl Synthesizer for PiperVoice {
 }
 
 fn read_config(path: &Path) -> Result<VoiceConfig, TtsError> {
-    let load_err = |reason: String| TtsError::Load { path: path.to_path_buf(), reason };
-    let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read the voice config: {e}")))?;
-    let config: VoiceConfig =
-        serde_json::from_slice(&bytes).map_err(|e| load_err(format!("not a Piper voice config: {e}")))?;
+    let load_err = |reason: String| TtsError::Load {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes =
+        std::fs::read(path).map_err(|e| load_err(format!("cannot read the voice config: {e}")))?;
+    let config: VoiceConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| load_err(format!("not a Piper voice config: {e}")))?;
     if config.audio.sample_rate == 0 {
         return Err(load_err("audio.sample_rate is 0".into()));
     }
@@ -351,11 +408,16 @@ fn split_phonemes(phonemes: &str, max: usize) -> Vec<&str> {
         let head = &rest[..limit];
         let clause_cut = head
             .char_indices()
-            .filter(|&(i, c)| matches!(c, '.' | ',' | ';' | ':' | '!' | '?') && head[i + c.len_utf8()..].starts_with(' '))
+            .rev()
+            .filter(|&(i, c)| {
+                matches!(c, '.' | ',' | ';' | ':' | '!' | '?')
+                    && head[i + c.len_utf8()..].starts_with(' ')
+            })
             .map(|(i, c)| i + c.len_utf8())
-            .filter(|&i| i >= limit / 4)
-            .last();
-        let cut = clause_cut.or_else(|| head.rfind(' ').filter(|&i| i > 0)).unwrap_or(limit);
+            .find(|&i| i >= limit / 4);
+        let cut = clause_cut
+            .or_else(|| head.rfind(' ').filter(|&i| i > 0))
+            .unwrap_or(limit);
         pieces.push(rest[..cut].trim());
         rest = rest[cut..].trim_start();
     }
@@ -384,7 +446,10 @@ fn finish_audio(mut audio: Vec<f32>, sample_rate: u32) -> Vec<f32> {
     let Some(first) = audio.iter().position(|s| s.abs() > SILENCE_THRESHOLD) else {
         return Vec::new();
     };
-    let last = audio.iter().rposition(|s| s.abs() > SILENCE_THRESHOLD).unwrap_or(first);
+    let last = audio
+        .iter()
+        .rposition(|s| s.abs() > SILENCE_THRESHOLD)
+        .unwrap_or(first);
     let start = first.saturating_sub((LEAD_SILENCE_S * rate) as usize);
     let end = (last + 1 + (TRAIL_SILENCE_S * rate) as usize).min(audio.len());
     let mut audio = audio[start..end].to_vec();
@@ -413,7 +478,10 @@ mod tests {
         let p = "aaa bbb, ccc ddd. eee";
         assert_eq!(split_phonemes(p, 100), vec![p]);
         assert_eq!(split_phonemes(p, 11), vec!["aaa bbb,", "ccc ddd.", "eee"]);
-        assert_eq!(split_phonemes("aaaa bbbb cccc", 6), vec!["aaaa", "bbbb", "cccc"]);
+        assert_eq!(
+            split_phonemes("aaaa bbbb cccc", 6),
+            vec!["aaaa", "bbbb", "cccc"]
+        );
         assert_eq!(split_phonemes("abcdefgh", 3), vec!["abc", "def", "gh"]);
         assert!(split_phonemes("  ", 3).is_empty());
     }
@@ -431,7 +499,11 @@ mod tests {
         assert!(out.iter().all(|s| (-1.0..=1.0).contains(s)));
         assert_eq!(out[0], 0.0);
         assert_eq!(*out.last().unwrap_or(&1.0), 0.0);
-        assert!((out[60] - 1.0).abs() < 1e-6, "scaled, not clipped: {}", out[60]);
+        assert!(
+            (out[60] - 1.0).abs() < 1e-6,
+            "scaled, not clipped: {}",
+            out[60]
+        );
     }
 
     #[test]
@@ -445,7 +517,10 @@ mod tests {
         let f = VoiceFiles::in_models_dir(Path::new("/m"));
         assert_eq!(f.onnx, Path::new("/m/tts/en_US-joe-medium.onnx"));
         assert_eq!(f.config, Path::new("/m/tts/en_US-joe-medium.onnx.json"));
-        assert_eq!(f.ort_dylib, Path::new("/m/onnxruntime/libonnxruntime.so.1.31.1"));
+        assert_eq!(
+            f.ort_dylib,
+            Path::new("/m/onnxruntime/libonnxruntime.so.1.31.1")
+        );
         assert_eq!(f.missing().len(), 3);
     }
 }

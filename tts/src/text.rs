@@ -16,8 +16,8 @@ const ALWAYS_ABBREVIATIONS: &[&str] = &[
 /// Abbreviations that can also end a sentence ("…at 5 p.m. See you"): a period after
 /// them is a sentence end only when the next word starts with a capital letter.
 const SENTENCE_FINAL_ABBREVIATIONS: &[&str] = &[
-    "etc.", "a.m.", "p.m.", "inc.", "ltd.", "co.", "corp.", "u.s.", "u.k.", "jan.", "feb.",
-    "mar.", "apr.", "jun.", "jul.", "aug.", "sep.", "sept.", "oct.", "nov.", "dec.",
+    "etc.", "a.m.", "p.m.", "inc.", "ltd.", "co.", "corp.", "u.s.", "u.k.", "jan.", "feb.", "mar.",
+    "apr.", "jun.", "jul.", "aug.", "sep.", "sept.", "oct.", "nov.", "dec.",
 ];
 
 /// Characters that end a sentence when followed by whitespace.
@@ -224,12 +224,14 @@ fn expand_money(text: &str) -> String {
             }
         }
         let tail = &after[consumed..];
-        let scale = ["thousand", "million", "billion", "trillion"].into_iter().find(|w| {
-            tail.strip_prefix(' ')
-                .and_then(|t| t.get(..w.len()))
-                .is_some_and(|t| t.eq_ignore_ascii_case(w))
-                && !tail[1 + w.len()..].starts_with(char::is_alphabetic)
-        });
+        let scale = ["thousand", "million", "billion", "trillion"]
+            .into_iter()
+            .find(|w| {
+                tail.strip_prefix(' ')
+                    .and_then(|t| t.get(..w.len()))
+                    .is_some_and(|t| t.eq_ignore_ascii_case(w))
+                    && !tail[1 + w.len()..].starts_with(char::is_alphabetic)
+            });
         if let Some(scale) = scale {
             out.push_str(int_part);
             if let Some(c) = cents.or(decimal) {
@@ -282,7 +284,12 @@ fn expand_times(text: &str) -> String {
             .last()
             .unwrap_or(i);
         let hour_len = i - hour_start;
-        let min_end = i + 1 + bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let min_end = i
+            + 1
+            + bytes[i + 1..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
         let min_len = min_end - i - 1;
         let preceded_ok = hour_start == 0 || !matches!(bytes[hour_start - 1], b':' | b'.');
         let followed_ok = min_end == bytes.len() || !matches!(bytes[min_end], b':');
@@ -297,7 +304,11 @@ fn expand_times(text: &str) -> String {
                         let has_meridiem = ["am", "pm", "a.m", "p.m"]
                             .iter()
                             .any(|m| next_word.starts_with(m));
-                        if has_meridiem { format!("{hour}") } else { format!("{hour} o'clock") }
+                        if has_meridiem {
+                            format!("{hour}")
+                        } else {
+                            format!("{hour} o'clock")
+                        }
                     }
                     1..=9 => format!("{hour} oh {minute}"),
                     _ => format!("{hour} {minute}"),
@@ -324,16 +335,31 @@ mod tests {
 
     #[test]
     fn markdown_is_stripped() {
-        assert_eq!(strip_markdown("**Bold** and _it_ `code`"), "Bold and it code");
-        assert_eq!(strip_markdown("# Title\n- item one\n> quote"), "Title\nitem one\nquote");
-        assert_eq!(strip_markdown("mail john_doe@example.com"), "mail john_doe@example.com");
-        assert_eq!(strip_markdown("see [the docs](https://x.y/z) now"), "see the docs now");
+        assert_eq!(
+            strip_markdown("**Bold** and _it_ `code`"),
+            "Bold and it code"
+        );
+        assert_eq!(
+            strip_markdown("# Title\n- item one\n> quote"),
+            "Title\nitem one\nquote"
+        );
+        assert_eq!(
+            strip_markdown("mail john_doe@example.com"),
+            "mail john_doe@example.com"
+        );
+        assert_eq!(
+            strip_markdown("see [the docs](https://x.y/z) now"),
+            "see the docs now"
+        );
         assert_eq!(strip_markdown("a [b] c (d)"), "a [b] c (d)");
     }
 
     #[test]
     fn money_is_spoken() {
-        assert_eq!(normalize_for_speech("It costs $3.50."), "It costs 3 dollars and 50 cents.");
+        assert_eq!(
+            normalize_for_speech("It costs $3.50."),
+            "It costs 3 dollars and 50 cents."
+        );
         assert_eq!(normalize_for_speech("$1 only"), "1 dollar only");
         assert_eq!(normalize_for_speech("$0.99"), "99 cents");
         assert_eq!(normalize_for_speech("$1,200, paid"), "1,200 dollars, paid");
@@ -344,7 +370,10 @@ mod tests {
 
     #[test]
     fn times_are_spoken() {
-        assert_eq!(normalize_for_speech("at 10:00 today"), "at 10 o'clock today");
+        assert_eq!(
+            normalize_for_speech("at 10:00 today"),
+            "at 10 o'clock today"
+        );
         assert_eq!(normalize_for_speech("at 10:00 am"), "at 10 am");
         assert_eq!(normalize_for_speech("at 9:05."), "at 9 oh 5.");
         assert_eq!(normalize_for_speech("at 14:30"), "at 14 30");
@@ -355,7 +384,10 @@ mod tests {
     #[test]
     fn periods_after_abbreviations_do_not_end_sentences() {
         let t = "Ask Dr. Smith";
-        assert_eq!(period_boundary(t, 0, t.find('.').unwrap_or(0)), Boundary::No);
+        assert_eq!(
+            period_boundary(t, 0, t.find('.').unwrap_or(0)),
+            Boundary::No
+        );
         let t = "Done. Next";
         assert_eq!(period_boundary(t, 0, 4), Boundary::Yes);
         let t = "at 5 p.m. See";

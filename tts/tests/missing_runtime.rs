@@ -7,7 +7,8 @@ use parley_tts::{PiperVoice, TtsError};
 
 #[test]
 fn missing_runtime_library_is_a_load_error() {
-    let dir = std::env::temp_dir().join(format!("parley-tts-missing-runtime-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("parley-tts-missing-runtime-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let onnx = dir.join("voice.onnx");
     let config = dir.join("voice.onnx.json");

@@ -30,7 +30,12 @@ fn rms(samples: &[f32]) -> f32 {
 }
 
 fn write_wav(path: &str, samples: &[f32], rate: u32) -> Result<(), hound::Error> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
     let mut w = hound::WavWriter::create(path, spec)?;
     for s in samples {
         w.write_sample((s * f32::from(i16::MAX)) as i16)?;
@@ -46,7 +51,11 @@ fn one_two_three_four_sounds_like_speech() -> Result<(), TtsError> {
     let audio = voice.synthesize("One two three four.")?;
     let took = started.elapsed();
     let seconds = audio.len() as f32 / voice.sample_rate() as f32;
-    eprintln!("{seconds:.2} s of speech in {} ms ({})", took.as_millis(), voice.phonemes("One two three four.")?);
+    eprintln!(
+        "{seconds:.2} s of speech in {} ms ({})",
+        took.as_millis(),
+        voice.phonemes("One two three four.")?
+    );
     assert!((0.8..3.0).contains(&seconds), "duration {seconds} s");
     let level = rms(&audio);
     assert!(level > 0.02, "RMS {level} is close to silence");
@@ -64,10 +73,18 @@ fn one_two_three_four_sounds_like_speech() -> Result<(), TtsError> {
 fn length_is_stable_across_runs() -> Result<(), TtsError> {
     let Some(voice) = voice() else { return Ok(()) };
     let text = "Your prescription is ready for pickup.";
-    let lens: Vec<usize> = (0..3).map(|_| voice.synthesize(text).map(|a| a.len())).collect::<Result<_, _>>()?;
-    let (min, max) = (lens.iter().min().copied().unwrap_or(0), lens.iter().max().copied().unwrap_or(0));
+    let lens: Vec<usize> = (0..3)
+        .map(|_| voice.synthesize(text).map(|a| a.len()))
+        .collect::<Result<_, _>>()?;
+    let (min, max) = (
+        lens.iter().min().copied().unwrap_or(0),
+        lens.iter().max().copied().unwrap_or(0),
+    );
     // noise_w makes durations vary a little from run to run, not a lot.
-    assert!(min > 0 && (max as f32) < min as f32 * 1.25, "lengths {lens:?}");
+    assert!(
+        min > 0 && (max as f32) < min as f32 * 1.25,
+        "lengths {lens:?}"
+    );
     Ok(())
 }
 
@@ -75,8 +92,15 @@ fn length_is_stable_across_runs() -> Result<(), TtsError> {
 fn longer_text_is_longer_audio() -> Result<(), TtsError> {
     let Some(voice) = voice() else { return Ok(()) };
     let short = voice.synthesize("Hello.")?;
-    let long = voice.synthesize("Hello. Your order of vitamin C, 3.5 grams, is ready at 10:00 with Dr. Smith.")?;
-    assert!(long.len() > short.len() * 3, "{} vs {}", long.len(), short.len());
+    let long = voice.synthesize(
+        "Hello. Your order of vitamin C, 3.5 grams, is ready at 10:00 with Dr. Smith.",
+    )?;
+    assert!(
+        long.len() > short.len() * 3,
+        "{} vs {}",
+        long.len(),
+        short.len()
+    );
     Ok(())
 }
 
@@ -92,12 +116,19 @@ fn nothing_to_say_is_empty_audio() -> Result<(), TtsError> {
 fn synthesizes_from_several_threads() {
     let Some(voice) = voice() else { return };
     std::thread::scope(|s| {
-        let handles: Vec<_> = ["First caller speaking.", "Second caller speaking.", "Third one."]
-            .into_iter()
-            .map(|t| s.spawn(move || voice.synthesize(t)))
-            .collect();
+        let handles: Vec<_> = [
+            "First caller speaking.",
+            "Second caller speaking.",
+            "Third one.",
+        ]
+        .into_iter()
+        .map(|t| s.spawn(move || voice.synthesize(t)))
+        .collect();
         for h in handles {
-            let audio = h.join().expect("thread panicked").expect("synthesis failed");
+            let audio = h
+                .join()
+                .expect("thread panicked")
+                .expect("synthesis failed");
             assert!(rms(&audio) > 0.02);
         }
     });
@@ -106,20 +137,38 @@ fn synthesizes_from_several_threads() {
 #[test]
 fn loading_twice_shares_the_runtime() -> Result<(), TtsError> {
     let Some(first) = voice() else { return Ok(()) };
-    let files = support::voice_files().map_err(|r| TtsError::Synthesis(r))?;
-    let options = PiperOptions { intra_threads: 2, sessions: 2, length_scale: Some(1.3) };
+    let files = support::voice_files().map_err(TtsError::Synthesis)?;
+    let options = PiperOptions {
+        intra_threads: 2,
+        sessions: 2,
+        length_scale: Some(1.3),
+    };
     let second = PiperVoice::load_files(&files, &options)?;
     let a = first.synthesize("One two three four.")?;
     let b = second.synthesize("One two three four.")?;
-    assert!(b.len() as f32 > a.len() as f32 * 1.1, "length_scale 1.3 should be slower: {} vs {}", b.len(), a.len());
+    assert!(
+        b.len() as f32 > a.len() as f32 * 1.1,
+        "length_scale 1.3 should be slower: {} vs {}",
+        b.len(),
+        a.len()
+    );
     Ok(())
 }
 
 #[test]
 fn missing_model_is_a_load_error() {
-    let Ok(files) = support::voice_files() else { return };
-    let err = PiperVoice::load(&files.onnx.with_extension("nope"), &files.config, &files.ort_dylib);
+    let Ok(files) = support::voice_files() else {
+        return;
+    };
+    let err = PiperVoice::load(
+        &files.onnx.with_extension("nope"),
+        &files.config,
+        &files.ort_dylib,
+    );
     assert!(matches!(err, Err(TtsError::Load { .. })), "{err:?}");
     let err = PiperVoice::load(&files.onnx, &files.onnx, &files.ort_dylib);
-    assert!(matches!(err, Err(TtsError::Load { .. })), "config that is not JSON: {err:?}");
+    assert!(
+        matches!(err, Err(TtsError::Load { .. })),
+        "config that is not JSON: {err:?}"
+    );
 }

@@ -11,7 +11,9 @@ use parley_tts::VoiceFiles;
 pub fn voice_files() -> Result<VoiceFiles, String> {
     let models_dir = std::env::var_os("PARLEY_MODELS_DIR")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/parley/models")));
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/parley/models"))
+        });
     let mut reasons = Vec::new();
     if let Some(dir) = models_dir {
         let files = VoiceFiles::in_models_dir(&dir);
@@ -22,16 +24,26 @@ pub fn voice_files() -> Result<VoiceFiles, String> {
         reasons.push(format!("missing {missing:?} (run `parley models install`)"));
     }
     let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
-    match (var("PARLEY_TTS_ONNX"), var("PARLEY_TTS_CONFIG"), var("PARLEY_ORT_DYLIB")) {
+    match (
+        var("PARLEY_TTS_ONNX"),
+        var("PARLEY_TTS_CONFIG"),
+        var("PARLEY_ORT_DYLIB"),
+    ) {
         (Some(onnx), Some(config), Some(ort_dylib)) => {
-            let files = VoiceFiles { onnx, config, ort_dylib };
+            let files = VoiceFiles {
+                onnx,
+                config,
+                ort_dylib,
+            };
             let missing = files.missing();
             if missing.is_empty() {
                 return Ok(files);
             }
             reasons.push(format!("PARLEY_TTS_* point at missing {missing:?}"));
         }
-        _ => reasons.push("PARLEY_TTS_ONNX, PARLEY_TTS_CONFIG, PARLEY_ORT_DYLIB not all set".into()),
+        _ => {
+            reasons.push("PARLEY_TTS_ONNX, PARLEY_TTS_CONFIG, PARLEY_ORT_DYLIB not all set".into())
+        }
     }
     Err(reasons.join("; "))
 }
