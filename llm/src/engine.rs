@@ -2,7 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Device;
@@ -36,11 +36,14 @@ pub enum LlmDevice {
 /// How to load the embedded engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CandleOptions {
-    /// Dequantize the weights to f32 at load: prefill is about 18x faster on CPU than
-    /// with candle's quantized kernels, at about 2 GB of RAM for the 0.5B model.
+    /// Dequantize the weights to f32 at load. On CPU, candle's quantized kernels are
+    /// an order of magnitude slower for this model (its Q5_0 matrices have no SIMD
+    /// kernel in candle): about 20x on prefill, 8x on decode. The price is RAM: about
+    /// 1.9 GB resident for the 0.5B model instead of about 0.8 GB.
     pub dequantize: bool,
     /// Most tokens a session may hold (prompt plus reply); a longer conversation
-    /// fails with [`LlmError::ContextFull`]. Each session's KV cache grows up to this.
+    /// fails with [`LlmError::ContextFull`]. Each session's KV cache grows up to this
+    /// (24 KB per token for the 0.5B model: 100 MB at 4096).
     pub max_context: usize,
     /// Where to run.
     pub device: LlmDevice,
@@ -48,17 +51,74 @@ pub struct CandleOptions {
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        Self { dequantize: true, max_context: 4096, device: LlmDevice::Cpu }
+        Self {
+            dequantize: true,
+            max_context: 4096,
+            device: LlmDevice::Cpu,
+        }
     }
 }
 
-/// What every session of one engine shares, read-only.
+/// What every session of one engine shares: read-only, except the list of shared
+/// system-prompt prefixes.
 struct Shared {
     name: String,
     weights: Qwen2Weights,
     tokenizer: Tokenizer,
     /// Token ids that end the assistant's turn.
     stop_ids: Vec<u32>,
+    /// `<|im_end|>`, which closes the system message: the prompt up to it is the
+    /// part that calls with the same system prompt share.
+    im_end: Option<u32>,
+    /// The KV caches of the last few system prompts prefilled by any session, most
+    /// recent first, so a new call with one of those system prompts starts with it
+    /// instead of prefilling it (the first turn, and the greeting, get faster).
+    system_prefixes: Mutex<Vec<Arc<PrefixSnapshot>>>,
+}
+
+/// How many distinct system prompts keep a shared KV prefix (a server usually has one
+/// or a few; each costs about 24 KB per token for the 0.5B model).
+const SYSTEM_PREFIXES_KEPT: usize = 4;
+
+/// A prompt prefix and its keys and values.
+struct PrefixSnapshot {
+    ids: Vec<u32>,
+    cache: KvCache,
+}
+
+impl Shared {
+    /// Length of the system message in `ids`, through its `<|im_end|>`.
+    fn system_prefix_len(&self, ids: &[u32]) -> Option<usize> {
+        let im_end = self.im_end?;
+        ids.iter().position(|&id| id == im_end).map(|i| i + 1)
+    }
+
+    fn prefixes(&self) -> std::sync::MutexGuard<'_, Vec<Arc<PrefixSnapshot>>> {
+        // The list is always valid, even if a holder panicked.
+        self.system_prefixes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The stored system prefix that `ids` starts with, if any.
+    fn snapshot_for(&self, ids: &[u32]) -> Option<Arc<PrefixSnapshot>> {
+        self.prefixes()
+            .iter()
+            .find(|s| ids.starts_with(&s.ids))
+            .cloned()
+    }
+
+    /// Whether `ids` (a system prefix) is stored.
+    fn has_snapshot(&self, ids: &[u32]) -> bool {
+        self.prefixes().iter().any(|s| s.ids == ids)
+    }
+
+    fn store_snapshot(&self, snapshot: PrefixSnapshot) {
+        let mut prefixes = self.prefixes();
+        prefixes.retain(|s| s.ids != snapshot.ids);
+        prefixes.insert(0, Arc::new(snapshot));
+        prefixes.truncate(SYSTEM_PREFIXES_KEPT);
+    }
 }
 
 /// The embedded language model: Qwen2-architecture GGUF weights run by candle.
@@ -73,7 +133,11 @@ pub struct CandleEngine {
 
 impl CandleEngine {
     /// Loads the GGUF weights and the `tokenizer.json` written by the setup step.
-    pub fn load(gguf: &Path, tokenizer_json: &Path, options: CandleOptions) -> Result<Self, LlmError> {
+    pub fn load(
+        gguf: &Path,
+        tokenizer_json: &Path,
+        options: CandleOptions,
+    ) -> Result<Self, LlmError> {
         let tokenizer = load_tokenizer(tokenizer_json)?;
         Self::with_tokenizer(gguf, tokenizer, options)
     }
@@ -86,7 +150,11 @@ impl CandleEngine {
         Self::with_tokenizer(gguf, tokenizer, options)
     }
 
-    fn with_tokenizer(gguf: &Path, tokenizer: Tokenizer, options: CandleOptions) -> Result<Self, LlmError> {
+    fn with_tokenizer(
+        gguf: &Path,
+        tokenizer: Tokenizer,
+        options: CandleOptions,
+    ) -> Result<Self, LlmError> {
         let _span = tracing::info_span!("llm.load", path = %gguf.display()).entered();
         let started = Instant::now();
         let device = match options.device {
@@ -101,7 +169,10 @@ impl CandleEngine {
         let weights = Qwen2Weights::load(
             gguf,
             &device,
-            &Qwen2LoadOptions { dequantize: options.dequantize, max_context: options.max_context },
+            &Qwen2LoadOptions {
+                dequantize: options.dequantize,
+                max_context: options.max_context,
+            },
         )?;
 
         let mut stop_ids = Vec::new();
@@ -140,7 +211,17 @@ impl CandleEngine {
             max_context = weights.max_context(),
             "language model loaded"
         );
-        Ok(Self { shared: Arc::new(Shared { name, weights, tokenizer, stop_ids }) })
+        let im_end = tokenizer.token_to_id(chat::IM_END);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                name,
+                weights,
+                tokenizer,
+                stop_ids,
+                im_end,
+                system_prefixes: Mutex::new(Vec::new()),
+            }),
+        })
     }
 
     /// The most tokens a session may hold.
@@ -199,15 +280,42 @@ impl CandleSession {
     /// them, running only what is not cached. Returns `(logits, reused)` where
     /// `reused` counts the cached tokens kept.
     fn prefill(&mut self, ids: &[u32]) -> Result<(candle_core::Tensor, usize), LlmError> {
-        let common = self.cached_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let shared = Arc::clone(&self.shared);
+        let mut common = self
+            .cached_ids
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let system_len = shared.system_prefix_len(ids);
+        if let Some(system_len) = system_len
+            && common < system_len
+            && let Some(snapshot) = shared.snapshot_for(&ids[..system_len])
+            && snapshot.ids.len() > common
+        {
+            self.cache = snapshot.cache.copy_prefix(snapshot.ids.len())?;
+            self.cached_ids = snapshot.ids.clone();
+            common = snapshot.ids.len();
+            tracing::debug!(tokens = common, "reused the shared system-prompt KV cache");
+        }
         // At least one token must run so that logits exist.
         let keep = common.min(ids.len().saturating_sub(1));
         self.cache.truncate(keep);
         self.cached_ids.truncate(keep);
         let new = &ids[keep..];
-        match self.shared.weights.forward(new, &mut self.cache) {
+        match shared.weights.forward(new, &mut self.cache) {
             Ok(logits) => {
                 self.cached_ids.extend_from_slice(new);
+                if let Some(system_len) = system_len
+                    && keep < system_len
+                    && !shared.has_snapshot(&ids[..system_len])
+                {
+                    let cache = self.cache.copy_prefix(system_len)?;
+                    shared.store_snapshot(PrefixSnapshot {
+                        ids: ids[..system_len].to_vec(),
+                        cache,
+                    });
+                }
                 Ok((logits, keep))
             }
             Err(e) => {
@@ -232,9 +340,14 @@ fn sampler(options: &GenerateOptions) -> LogitsProcessor {
     let sampling = if options.temperature <= 0.0 || !options.temperature.is_finite() {
         Sampling::ArgMax
     } else if options.top_p > 0.0 && options.top_p < 1.0 {
-        Sampling::TopP { p: options.top_p, temperature: options.temperature }
+        Sampling::TopP {
+            p: options.top_p,
+            temperature: options.temperature,
+        }
     } else {
-        Sampling::All { temperature: options.temperature }
+        Sampling::All {
+            temperature: options.temperature,
+        }
     };
     LogitsProcessor::from_sampling(options.seed, sampling)
 }
@@ -268,11 +381,15 @@ impl LlmSession for CandleSession {
         let prompt = chat::render_prompt(messages);
         let ids = encode(&shared.tokenizer, &prompt)?;
         if ids.len() >= max_context {
-            return Err(LlmError::ContextFull { tokens: ids.len(), limit: max_context });
+            return Err(LlmError::ContextFull {
+                tokens: ids.len(),
+                limit: max_context,
+            });
         }
 
+        let prefill_started = Instant::now();
         let (mut logits, cached_tokens) = self.prefill(&ids)?;
-        let prefill_ms = ms_since(started);
+        let prefill_ms = ms_since(prefill_started);
         span.record("prompt_tokens", ids.len());
         span.record("cached_tokens", cached_tokens);
         span.record("prefill_ms", prefill_ms);
@@ -301,7 +418,8 @@ impl LlmSession for CandleSession {
                     break FinishReason::Cancelled;
                 }
             }
-            if stats.generated_tokens >= options.max_tokens || self.cached_ids.len() >= max_context {
+            if stats.generated_tokens >= options.max_tokens || self.cached_ids.len() >= max_context
+            {
                 break FinishReason::Length;
             }
             logits = match shared.weights.forward(&[next], &mut self.cache) {

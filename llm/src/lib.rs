@@ -8,6 +8,37 @@
 //!
 //! The embedded engine runs Qwen2-architecture GGUF models with candle on the CPU
 //! (CUDA with the `cuda` feature).
+//!
+//! ```no_run
+//! use std::ops::ControlFlow;
+//! use std::path::Path;
+//! use parley_llm::{CandleEngine, CandleOptions, ChatMessage, GenerateOptions, LlmEngine, Role};
+//!
+//! # fn main() -> Result<(), parley_llm::LlmError> {
+//! let dir = Path::new("/root/.cache/parley/models/llm");
+//! let engine = CandleEngine::load(
+//!     &dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+//!     &dir.join("qwen2.5-coder-0.5b-instruct.tokenizer.json"),
+//!     CandleOptions::default(),
+//! )?;
+//! let mut session = engine.new_session(); // one per call; keeps the call's KV cache
+//! let mut conversation = vec![ChatMessage::new(Role::User, "What is the capital of France?")];
+//! let mut reply = String::new();
+//! let stats = session.generate(&conversation, &GenerateOptions::default(), &mut |piece| {
+//!     reply.push_str(piece); // stream to the text chunker / TTS here
+//!     ControlFlow::Continue(()) // Break on barge-in
+//! })?;
+//! conversation.push(ChatMessage::new(Role::Assistant, reply));
+//! // The next turn re-sends the whole conversation; only the new tokens are prefilled.
+//! # let _ = stats;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules: [`chat`] renders the ChatML prompt, [`tokenizer`] builds the tokenizer from
+//! the GGUF metadata and streams text out of token ids, [`qwen2`] is the forward pass
+//! with shared weights and a per-session KV cache, [`engine`] ties them into
+//! [`LlmEngine`] / [`LlmSession`].
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;

@@ -41,10 +41,12 @@ pub struct Qwen2Config {
 /// How to load the weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2LoadOptions {
-    /// Dequantize every matrix to f32 at load. Candle's quantized kernels process a
-    /// multi-token prefill row by row, so on a small CPU a 164-token prefill took
-    /// 19.7 s quantized against 1.1 s dequantized (MODELS.md); the price is RAM
-    /// (about 2 GB for the 0.5B model instead of about 0.5 GB).
+    /// Dequantize every matrix to f32 at load. Candle has no SIMD kernel for the Q5_0
+    /// matrices of Qwen2.5-0.5B Q4_K_M, so on a 2-core CPU a 164-token prefill took
+    /// 19.7 s quantized against 1.1 s dequantized (MODELS.md), and decoding is about
+    /// 8x slower; the price is RAM (about 1.9 GB resident for the 0.5B model instead
+    /// of about 0.8 GB). An output head stored as Q8_0 stays quantized either way: it
+    /// only ever multiplies one row, where candle's Q8_0 kernel beats f32.
     pub dequantize: bool,
     /// Longest sequence a session may hold (prompt plus reply). Sizes the RoPE
     /// tables; capped at the model's trained context.
@@ -53,7 +55,10 @@ pub struct Qwen2LoadOptions {
 
 impl Default for Qwen2LoadOptions {
     fn default() -> Self {
-        Self { dequantize: true, max_context: 4096 }
+        Self {
+            dequantize: true,
+            max_context: 4096,
+        }
     }
 }
 
@@ -78,6 +83,7 @@ pub struct Qwen2Weights {
     config: Qwen2Config,
     max_context: usize,
     device: Device,
+    /// Token embeddings, `(vocab, hidden)`, f16.
     embed: Tensor,
     blocks: Vec<Block>,
     final_norm: Tensor,
@@ -100,8 +106,15 @@ impl<T> ModelContext<T> for candle_core::Result<T> {
 
 impl Qwen2Weights {
     /// Loads a `qwen2` GGUF file onto `device`.
-    pub fn load(path: &Path, device: &Device, options: &Qwen2LoadOptions) -> Result<Self, LlmError> {
-        let load_err = |reason: String| LlmError::Load { path: path.to_path_buf(), reason };
+    pub fn load(
+        path: &Path,
+        device: &Device,
+        options: &Qwen2LoadOptions,
+    ) -> Result<Self, LlmError> {
+        let load_err = |reason: String| LlmError::Load {
+            path: path.to_path_buf(),
+            reason,
+        };
         let file = File::open(path).map_err(|e| load_err(format!("cannot open: {e}")))?;
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
@@ -116,7 +129,10 @@ impl Qwen2Weights {
         options: &Qwen2LoadOptions,
     ) -> Result<Self, String> {
         let md = |key: &str| {
-            content.metadata.get(key).ok_or_else(|| format!("metadata has no `{key}`"))
+            content
+                .metadata
+                .get(key)
+                .ok_or_else(|| format!("metadata has no `{key}`"))
         };
         let md_usize = |key: &str| -> Result<usize, String> {
             let v = md(key)?;
@@ -127,14 +143,19 @@ impl Qwen2Weights {
         };
         let md_f64 = |key: &str| -> Result<f64, String> {
             let v = md(key)?;
-            v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|e| format!("{key}: {e}"))
+            v.to_f32()
+                .map(f64::from)
+                .or_else(|_| v.to_f64())
+                .map_err(|e| format!("{key}: {e}"))
         };
 
         let arch = md("general.architecture")?
             .to_string()
             .map_err(|e| format!("general.architecture: {e}"))?;
         if arch != "qwen2" {
-            return Err(format!("architecture `{arch}` is not supported (only `qwen2`)"));
+            return Err(format!(
+                "architecture `{arch}` is not supported (only `qwen2`)"
+            ));
         }
         let n_head = md_usize("qwen2.attention.head_count")?;
         let n_kv_head = md_usize("qwen2.attention.head_count_kv")?;
@@ -152,10 +173,13 @@ impl Qwen2Weights {
         let max_context = options.max_context.clamp(1, trained_context.max(1));
 
         let tensor = |reader: &mut R, name: &str| -> Result<QTensor, String> {
-            content.tensor(reader, name, device).map_err(|e| format!("tensor `{name}`: {e}"))
+            content
+                .tensor(reader, name, device)
+                .map_err(|e| format!("tensor `{name}`: {e}"))
         };
         let dense = |q: QTensor, name: &str| -> Result<Tensor, String> {
-            q.dequantize(device).map_err(|e| format!("dequantizing `{name}`: {e}"))
+            q.dequantize(device)
+                .map_err(|e| format!("dequantizing `{name}`: {e}"))
         };
         let matmul = |q: QTensor, name: &str| -> Result<QMatMul, String> {
             let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
@@ -169,12 +193,26 @@ impl Qwen2Weights {
 
         let embed_q = tensor(reader, "token_embd.weight")?;
         let vocab_size = embed_q.shape().dims().first().copied().unwrap_or(0);
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => matmul(tensor(reader, "output.weight")?, "output.weight")?,
-            // Tied embeddings: the output head is the embedding matrix.
-            false => matmul(tensor(reader, "token_embd.weight")?, "token_embd.weight")?,
+        // Tied embeddings: without `output.weight` the head is the embedding matrix.
+        let head_name = match content.tensor_infos.contains_key("output.weight") {
+            true => "output.weight",
+            false => "token_embd.weight",
         };
-        let embed = dense(embed_q, "token_embd.weight")?;
+        let head = tensor(reader, head_name)?;
+        // The head only ever multiplies one row (the last position), where memory
+        // traffic is the whole cost: stored as Q8_0 (as in this model) it is kept
+        // quantized, a quarter of f32's bytes and read about twice as fast by candle's
+        // AVX2 kernel. Other formats follow `dequantize`.
+        let output = if head.dtype() == GgmlDType::Q8_0 {
+            QMatMul::QTensor(std::sync::Arc::new(head))
+        } else {
+            matmul(head, head_name)?
+        };
+        // The embedding is only looked up, never multiplied: f16 halves its 545 MB
+        // (0.5B model) at no speed cost; looked-up rows are widened to f32.
+        let embed = dense(embed_q, "token_embd.weight")?
+            .to_dtype(DType::F16)
+            .map_err(|e| format!("token_embd.weight to f16: {e}"))?;
         let final_norm = load_dense(reader, "output_norm.weight")?;
 
         let mut blocks = Vec::with_capacity(n_layer);
@@ -243,7 +281,9 @@ impl Qwen2Weights {
     /// An empty cache for one session of this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.config.n_layer).map(|_| LayerKv::default()).collect(),
+            layers: (0..self.config.n_layer)
+                .map(|_| LayerKv::default())
+                .collect(),
             len: 0,
         }
     }
@@ -261,13 +301,19 @@ impl Qwen2Weights {
             return Err(LlmError::Model("forward called with no tokens".into()));
         }
         if cache.layers.len() != self.blocks.len() {
-            return Err(LlmError::Model("KV cache belongs to a different model".into()));
+            return Err(LlmError::Model(
+                "KV cache belongs to a different model".into(),
+            ));
         }
         let pos = cache.len;
         if pos + seq > self.max_context {
-            return Err(LlmError::ContextFull { tokens: pos + seq, limit: self.max_context });
+            return Err(LlmError::ContextFull {
+                tokens: pos + seq,
+                limit: self.max_context,
+            });
         }
-        self.forward_inner(tokens, cache, pos).context("forward pass")
+        self.forward_inner(tokens, cache, pos)
+            .context("forward pass")
     }
 
     fn forward_inner(
@@ -279,7 +325,11 @@ impl Qwen2Weights {
         let seq = tokens.len();
         let eps = self.config.rms_eps as f32;
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(0)?;
         let mask = causal_mask(seq, pos, &self.device)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
@@ -297,7 +347,10 @@ impl Qwen2Weights {
 
         let last = x.narrow(1, seq - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
-        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+        self.output
+            .forward(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)
     }
 
     /// Grouped-query self-attention of one block over cache + new tokens.
@@ -312,7 +365,13 @@ impl Qwen2Weights {
         sin: &Tensor,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let Qwen2Config { n_head, n_kv_head, head_dim, hidden, .. } = self.config;
+        let Qwen2Config {
+            n_head,
+            n_kv_head,
+            head_dim,
+            hidden,
+            ..
+        } = self.config;
         let (b, seq, _) = x.dims3()?;
         let group = n_head / n_kv_head;
 
@@ -320,9 +379,18 @@ impl Qwen2Weights {
         let k = block.wk.forward(x)?.broadcast_add(&block.bk)?;
         let v = block.wv.forward(x)?.broadcast_add(&block.bv)?;
         // (b, seq, heads * dim) -> (b, heads, seq, dim)
-        let q = q.reshape((b, seq, n_head, head_dim))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, seq, n_kv_head, head_dim))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, seq, n_kv_head, head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = q
+            .reshape((b, seq, n_head, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((b, seq, n_kv_head, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b, seq, n_kv_head, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
 
@@ -374,8 +442,9 @@ fn rope_tables(
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> =
-        (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
     let mut angles = Vec::with_capacity(positions * half);
     for p in 0..positions {
         angles.extend(inv_freq.iter().map(|f| p as f32 * f));
@@ -409,7 +478,9 @@ impl LayerKv {
         let needed = pos + seq;
         let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if needed > capacity {
-            let new_capacity = needed.div_ceil(KV_GROW_STEP).saturating_mul(KV_GROW_STEP)
+            let new_capacity = needed
+                .div_ceil(KV_GROW_STEP)
+                .saturating_mul(KV_GROW_STEP)
                 .max(capacity.saturating_mul(2))
                 .min(max_context)
                 .max(needed);
@@ -427,7 +498,12 @@ impl LayerKv {
 
 /// A zeroed buffer of `capacity` positions shaped like `like`, holding the first `keep`
 /// positions of `old`.
-fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, capacity: usize) -> candle_core::Result<Tensor> {
+fn grow(
+    old: Option<Tensor>,
+    like: &Tensor,
+    keep: usize,
+    capacity: usize,
+) -> candle_core::Result<Tensor> {
     let (b, heads, _, dim) = like.dims4()?;
     let buf = Tensor::zeros((b, heads, capacity, dim), like.dtype(), like.device())?;
     if let Some(old) = old
@@ -469,6 +545,32 @@ impl KvCache {
         }
         self.len = 0;
     }
+
+    /// An independent copy of the first `len` positions (fewer if the cache holds
+    /// fewer), so a prefix computed by one session can seed another: a new call with
+    /// the same system prompt then skips prefilling it.
+    pub fn copy_prefix(&self, len: usize) -> Result<KvCache, LlmError> {
+        let len = len.min(self.len);
+        let capacity = len.div_ceil(KV_GROW_STEP).max(1) * KV_GROW_STEP;
+        let copy = |t: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            match t {
+                Some(t) if len > 0 => grow(Some(t.clone()), t, len, capacity).map(Some),
+                _ => Ok(None),
+            }
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerKv {
+                    k: copy(&l.k)?,
+                    v: copy(&l.v)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .context("copying a KV cache prefix")?;
+        Ok(KvCache { layers, len })
+    }
 }
 
 #[cfg(test)]
@@ -478,7 +580,9 @@ mod tests {
     #[test]
     fn mask_lets_new_tokens_see_the_cache_and_earlier_new_tokens() -> candle_core::Result<()> {
         let mask = causal_mask(3, 2, &Device::Cpu)?;
-        let Some(mask) = mask else { panic!("a 3-token step needs a mask") };
+        let Some(mask) = mask else {
+            panic!("a 3-token step needs a mask")
+        };
         let rows: Vec<Vec<f32>> = mask.to_vec2()?;
         let ninf = f32::NEG_INFINITY;
         assert_eq!(
@@ -511,7 +615,45 @@ mod tests {
         // Truncate to 2 and overwrite from there.
         let c = step(100.0, 2)?;
         let (k, _) = layer.append(&c, &c, 2, 10_000)?;
-        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vec![0.0, 1.0, 100.0, 101.0]);
+        assert_eq!(
+            k.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.0, 1.0, 100.0, 101.0]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn copied_prefix_is_independent_of_the_original() -> Result<(), LlmError> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache {
+            layers: vec![LayerKv::default()],
+            len: 0,
+        };
+        let t = Tensor::arange(0f32, 6.0, &dev)
+            .and_then(|t| t.reshape((1, 1, 6, 1)))
+            .context("t")?;
+        cache.layers[0].append(&t, &t, 0, 100).context("append")?;
+        cache.len = 6;
+        let mut copy = cache.copy_prefix(4)?;
+        assert_eq!(copy.len(), 4);
+        // Writing into the copy past its prefix leaves the original alone.
+        let x = Tensor::new(&[[[[9f32]]]], &dev).context("x")?;
+        let (k, _) = copy.layers[0].append(&x, &x, 4, 100).context("append")?;
+        copy.len = 5;
+        let got: Vec<f32> = k.flatten_all().and_then(|k| k.to_vec1()).context("k")?;
+        assert_eq!(got, vec![0.0, 1.0, 2.0, 3.0, 9.0]);
+        let orig = cache.layers[0]
+            .k
+            .as_ref()
+            .map(|k| k.narrow(2, 0, 6))
+            .transpose()
+            .context("n")?;
+        let orig: Vec<f32> = orig
+            .map(|k| k.flatten_all().and_then(|k| k.to_vec1()))
+            .transpose()
+            .context("v")?
+            .unwrap_or_default();
+        assert_eq!(orig, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
         Ok(())
     }
 

@@ -39,7 +39,10 @@ const QWEN2_SPLIT_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N
 /// as added tokens, and a byte-level decoder. Write it to disk once (setup step) and
 /// load it with [`load_tokenizer`].
 pub fn tokenizer_json_from_gguf(gguf: &Path) -> Result<String, LlmError> {
-    let load_err = |reason: String| LlmError::Load { path: gguf.to_path_buf(), reason };
+    let load_err = |reason: String| LlmError::Load {
+        path: gguf.to_path_buf(),
+        reason,
+    };
     let file = File::open(gguf).map_err(|e| load_err(format!("cannot open: {e}")))?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader)
@@ -51,7 +54,11 @@ pub fn tokenizer_json_from_gguf(gguf: &Path) -> Result<String, LlmError> {
 fn tokenizer_json_from_metadata(
     metadata: &std::collections::HashMap<String, gguf_file::Value>,
 ) -> Result<String, String> {
-    let get = |key: &str| metadata.get(key).ok_or_else(|| format!("metadata has no `{key}`"));
+    let get = |key: &str| {
+        metadata
+            .get(key)
+            .ok_or_else(|| format!("metadata has no `{key}`"))
+    };
 
     let model = get("tokenizer.ggml.model")?
         .to_string()
@@ -62,7 +69,9 @@ fn tokenizer_json_from_metadata(
         ));
     }
     if let Some(pre) = metadata.get("tokenizer.ggml.pre") {
-        let pre = pre.to_string().map_err(|e| format!("tokenizer.ggml.pre: {e}"))?;
+        let pre = pre
+            .to_string()
+            .map_err(|e| format!("tokenizer.ggml.pre: {e}"))?;
         if pre != "qwen2" {
             return Err(format!(
                 "pre-tokenizer `{pre}` is not supported (only Qwen2's, `qwen2`)"
@@ -167,15 +176,21 @@ fn string_array<'a>(value: &'a gguf_file::Value, key: &str) -> Result<Vec<&'a st
         .to_vec()
         .map_err(|e| format!("{key}: {e}"))?
         .iter()
-        .map(|v| v.to_string().map(String::as_str).map_err(|e| format!("{key}: {e}")))
+        .map(|v| {
+            v.to_string()
+                .map(String::as_str)
+                .map_err(|e| format!("{key}: {e}"))
+        })
         .collect()
 }
 
 /// Loads a `tokenizer.json` file, with the path in the error so a missing model file
 /// is easy to find.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LlmError> {
-    Tokenizer::from_file(path)
-        .map_err(|e| LlmError::Load { path: path.to_path_buf(), reason: e.to_string() })
+    Tokenizer::from_file(path).map_err(|e| LlmError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Parses a `tokenizer.json` held in memory (for example straight from
@@ -202,7 +217,11 @@ pub struct TextStream<'a> {
 impl<'a> TextStream<'a> {
     /// An empty stream decoding with `tokenizer`.
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), pending_from: 0 }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            pending_from: 0,
+        }
     }
 
     /// Adds one generated id; returns the text that became complete, if any.
@@ -264,14 +283,18 @@ mod tests {
             "tokenizer.ggml.tokens".into(),
             V::Array(tokens.into_iter().map(V::String).collect()),
         );
-        md.insert("tokenizer.ggml.merges".into(), V::Array(vec![V::String("a b".into())]));
+        md.insert(
+            "tokenizer.ggml.merges".into(),
+            V::Array(vec![V::String("a b".into())]),
+        );
         md.insert("tokenizer.ggml.token_type".into(), V::Array(types));
         md
     }
 
     /// GPT-2's byte-to-unicode mapping.
     fn byte_level_char(b: u8) -> char {
-        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let printable =
+            |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
         if printable(b) {
             return char::from(b);
         }
@@ -290,10 +313,17 @@ mod tests {
         assert_eq!(enc.get_ids()[1], 256, "`a b` must merge into `ab`");
         assert_eq!(enc.get_ids()[2], 258);
         assert_eq!(enc.get_ids().len(), 5, "é is two byte tokens");
-        let text = tok.decode(enc.get_ids(), false).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        let text = tok
+            .decode(enc.get_ids(), false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
         assert_eq!(text, "<|im_start|>ab<tool_call>é");
-        let plain = tok.decode(enc.get_ids(), true).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
-        assert_eq!(plain, "ab<tool_call>é", "control tokens are special, tool tags are not");
+        let plain = tok
+            .decode(enc.get_ids(), true)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        assert_eq!(
+            plain, "ab<tool_call>é",
+            "control tokens are special, tool tags are not"
+        );
         Ok(())
     }
 
@@ -301,7 +331,9 @@ mod tests {
     fn text_stream_holds_back_split_characters() -> Result<(), LlmError> {
         let json = tokenizer_json_from_metadata(&tiny_metadata()).map_err(LlmError::Tokenizer)?;
         let tok = tokenizer_from_json(&json)?;
-        let enc = tok.encode("aé€b", false).map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        let enc = tok
+            .encode("aé€b", false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
         let mut stream = TextStream::new(&tok);
         let mut pieces = Vec::new();
         for &id in enc.get_ids() {
@@ -319,7 +351,10 @@ mod tests {
     #[test]
     fn unsupported_tokenizer_type_is_a_clear_error() {
         let mut md = tiny_metadata();
-        md.insert("tokenizer.ggml.model".into(), gguf_file::Value::String("llama".into()));
+        md.insert(
+            "tokenizer.ggml.model".into(),
+            gguf_file::Value::String("llama".into()),
+        );
         let err = tokenizer_json_from_metadata(&md).err().unwrap_or_default();
         assert!(err.contains("not supported"), "{err}");
     }

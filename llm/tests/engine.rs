@@ -15,7 +15,10 @@ fn run(
     max_tokens: usize,
 ) -> (String, parley_llm::GenerationStats) {
     let mut text = String::new();
-    let options = GenerateOptions { max_tokens, ..GenerateOptions::default() };
+    let options = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
     let stats = session
         .generate(messages, &options, &mut |piece| {
             text.push_str(piece);
@@ -27,7 +30,8 @@ fn run(
 
 #[test]
 fn answers_paris_and_reuses_the_cache_next_turn() {
-    let Some(engine) = common::engine_or_skip("answers_paris_and_reuses_the_cache_next_turn") else {
+    let Some(engine) = common::engine_or_skip("answers_paris_and_reuses_the_cache_next_turn")
+    else {
         return;
     };
     let mut session = engine.new_session();
@@ -55,25 +59,43 @@ fn answers_paris_and_reuses_the_cache_next_turn() {
     let new_tokens = second.prompt_tokens - second.cached_tokens;
     assert!(new_tokens <= 20, "turn 2 prefilled {new_tokens} tokens");
     assert!(new_tokens * 2 < first.prompt_tokens);
-    eprintln!("prefill: turn 1 {:.0} ms, turn 2 {:.0} ms", first.prefill_ms, second.prefill_ms);
+    eprintln!(
+        "prefill: turn 1 {:.0} ms, turn 2 {:.0} ms",
+        first.prefill_ms, second.prefill_ms
+    );
 
     // The same conversation again: everything is cached, the last token re-runs.
     let (answer3, third) = run(session.as_mut(), &conv, 16);
-    assert_eq!(answer3, answer2, "greedy decoding over a reused cache is deterministic");
+    assert_eq!(
+        answer3, answer2,
+        "greedy decoding over a reused cache is deterministic"
+    );
     assert_eq!(third.cached_tokens, third.prompt_tokens - 1);
 }
 
 #[test]
 fn break_after_three_pieces_cancels() {
-    let Some(engine) = common::engine_or_skip("break_after_three_pieces_cancels") else { return };
+    let Some(engine) = common::engine_or_skip("break_after_three_pieces_cancels") else {
+        return;
+    };
     let mut session = engine.new_session();
-    let conv = vec![ChatMessage::new(Role::User, "Count from one to fifty in words.")];
+    let conv = vec![ChatMessage::new(
+        Role::User,
+        "Count from one to fifty in words.",
+    )];
     let mut pieces = Vec::new();
-    let options = GenerateOptions { max_tokens: 100, ..GenerateOptions::default() };
+    let options = GenerateOptions {
+        max_tokens: 100,
+        ..GenerateOptions::default()
+    };
     let stats = session
         .generate(&conv, &options, &mut |piece| {
             pieces.push(piece.to_owned());
-            if pieces.len() == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if pieces.len() == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .expect("generate");
     assert_eq!(stats.finish, FinishReason::Cancelled);
@@ -81,16 +103,28 @@ fn break_after_three_pieces_cancels() {
     assert!(stats.generated_tokens <= 4, "{stats:?}");
 
     // The session stays usable after a cancel.
-    let (answer, stats) = run(session.as_mut(), &[ChatMessage::new(Role::User, QUESTION)], 16);
+    let (answer, stats) = run(
+        session.as_mut(),
+        &[ChatMessage::new(Role::User, QUESTION)],
+        16,
+    );
     assert!(answer.contains("Paris"), "{answer:?}");
-    assert!(stats.cached_tokens > 0, "the system prompt prefix is shared");
+    assert!(
+        stats.cached_tokens > 0,
+        "the system prompt prefix is shared"
+    );
 }
 
 #[test]
 fn max_tokens_stops_with_length() {
-    let Some(engine) = common::engine_or_skip("max_tokens_stops_with_length") else { return };
+    let Some(engine) = common::engine_or_skip("max_tokens_stops_with_length") else {
+        return;
+    };
     let mut session = engine.new_session();
-    let conv = vec![ChatMessage::new(Role::User, "Write a long poem about the sea.")];
+    let conv = vec![ChatMessage::new(
+        Role::User,
+        "Write a long poem about the sea.",
+    )];
     let (text, stats) = run(session.as_mut(), &conv, 5);
     assert_eq!(stats.finish, FinishReason::Length);
     assert_eq!(stats.generated_tokens, 5);
@@ -103,7 +137,10 @@ fn sessions_generate_concurrently_and_independently() {
     else {
         return;
     };
-    let questions = [QUESTION, "What is the capital of Italy? Answer in one word."];
+    let questions = [
+        QUESTION,
+        "What is the capital of Italy? Answer in one word.",
+    ];
     let answers: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = questions
             .iter()
@@ -115,7 +152,10 @@ fn sessions_generate_concurrently_and_independently() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     });
     assert!(answers[0].contains("Paris"), "{answers:?}");
     assert!(answers[1].contains("Rome"), "{answers:?}");
@@ -135,5 +175,39 @@ fn context_full_is_an_error_not_a_panic() {
             &mut |_| ControlFlow::Continue(()),
         )
         .expect_err("too long");
-    assert!(matches!(err, parley_llm::LlmError::ContextFull { .. }), "{err}");
+    assert!(
+        matches!(err, parley_llm::LlmError::ContextFull { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_new_session_reuses_another_sessions_system_prompt() {
+    let Some(engine) =
+        common::engine_or_skip("a_new_session_reuses_another_sessions_system_prompt")
+    else {
+        return;
+    };
+    let system = ChatMessage::new(
+        Role::System,
+        "You are the phone assistant of the Riverside pharmacy. Answer in one short sentence.",
+    );
+    let conv_a = vec![system.clone(), ChatMessage::new(Role::User, QUESTION)];
+    let conv_b = vec![system, ChatMessage::new(Role::User, "Say hello.")];
+    // Through the system message's <|im_end|>: the rendering of the system message
+    // alone ends with "\n<|im_start|>assistant\n", 4 more tokens.
+    let system_tokens = engine.count_tokens(&conv_a[..1]).expect("count") - 4;
+
+    let mut session_a = engine.new_session();
+    let (_, a) = run(session_a.as_mut(), &conv_a, 4);
+    assert_eq!(a.cached_tokens, 0);
+    let (text_b, b) = run(engine.new_session().as_mut(), &conv_b, 8);
+    assert_eq!(
+        b.cached_tokens, system_tokens,
+        "the second call starts from the shared prefix"
+    );
+    // The copied prefix gives the same answer as the session that computed it.
+    let (text_b_in_a, b_in_a) = run(session_a.as_mut(), &conv_b, 8);
+    assert!(b_in_a.cached_tokens > system_tokens);
+    assert_eq!(text_b, text_b_in_a);
 }

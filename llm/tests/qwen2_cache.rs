@@ -12,7 +12,10 @@ fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let a: Vec<f32> = a.to_vec1().expect("logits");
     let b: Vec<f32> = b.to_vec1().expect("logits");
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(t: &candle_core::Tensor) -> u32 {
@@ -47,8 +50,12 @@ fn batched_split_and_truncated_prefills_agree() {
 
     // Two batches: the second has several tokens on top of a non-empty cache.
     let mut halves = weights.new_cache();
-    weights.forward(&ids[..split], &mut halves).expect("first half");
-    let two = weights.forward(&ids[split..], &mut halves).expect("second half");
+    weights
+        .forward(&ids[..split], &mut halves)
+        .expect("first half");
+    let two = weights
+        .forward(&ids[split..], &mut halves)
+        .expect("second half");
     let d = max_abs_diff(&full, &two);
     eprintln!("one batch vs two: max |diff| = {d:e}");
     assert!(d < 1e-3, "one batch vs two batches differ by {d}");
@@ -56,7 +63,9 @@ fn batched_split_and_truncated_prefills_agree() {
     // Token by token for the last few.
     let mut steps = weights.new_cache();
     let tail = 4;
-    weights.forward(&ids[..ids.len() - tail], &mut steps).expect("prefix");
+    weights
+        .forward(&ids[..ids.len() - tail], &mut steps)
+        .expect("prefix");
     let mut last = None;
     for id in &ids[ids.len() - tail..] {
         last = Some(weights.forward(&[*id], &mut steps).expect("step"));
@@ -67,11 +76,17 @@ fn batched_split_and_truncated_prefills_agree() {
     // Truncation: fill the cache with something else after the split, cut back, redo.
     let mut reused = weights.new_cache();
     weights.forward(&ids[..split], &mut reused).expect("prefix");
-    let other = tok.encode("Something else entirely, longer than before.", false).expect("enc");
-    weights.forward(other.get_ids(), &mut reused).expect("detour");
+    let other = tok
+        .encode("Something else entirely, longer than before.", false)
+        .expect("enc");
+    weights
+        .forward(other.get_ids(), &mut reused)
+        .expect("detour");
     reused.truncate(split);
     assert_eq!(reused.len(), split);
-    let again = weights.forward(&ids[split..], &mut reused).expect("after truncate");
+    let again = weights
+        .forward(&ids[split..], &mut reused)
+        .expect("after truncate");
     let d = max_abs_diff(&full, &again);
     assert!(d < 1e-3, "after truncation the logits differ by {d}");
 
@@ -83,17 +98,37 @@ fn batched_split_and_truncated_prefills_agree() {
 
 #[test]
 fn context_limit_is_enforced() {
-    let Some(gguf) = common::gguf_or_skip("context_limit_is_enforced") else { return };
+    let Some(gguf) = common::gguf_or_skip("context_limit_is_enforced") else {
+        return;
+    };
     let weights = Qwen2Weights::load(
         &gguf,
         &Device::Cpu,
-        &Qwen2LoadOptions { dequantize: false, max_context: 8 },
+        &Qwen2LoadOptions {
+            dequantize: false,
+            max_context: 8,
+        },
     )
     .expect("weights");
     let mut cache = weights.new_cache();
     weights.forward(&[9707; 6], &mut cache).expect("fits");
     let err = weights.forward(&[9707; 3], &mut cache).expect_err("over");
-    assert!(matches!(err, parley_llm::LlmError::ContextFull { tokens: 9, limit: 8 }), "{err}");
-    assert_eq!(cache.len(), 6, "a refused forward leaves the cache as it was");
-    weights.forward(&[9707; 2], &mut cache).expect("exactly full");
+    assert!(
+        matches!(
+            err,
+            parley_llm::LlmError::ContextFull {
+                tokens: 9,
+                limit: 8
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        cache.len(),
+        6,
+        "a refused forward leaves the cache as it was"
+    );
+    weights
+        .forward(&[9707; 2], &mut cache)
+        .expect("exactly full");
 }

@@ -17,7 +17,9 @@ fn ids(tok: &Tokenizer, text: &str) -> Vec<u32> {
 
 #[test]
 fn known_strings_tokenize_to_the_models_ids() {
-    let Some(tok) = tokenizer_or_skip("known_strings_tokenize_to_the_models_ids") else { return };
+    let Some(tok) = tokenizer_or_skip("known_strings_tokenize_to_the_models_ids") else {
+        return;
+    };
     assert_eq!(ids(&tok, "Hello"), vec![9707]);
     assert_eq!(ids(&tok, "Hello, world!"), vec![9707, 11, 1879, 0]);
     // A ChatML fragment: control tokens whole, "\n" is 198.
@@ -35,7 +37,9 @@ fn known_strings_tokenize_to_the_models_ids() {
 
 #[test]
 fn mixed_text_round_trips() {
-    let Some(tok) = tokenizer_or_skip("mixed_text_round_trips") else { return };
+    let Some(tok) = tokenizer_or_skip("mixed_text_round_trips") else {
+        return;
+    };
     let text = "<|im_start|>system\nYou're a pharmacist.<|im_end|>\n  Café ☕ 12345 \
                 naïve 東京 😀\t\r\n<tool_call>\n{\"name\": \"f\"}\n</tool_call>";
     let encoded = ids(&tok, text);
@@ -54,4 +58,26 @@ fn mixed_text_round_trips() {
         streamed.push_str(&rest);
     }
     assert_eq!(streamed, text);
+}
+
+#[test]
+fn written_tokenizer_json_loads_from_disk() {
+    let Some(gguf) = common::gguf_or_skip("written_tokenizer_json_loads_from_disk") else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let json = tokenizer_json_from_gguf(&gguf).expect("json");
+    eprintln!(
+        "built tokenizer.json ({} bytes) in {:?}",
+        json.len(),
+        started.elapsed()
+    );
+    let path =
+        std::env::temp_dir().join(format!("parley-llm-tokenizer-{}.json", std::process::id()));
+    std::fs::write(&path, &json).expect("write");
+    let loaded = parley_llm::tokenizer::load_tokenizer(&path);
+    let _ = std::fs::remove_file(&path);
+    let tok = loaded.expect("load from disk");
+    assert_eq!(ids(&tok, "Hello"), vec![9707]);
+    assert_eq!(tok.get_vocab_size(true), 151936);
 }

@@ -21,13 +21,22 @@ pub fn model_files() -> Option<(PathBuf, Option<PathBuf>)> {
     let mut candidates = Vec::new();
     if let Some(dir) = models_dir() {
         let dir = dir.join("llm");
-        candidates.push((dir.join(DEFAULT_GGUF_FILE), dir.join(DEFAULT_TOKENIZER_FILE)));
+        candidates.push((
+            dir.join(DEFAULT_GGUF_FILE),
+            dir.join(DEFAULT_TOKENIZER_FILE),
+        ));
     }
-    candidates.push((PathBuf::from("/tmp/llm/qwen.gguf"), PathBuf::from("/tmp/llm/tokenizer.json")));
-    candidates.into_iter().find(|(g, _)| g.is_file()).map(|(g, t)| {
-        let t = t.is_file().then_some(t);
-        (g, t)
-    })
+    candidates.push((
+        PathBuf::from("/tmp/llm/qwen.gguf"),
+        PathBuf::from("/tmp/llm/tokenizer.json"),
+    ));
+    candidates
+        .into_iter()
+        .find(|(g, _)| g.is_file())
+        .map(|(g, t)| {
+            let t = t.is_file().then_some(t);
+            (g, t)
+        })
 }
 
 /// The GGUF path, or `None` after printing why the test is skipped.
@@ -57,7 +66,11 @@ pub fn engine_or_skip(test: &str) -> Option<Arc<CandleEngine>> {
         };
         match engine {
             Ok(e) => {
-                eprintln!("loaded {} in {:.1} s", gguf.display(), started.elapsed().as_secs_f64());
+                eprintln!(
+                    "loaded {} in {:.1} s",
+                    gguf.display(),
+                    started.elapsed().as_secs_f64()
+                );
                 Some(Arc::new(e))
             }
             Err(e) => panic!("the model exists but does not load: {e}"),
