@@ -15,6 +15,7 @@ run: build models
 
 test: build models
 	$(CARGO) test --workspace --release --quiet -- --test-threads 2
+	@PY=$$(bash scripts/python-env.sh) && $$PY -m pytest -q tests/python
 
 setup:
 	@bash scripts/setup.sh

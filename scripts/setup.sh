@@ -11,6 +11,7 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 # The model installer fetches wheels with pip.
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   SUDO=""
