@@ -72,10 +72,6 @@ impl InputAudio {
     }
 
     /// Milliseconds of audio received so far.
-    pub fn position_ms(&self) -> u64 {
-        self.total / SAMPLES_PER_MS
-    }
-
     /// True while the VAD hears speech.
     pub fn in_speech(&self) -> bool {
         self.detector.as_ref().is_some_and(TurnDetector::in_speech)

@@ -50,11 +50,6 @@ impl PlayClock {
         self.phrases.push(SpokenPhrase { text, start_ms, end_ms: start_ms + duration_ms });
     }
 
-    /// Milliseconds of audio sent.
-    pub fn sent_ms(&self) -> f64 {
-        self.sent_ms
-    }
-
     /// Milliseconds the caller has heard by now: real time since the first frame,
     /// never more than was sent.
     pub fn played_ms(&self) -> f64 {
