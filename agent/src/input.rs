@@ -71,7 +71,6 @@ impl InputAudio {
         Ok(())
     }
 
-    /// Milliseconds of audio received so far.
     /// True while the VAD hears speech.
     pub fn in_speech(&self) -> bool {
         self.detector.as_ref().is_some_and(TurnDetector::in_speech)
