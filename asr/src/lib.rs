@@ -6,7 +6,27 @@
 //! call; each transcription borrows per-run decoder state from a small pool.
 //!
 //! [`convert`] turns the CTranslate2 Whisper weights that ship on the package index
-//! into the ggml file that whisper.cpp loads.
+//! into the ggml file that whisper.cpp loads (`parley models install` runs it once).
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use parley_asr::{Transcriber, WhisperOptions, WhisperTranscriber};
+//!
+//! let asr = WhisperTranscriber::load(
+//!     Path::new("models/whisper/ggml-tiny.en.bin"),
+//!     WhisperOptions { threads: 2, ..WhisperOptions::default() },
+//! )?;
+//! let utterance: Vec<f32> = vec![0.0; 2 * 16_000]; // 16 kHz mono, from the VAD
+//! let heard = asr.transcribe(&utterance)?; // blocking: call from a worker thread
+//! println!("caller said: {}", heard.text);
+//! # Ok::<(), parley_asr::AsrError>(())
+//! ```
+//!
+//! Short utterances are cheap: the encoder's context is fitted to the audio (plus
+//! about 5 s of silence) instead of a full 30 s window, about 0.2 s instead of 0.9 s
+//! for a 2–3 s utterance on 2 cores, with the same accuracy on our test clips.
+//! whisper.cpp's own log lines go to `tracing` under the target
+//! `parley_asr::whisper_cpp` (its load report at debug level).
 
 use std::path::PathBuf;
 
@@ -21,7 +41,9 @@ pub use whisper::{SAMPLE_RATE, WhisperOptions, WhisperTranscriber};
 #[derive(Debug, thiserror::Error)]
 pub enum AsrError {
     /// The model file could not be read or is not a Whisper model.
-    #[error("cannot load the Whisper model {path}: {reason} (run `parley models install` to fetch and convert it)")]
+    #[error(
+        "cannot load the Whisper model {path}: {reason} (run `parley models install` to fetch and convert it)"
+    )]
     Load { path: PathBuf, reason: String },
     /// The decoder failed on this audio.
     #[error("transcription failed: {0}")]

@@ -8,7 +8,11 @@ pub fn clean_transcript(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(start) = rest.find(['[', '(']) {
-        let close = if rest.as_bytes()[start] == b'[' { ']' } else { ')' };
+        let close = if rest.as_bytes()[start] == b'[' {
+            ']'
+        } else {
+            ')'
+        };
         match rest[start + 1..].find(close) {
             Some(len) => {
                 out.push_str(&rest[..start]);
@@ -29,7 +33,10 @@ mod tests {
     #[test]
     fn strips_bracketed_tags() {
         assert_eq!(clean_transcript(" [BLANK_AUDIO]"), "");
-        assert_eq!(clean_transcript(" (music) Hello there. [ Silence ]"), "Hello there.");
+        assert_eq!(
+            clean_transcript(" (music) Hello there. [ Silence ]"),
+            "Hello there."
+        );
         assert_eq!(clean_transcript("one (coughs) two"), "one two");
     }
 

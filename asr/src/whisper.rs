@@ -4,7 +4,9 @@ use std::path::Path;
 use std::sync::{Mutex, Once};
 use std::time::Instant;
 
-use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState};
+use whisper_rs::{
+    FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
+};
 
 use crate::text::clean_transcript;
 use crate::{AsrError, Transcriber, Transcript};
@@ -48,14 +50,19 @@ pub struct WhisperOptions {
 
 impl Default for WhisperOptions {
     fn default() -> Self {
-        Self { threads: 2, language: "en".into(), pool_size: 2, fit_audio_ctx: true }
+        Self {
+            threads: 2,
+            language: "en".into(),
+            pool_size: 2,
+            fit_audio_ctx: true,
+        }
     }
 }
 
 /// Whisper, loaded once and shared by every call.
 ///
 /// The model weights live in one whisper.cpp context; each transcription borrows a
-/// decoder state (KV caches and scratch buffers, a few tens of MB for tiny.en) from a
+/// decoder state (KV caches and scratch buffers, about 20 MB for tiny.en) from a
 /// small pool, so concurrent transcriptions run in parallel without reloading anything.
 ///
 /// ```no_run
@@ -74,7 +81,9 @@ pub struct WhisperTranscriber {
 
 impl std::fmt::Debug for WhisperTranscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WhisperTranscriber").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("WhisperTranscriber")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,7 +92,10 @@ impl WhisperTranscriber {
     /// prepares `options.pool_size` decoder states.
     pub fn load(model: &Path, options: WhisperOptions) -> Result<Self, AsrError> {
         route_whisper_logs();
-        let fail = |reason: String| AsrError::Load { path: model.to_path_buf(), reason };
+        let fail = |reason: String| AsrError::Load {
+            path: model.to_path_buf(),
+            reason,
+        };
         if !model.is_file() {
             return Err(fail("no such file".into()));
         }
@@ -101,7 +113,12 @@ impl WhisperTranscriber {
             states = states.len(),
             "whisper model loaded"
         );
-        Ok(Self { ctx, states: Mutex::new(states), options, model_audio_ctx })
+        Ok(Self {
+            ctx,
+            states: Mutex::new(states),
+            options,
+            model_audio_ctx,
+        })
     }
 
     /// The options this transcriber was loaded with.
@@ -119,7 +136,10 @@ impl WhisperTranscriber {
                 .create_state()
                 .map_err(|e| AsrError::Decode(format!("cannot allocate decoder state ({e})")))?,
         };
-        Ok(PooledState { owner: self, state: Some(state) })
+        Ok(PooledState {
+            owner: self,
+            state: Some(state),
+        })
     }
 
     /// Decoding settings for `samples` of audio; `fit` shrinks the encoder context.
@@ -152,11 +172,22 @@ impl WhisperTranscriber {
     }
 
     /// Runs one decode; returns the raw text and the number of tokens decoded.
-    fn decode(&self, state: &mut WhisperState, audio: &[f32], fit: bool) -> Result<(String, usize), AsrError> {
-        state.full(self.params(audio.len(), fit), audio).map_err(|e| AsrError::Decode(e.to_string()))?;
+    fn decode(
+        &self,
+        state: &mut WhisperState,
+        audio: &[f32],
+        fit: bool,
+    ) -> Result<(String, usize), AsrError> {
+        state
+            .full(self.params(audio.len(), fit), audio)
+            .map_err(|e| AsrError::Decode(e.to_string()))?;
         let (mut raw, mut tokens) = (String::new(), 0);
         for segment in state.as_iter() {
-            raw.push_str(&segment.to_str_lossy().map_err(|e| AsrError::Decode(e.to_string()))?);
+            raw.push_str(
+                &segment
+                    .to_str_lossy()
+                    .map_err(|e| AsrError::Decode(e.to_string()))?,
+            );
             tokens += usize::try_from(segment.n_tokens()).unwrap_or(0);
         }
         Ok((raw, tokens))
@@ -180,7 +211,10 @@ fn max_tokens_for(samples: usize) -> usize {
 fn looks_like_a_loop(text: &str) -> bool {
     let words: Vec<String> = text
         .split_whitespace()
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
         .filter(|w| !w.is_empty())
         .collect();
     let n = words.len();
@@ -206,8 +240,12 @@ impl Transcriber for WhisperTranscriber {
         };
         let started = Instant::now();
         let mut pooled = self.checkout()?;
-        let state = pooled.state.as_mut().ok_or_else(|| AsrError::Decode("no decoder state".into()))?;
-        let fit = self.options.fit_audio_ctx && audio_ctx_for(audio.len(), self.model_audio_ctx) < self.model_audio_ctx;
+        let state = pooled
+            .state
+            .as_mut()
+            .ok_or_else(|| AsrError::Decode("no decoder state".into()))?;
+        let fit = self.options.fit_audio_ctx
+            && audio_ctx_for(audio.len(), self.model_audio_ctx) < self.model_audio_ctx;
         let (mut raw, tokens) = self.decode(state, audio, fit)?;
         if fit && (tokens >= max_tokens_for(audio.len()) || looks_like_a_loop(&raw)) {
             // The shortened window made the decoder loop: pay for the full window once.
@@ -294,21 +332,34 @@ mod tests {
     #[test]
     fn audio_ctx_follows_length_and_caps_at_the_model_window() {
         assert_eq!(audio_ctx_for(SAMPLE_RATE, 1500), 50 + AUDIO_CTX_MARGIN);
-        assert_eq!(audio_ctx_for(SAMPLE_RATE * 5 / 2, 1500), 125 + AUDIO_CTX_MARGIN);
+        assert_eq!(
+            audio_ctx_for(SAMPLE_RATE * 5 / 2, 1500),
+            125 + AUDIO_CTX_MARGIN
+        );
         assert_eq!(audio_ctx_for(SAMPLE_RATE * 60, 1500), 1500);
     }
 
     #[test]
     fn token_budget_grows_with_audio() {
-        assert_eq!(max_tokens_for(SAMPLE_RATE), MIN_MAX_TOKENS + MAX_TOKENS_PER_SECOND);
-        assert_eq!(max_tokens_for(SAMPLE_RATE * 3 - 1), MIN_MAX_TOKENS + 3 * MAX_TOKENS_PER_SECOND);
+        assert_eq!(
+            max_tokens_for(SAMPLE_RATE),
+            MIN_MAX_TOKENS + MAX_TOKENS_PER_SECOND
+        );
+        assert_eq!(
+            max_tokens_for(SAMPLE_RATE * 3 - 1),
+            MIN_MAX_TOKENS + 3 * MAX_TOKENS_PER_SECOND
+        );
     }
 
     #[test]
     fn loops_are_phrases_said_three_times_in_a_row() {
-        assert!(looks_like_a_loop("1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2,"));
+        assert!(looks_like_a_loop(
+            "1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2,"
+        ));
         assert!(looks_like_a_loop("Hello. Thank you. Thank you. Thank you."));
-        assert!(looks_like_a_loop("Can you check it? Can you check it? Can you check it?"));
+        assert!(looks_like_a_loop(
+            "Can you check it? Can you check it? Can you check it?"
+        ));
         assert!(!looks_like_a_loop("1, 2, 3, 4"));
         assert!(!looks_like_a_loop("no no no"));
         assert!(!looks_like_a_loop("one two one two"));
@@ -318,6 +369,9 @@ mod tests {
     #[test]
     fn default_options() {
         let o = WhisperOptions::default();
-        assert_eq!((o.threads, o.language.as_str(), o.fit_audio_ctx), (2, "en", true));
+        assert_eq!(
+            (o.threads, o.language.as_str(), o.fit_audio_ctx),
+            (2, "en", true)
+        );
     }
 }

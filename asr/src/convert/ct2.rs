@@ -82,7 +82,9 @@ impl<'a> Ct2Model<'a> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u32()?;
         if !(1..=6).contains(&version) {
-            return Err(bad(format!("unsupported CTranslate2 binary version {version}")));
+            return Err(bad(format!(
+                "unsupported CTranslate2 binary version {version}"
+            )));
         }
         let spec = if version >= 2 {
             let spec = r.string()?;
@@ -96,7 +98,9 @@ impl<'a> Ct2Model<'a> {
         for _ in 0..count {
             let name = r.string()?;
             let rank = usize::from(r.u8()?);
-            let shape = (0..rank).map(|_| r.u32().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
+            let shape = (0..rank)
+                .map(|_| r.u32().map(|d| d as usize))
+                .collect::<Result<Vec<_>, _>>()?;
             let (dtype, len) = if version >= 4 {
                 let id = r.u8()?;
                 let dtype = DType::from_id(id)
@@ -147,7 +151,10 @@ impl<'a> Ct2Model<'a> {
         (0..)
             .take_while(|i| {
                 let p = format!("{prefix}/layer_{i}/");
-                self.variables.range(p.clone()..).next().is_some_and(|(k, _)| k.starts_with(&p))
+                self.variables
+                    .range(p.clone()..)
+                    .next()
+                    .is_some_and(|(k, _)| k.starts_with(&p))
             })
             .count()
     }

@@ -135,7 +135,9 @@ impl HParams {
         let matrix = |name: &str| -> Result<(usize, usize), AsrError> {
             match m.get(name)?.shape[..] {
                 [a, b] => Ok((a, b)),
-                ref s => Err(AsrError::Convert(format!("{name} has shape {s:?}, expected 2-D"))),
+                ref s => Err(AsrError::Convert(format!(
+                    "{name} has shape {s:?}, expected 2-D"
+                ))),
             }
         };
         let heads = |name: &str| -> Result<usize, AsrError> {
@@ -149,7 +151,11 @@ impl HParams {
         let (n_text_ctx, n_text_state) = matrix("decoder/position_encodings/encodings")?;
         let n_mels = match m.get("encoder/conv1/weight")?.shape[..] {
             [_, mels, 3] => mels,
-            ref s => return Err(AsrError::Convert(format!("encoder/conv1/weight has shape {s:?}"))),
+            ref s => {
+                return Err(AsrError::Convert(format!(
+                    "encoder/conv1/weight has shape {s:?}"
+                )));
+            }
         };
         let h = Self {
             n_vocab,
@@ -192,20 +198,43 @@ struct Planned {
 }
 
 fn planned(dst: String, src: String, kind: Kind) -> Planned {
-    Planned { dst, src, part: (0, 1), kind }
+    Planned {
+        dst,
+        src,
+        part: (0, 1),
+        kind,
+    }
 }
 
 /// A linear layer: weight (f16) and, unless `bias` is false, bias (f32).
 fn linear(out: &mut Vec<Planned>, dst: &str, src: &str, part: (usize, usize), bias: bool) {
-    out.push(Planned { dst: format!("{dst}.weight"), src: format!("{src}/weight"), part, kind: Kind::F16 });
+    out.push(Planned {
+        dst: format!("{dst}.weight"),
+        src: format!("{src}/weight"),
+        part,
+        kind: Kind::F16,
+    });
     if bias {
-        out.push(Planned { dst: format!("{dst}.bias"), src: format!("{src}/bias"), part, kind: Kind::F32 });
+        out.push(Planned {
+            dst: format!("{dst}.bias"),
+            src: format!("{src}/bias"),
+            part,
+            kind: Kind::F32,
+        });
     }
 }
 
 fn layer_norm(out: &mut Vec<Planned>, dst: &str, src: &str) {
-    out.push(planned(format!("{dst}.weight"), format!("{src}/gamma"), Kind::F32));
-    out.push(planned(format!("{dst}.bias"), format!("{src}/beta"), Kind::F32));
+    out.push(planned(
+        format!("{dst}.weight"),
+        format!("{src}/gamma"),
+        Kind::F32,
+    ));
+    out.push(planned(
+        format!("{dst}.bias"),
+        format!("{src}/beta"),
+        Kind::F32,
+    ));
 }
 
 /// Query, key and value from one fused `[3·width, width]` projection.
@@ -216,41 +245,133 @@ fn fused_qkv(out: &mut Vec<Planned>, dst: &str, src: &str) {
 }
 
 fn mlp(out: &mut Vec<Planned>, dst: &str, src: &str) {
-    layer_norm(out, &format!("{dst}.mlp_ln"), &format!("{src}/ffn/layer_norm"));
-    linear(out, &format!("{dst}.mlp.0"), &format!("{src}/ffn/linear_0"), (0, 1), true);
-    linear(out, &format!("{dst}.mlp.2"), &format!("{src}/ffn/linear_1"), (0, 1), true);
+    layer_norm(
+        out,
+        &format!("{dst}.mlp_ln"),
+        &format!("{src}/ffn/layer_norm"),
+    );
+    linear(
+        out,
+        &format!("{dst}.mlp.0"),
+        &format!("{src}/ffn/linear_0"),
+        (0, 1),
+        true,
+    );
+    linear(
+        out,
+        &format!("{dst}.mlp.2"),
+        &format!("{src}/ffn/linear_1"),
+        (0, 1),
+        true,
+    );
 }
 
 /// Every tensor whisper.cpp expects, in file order.
 fn plan(h: &HParams) -> Vec<Planned> {
     let mut out = Vec::new();
-    out.push(planned("encoder.positional_embedding".into(), "encoder/position_encodings/encodings".into(), Kind::F32));
+    out.push(planned(
+        "encoder.positional_embedding".into(),
+        "encoder/position_encodings/encodings".into(),
+        Kind::F32,
+    ));
     for conv in ["conv1", "conv2"] {
-        out.push(planned(format!("encoder.{conv}.weight"), format!("encoder/{conv}/weight"), Kind::F16));
-        out.push(planned(format!("encoder.{conv}.bias"), format!("encoder/{conv}/bias"), Kind::ConvBias));
+        out.push(planned(
+            format!("encoder.{conv}.weight"),
+            format!("encoder/{conv}/weight"),
+            Kind::F16,
+        ));
+        out.push(planned(
+            format!("encoder.{conv}.bias"),
+            format!("encoder/{conv}/bias"),
+            Kind::ConvBias,
+        ));
     }
     for i in 0..h.n_audio_layer {
         let (dst, src) = (format!("encoder.blocks.{i}"), format!("encoder/layer_{i}"));
-        layer_norm(&mut out, &format!("{dst}.attn_ln"), &format!("{src}/self_attention/layer_norm"));
-        fused_qkv(&mut out, &format!("{dst}.attn"), &format!("{src}/self_attention/linear_0"));
-        linear(&mut out, &format!("{dst}.attn.out"), &format!("{src}/self_attention/linear_1"), (0, 1), true);
+        layer_norm(
+            &mut out,
+            &format!("{dst}.attn_ln"),
+            &format!("{src}/self_attention/layer_norm"),
+        );
+        fused_qkv(
+            &mut out,
+            &format!("{dst}.attn"),
+            &format!("{src}/self_attention/linear_0"),
+        );
+        linear(
+            &mut out,
+            &format!("{dst}.attn.out"),
+            &format!("{src}/self_attention/linear_1"),
+            (0, 1),
+            true,
+        );
         mlp(&mut out, &dst, &src);
     }
     layer_norm(&mut out, "encoder.ln_post", "encoder/layer_norm");
 
-    out.push(planned("decoder.positional_embedding".into(), "decoder/position_encodings/encodings".into(), Kind::F32));
-    out.push(planned("decoder.token_embedding.weight".into(), "decoder/embeddings/weight".into(), Kind::F16));
+    out.push(planned(
+        "decoder.positional_embedding".into(),
+        "decoder/position_encodings/encodings".into(),
+        Kind::F32,
+    ));
+    out.push(planned(
+        "decoder.token_embedding.weight".into(),
+        "decoder/embeddings/weight".into(),
+        Kind::F16,
+    ));
     for i in 0..h.n_text_layer {
         let (dst, src) = (format!("decoder.blocks.{i}"), format!("decoder/layer_{i}"));
-        layer_norm(&mut out, &format!("{dst}.attn_ln"), &format!("{src}/self_attention/layer_norm"));
-        fused_qkv(&mut out, &format!("{dst}.attn"), &format!("{src}/self_attention/linear_0"));
-        linear(&mut out, &format!("{dst}.attn.out"), &format!("{src}/self_attention/linear_1"), (0, 1), true);
+        layer_norm(
+            &mut out,
+            &format!("{dst}.attn_ln"),
+            &format!("{src}/self_attention/layer_norm"),
+        );
+        fused_qkv(
+            &mut out,
+            &format!("{dst}.attn"),
+            &format!("{src}/self_attention/linear_0"),
+        );
+        linear(
+            &mut out,
+            &format!("{dst}.attn.out"),
+            &format!("{src}/self_attention/linear_1"),
+            (0, 1),
+            true,
+        );
         let cross = format!("{dst}.cross_attn");
-        layer_norm(&mut out, &format!("{dst}.cross_attn_ln"), &format!("{src}/attention/layer_norm"));
-        linear(&mut out, &format!("{cross}.query"), &format!("{src}/attention/linear_0"), (0, 1), true);
-        linear(&mut out, &format!("{cross}.key"), &format!("{src}/attention/linear_1"), (0, 2), false);
-        linear(&mut out, &format!("{cross}.value"), &format!("{src}/attention/linear_1"), (1, 2), true);
-        linear(&mut out, &format!("{cross}.out"), &format!("{src}/attention/linear_2"), (0, 1), true);
+        layer_norm(
+            &mut out,
+            &format!("{dst}.cross_attn_ln"),
+            &format!("{src}/attention/layer_norm"),
+        );
+        linear(
+            &mut out,
+            &format!("{cross}.query"),
+            &format!("{src}/attention/linear_0"),
+            (0, 1),
+            true,
+        );
+        linear(
+            &mut out,
+            &format!("{cross}.key"),
+            &format!("{src}/attention/linear_1"),
+            (0, 2),
+            false,
+        );
+        linear(
+            &mut out,
+            &format!("{cross}.value"),
+            &format!("{src}/attention/linear_1"),
+            (1, 2),
+            true,
+        );
+        linear(
+            &mut out,
+            &format!("{cross}.out"),
+            &format!("{src}/attention/linear_2"),
+            (0, 1),
+            true,
+        );
         mlp(&mut out, &dst, &src);
     }
     layer_norm(&mut out, "decoder.ln", "decoder/layer_norm");
@@ -313,8 +434,14 @@ fn write_tensor(w: &mut impl Write, t: &Planned, src: &Variable<'_>) -> Result<(
     let data = &src.data[index * block..(index + 1) * block];
 
     let (ggml_type, bytes) = match t.kind {
-        Kind::F16 => (GGML_TYPE_F16, to_f16_bytes(src.dtype, data).ok_or_else(|| bad(format!("{:?} data", src.dtype)))?),
-        Kind::F32 | Kind::ConvBias => (GGML_TYPE_F32, to_f32_bytes(src.dtype, data).ok_or_else(|| bad(format!("{:?} data", src.dtype)))?),
+        Kind::F16 => (
+            GGML_TYPE_F16,
+            to_f16_bytes(src.dtype, data).ok_or_else(|| bad(format!("{:?} data", src.dtype)))?,
+        ),
+        Kind::F32 | Kind::ConvBias => (
+            GGML_TYPE_F32,
+            to_f32_bytes(src.dtype, data).ok_or_else(|| bad(format!("{:?} data", src.dtype)))?,
+        ),
     };
     if t.kind == Kind::ConvBias {
         shape.push(1);
@@ -335,9 +462,18 @@ fn write_tensor(w: &mut impl Write, t: &Planned, src: &Variable<'_>) -> Result<(
 /// Decodes floating-point data of type `dtype` to `f32` values.
 fn floats(dtype: DType, data: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         DType::I8 | DType::I16 | DType::I32 => return None,
     })
 }
@@ -346,14 +482,24 @@ fn to_f32_bytes(dtype: DType, data: &[u8]) -> Option<Vec<u8>> {
     if dtype == DType::F32 {
         return Some(data.to_vec());
     }
-    Some(floats(dtype, data)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+    Some(
+        floats(dtype, data)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    )
 }
 
 fn to_f16_bytes(dtype: DType, data: &[u8]) -> Option<Vec<u8>> {
     if dtype == DType::F16 {
         return Some(data.to_vec());
     }
-    Some(floats(dtype, data)?.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect())
+    Some(
+        floats(dtype, data)?
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -18,12 +18,15 @@ struct Ct2Writer {
 impl Ct2Writer {
     fn f16(&mut self, name: &str, shape: &[usize], base: f32) {
         let n: usize = shape.iter().product();
-        let data = (0..n).flat_map(|i| half::f16::from_f32(base + i as f32).to_le_bytes()).collect();
+        let data = (0..n)
+            .flat_map(|i| half::f16::from_f32(base + i as f32).to_le_bytes())
+            .collect();
         self.vars.push((name.into(), shape.to_vec(), 4, data));
     }
 
     fn i16(&mut self, name: &str, v: i16) {
-        self.vars.push((name.into(), vec![], 2, v.to_le_bytes().to_vec()));
+        self.vars
+            .push((name.into(), vec![], 2, v.to_le_bytes().to_vec()));
     }
 
     fn bytes(&self) -> Vec<u8> {
@@ -56,7 +59,11 @@ impl Ct2Writer {
 fn attention(w: &mut Ct2Writer, p: &str, fused: usize) {
     w.f16(&format!("{p}/layer_norm/gamma"), &[STATE], 1.0);
     w.f16(&format!("{p}/layer_norm/beta"), &[STATE], 0.0);
-    w.f16(&format!("{p}/linear_0/weight"), &[fused * STATE, STATE], 0.0);
+    w.f16(
+        &format!("{p}/linear_0/weight"),
+        &[fused * STATE, STATE],
+        0.0,
+    );
     w.f16(&format!("{p}/linear_0/bias"), &[fused * STATE], 0.0);
     w.f16(&format!("{p}/linear_1/weight"), &[STATE, STATE], 0.0);
     w.f16(&format!("{p}/linear_1/bias"), &[STATE], 0.0);
@@ -65,9 +72,17 @@ fn attention(w: &mut Ct2Writer, p: &str, fused: usize) {
 fn ffn(w: &mut Ct2Writer, p: &str) {
     w.f16(&format!("{p}/ffn/layer_norm/gamma"), &[STATE], 1.0);
     w.f16(&format!("{p}/ffn/layer_norm/beta"), &[STATE], 0.0);
-    w.f16(&format!("{p}/ffn/linear_0/weight"), &[4 * STATE, STATE], 0.0);
+    w.f16(
+        &format!("{p}/ffn/linear_0/weight"),
+        &[4 * STATE, STATE],
+        0.0,
+    );
     w.f16(&format!("{p}/ffn/linear_0/bias"), &[4 * STATE], 0.0);
-    w.f16(&format!("{p}/ffn/linear_1/weight"), &[STATE, 4 * STATE], 0.0);
+    w.f16(
+        &format!("{p}/ffn/linear_1/weight"),
+        &[STATE, 4 * STATE],
+        0.0,
+    );
     w.f16(&format!("{p}/ffn/linear_1/bias"), &[STATE], 0.0);
 }
 
@@ -89,11 +104,23 @@ fn tiny_model() -> Vec<u8> {
     attention(&mut w, "decoder/layer_0/self_attention", 3);
     w.f16("decoder/layer_0/attention/layer_norm/gamma", &[STATE], 1.0);
     w.f16("decoder/layer_0/attention/layer_norm/beta", &[STATE], 0.0);
-    w.f16("decoder/layer_0/attention/linear_0/weight", &[STATE, STATE], 0.0);
+    w.f16(
+        "decoder/layer_0/attention/linear_0/weight",
+        &[STATE, STATE],
+        0.0,
+    );
     w.f16("decoder/layer_0/attention/linear_0/bias", &[STATE], 0.0);
-    w.f16("decoder/layer_0/attention/linear_1/weight", &[2 * STATE, STATE], 0.0);
+    w.f16(
+        "decoder/layer_0/attention/linear_1/weight",
+        &[2 * STATE, STATE],
+        0.0,
+    );
     w.f16("decoder/layer_0/attention/linear_1/bias", &[2 * STATE], 0.0);
-    w.f16("decoder/layer_0/attention/linear_2/weight", &[STATE, STATE], 0.0);
+    w.f16(
+        "decoder/layer_0/attention/linear_2/weight",
+        &[STATE, STATE],
+        0.0,
+    );
     w.f16("decoder/layer_0/attention/linear_2/bias", &[STATE], 0.0);
     ffn(&mut w, "decoder/layer_0");
     w.f16("decoder/layer_norm/gamma", &[STATE], 1.0);
@@ -102,7 +129,9 @@ fn tiny_model() -> Vec<u8> {
 }
 
 fn mel_npz(path: &Path) {
-    let values: Vec<u8> = (0..MELS * 3).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let values: Vec<u8> = (0..MELS * 3)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
     let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({MELS}, 3), }}\n");
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
@@ -110,7 +139,8 @@ fn mel_npz(path: &Path) {
     npy.extend_from_slice(&values);
     let mut zip = zip::ZipWriter::new(File::create(path).expect("create npz"));
     let opts = zip::write::SimpleFileOptions::default();
-    zip.start_file(format!("mel_{MELS}.npy"), opts).expect("zip entry");
+    zip.start_file(format!("mel_{MELS}.npy"), opts)
+        .expect("zip entry");
     zip.write_all(&npy).expect("zip write");
     zip.finish().expect("zip finish");
 }
@@ -131,10 +161,15 @@ fn read_ggml(bytes: &[u8]) -> Ggml {
         s
     };
     let i32_ = |b: &[u8]| i32::from_le_bytes(b.try_into().expect("4 bytes"));
-    assert_eq!(u32::from_le_bytes(take(4).try_into().expect("magic")), GGML_MAGIC);
+    assert_eq!(
+        u32::from_le_bytes(take(4).try_into().expect("magic")),
+        GGML_MAGIC
+    );
     let hparams = (0..11).map(|_| i32_(take(4))).collect();
     let (n_mel, n_fft) = (i32_(take(4)), i32_(take(4)));
-    let mel = (0..n_mel * n_fft).map(|_| f32::from_le_bytes(take(4).try_into().expect("f32"))).collect();
+    let mel = (0..n_mel * n_fft)
+        .map(|_| f32::from_le_bytes(take(4).try_into().expect("f32")))
+        .collect();
     let n_vocab = i32_(take(4));
     let vocab = (0..n_vocab)
         .map(|_| {
@@ -152,17 +187,31 @@ fn read_ggml(bytes: &[u8]) -> Ggml {
         let data = take(n as usize * size).to_vec();
         tensors.insert(name, (ttype, ne, data));
     }
-    Ggml { hparams, mel: (n_mel, n_fft, mel), vocab, tensors }
+    Ggml {
+        hparams,
+        mel: (n_mel, n_fft, mel),
+        vocab,
+        tensors,
+    }
 }
 
 fn convert_tiny() -> Ggml {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("model.bin"), tiny_model()).expect("write model");
     mel_npz(&dir.path().join("mel.npz"));
-    std::fs::write(dir.path().join("vocab.tiktoken"), "IQ== 0\nIg== 1\nIGE= 2\n").expect("vocab");
+    std::fs::write(
+        dir.path().join("vocab.tiktoken"),
+        "IQ== 0\nIg== 1\nIGE= 2\n",
+    )
+    .expect("vocab");
     let out = dir.path().join("ggml.bin");
-    ct2_to_ggml(dir.path(), &dir.path().join("mel.npz"), &dir.path().join("vocab.tiktoken"), &out)
-        .expect("converts");
+    ct2_to_ggml(
+        dir.path(),
+        &dir.path().join("mel.npz"),
+        &dir.path().join("vocab.tiktoken"),
+        &out,
+    )
+    .expect("converts");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .expect("list")
         .filter_map(|e| e.ok())
@@ -192,7 +241,10 @@ fn tensor_set_matches_what_whisper_cpp_loads() {
     let (t, ne, _) = &g.tensors["encoder.conv1.bias"];
     assert_eq!((*t, ne.clone()), (GGML_TYPE_F32, vec![1, STATE as i32]));
     let (t, ne, _) = &g.tensors["encoder.conv1.weight"];
-    assert_eq!((*t, ne.clone()), (GGML_TYPE_F16, vec![3, MELS as i32, STATE as i32]));
+    assert_eq!(
+        (*t, ne.clone()),
+        (GGML_TYPE_F16, vec![3, MELS as i32, STATE as i32])
+    );
     let (t, ne, _) = &g.tensors["decoder.token_embedding.weight"];
     assert_eq!((*t, ne.clone()), (GGML_TYPE_F16, vec![STATE as i32, 8]));
     let (t, ne, _) = &g.tensors["encoder.positional_embedding"];
@@ -202,11 +254,15 @@ fn tensor_set_matches_what_whisper_cpp_loads() {
 }
 
 fn f16_values(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+    data.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
 }
 
 fn f32_values(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
@@ -236,7 +292,8 @@ fn fused_projections_split_by_rows() {
 fn not_a_whisper_model_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let none = dir.path().join("missing");
-    let err = ct2_to_ggml(dir.path(), &none, &none, &dir.path().join("out.bin")).expect_err("fails");
+    let err =
+        ct2_to_ggml(dir.path(), &none, &none, &dir.path().join("out.bin")).expect_err("fails");
     assert!(err.to_string().contains("model.bin"), "{err}");
     assert!(!dir.path().join("out.bin").exists());
 }

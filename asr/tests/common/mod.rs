@@ -9,7 +9,9 @@ pub fn models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PARLEY_MODELS_DIR") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/parley/models")
 }
 
@@ -31,7 +33,11 @@ pub fn installed_model() -> Option<PathBuf> {
 pub fn read_wav(path: &Path) -> Vec<f32> {
     let mut reader = hound::WavReader::open(path).expect("open fixture");
     let spec = reader.spec();
-    assert_eq!((spec.sample_rate, spec.channels), (16_000, 1), "fixture must be 16 kHz mono");
+    assert_eq!(
+        (spec.sample_rate, spec.channels),
+        (16_000, 1),
+        "fixture must be 16 kHz mono"
+    );
     reader
         .samples::<i16>()
         .map(|s| f32::from(s.expect("sample")) / 32768.0)
@@ -45,7 +51,9 @@ pub fn one_two_three_four() -> Vec<f32> {
 
 /// Lower case, digits spelled out, punctuation dropped, words single-spaced.
 pub fn normalise(text: &str) -> String {
-    const DIGITS: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    const DIGITS: [&str; 10] = [
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ];
     let mut out = String::new();
     for c in text.chars() {
         if let Some(d) = c.to_digit(10) {
