@@ -290,6 +290,7 @@ impl CallState {
         self.emit(AgentEvent::InputCommitted { item_id: item_id.clone(), previous_item_id: previous.clone() }).await;
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::User, text: None }).await;
         self.pending_transcripts += 1;
+        dump_turn(&item_id, &samples);
         let transcriber = self.engines.transcriber.clone();
         let tx = self.transcribed_tx.clone();
         let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16);
@@ -392,6 +393,16 @@ impl CallState {
         info!(status = status.as_str(), ?metrics, "response finished");
         self.emit(AgentEvent::Metrics(metrics)).await;
         self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text }).await;
+    }
+}
+
+/// With `PARLEY_DUMP_TURNS=DIR`, writes each committed turn (16 kHz WAV, what the
+/// speech-to-text hears) to DIR: for debugging recognition problems.
+fn dump_turn(item_id: &str, samples: &[f32]) {
+    let Some(dir) = std::env::var_os("PARLEY_DUMP_TURNS") else { return };
+    let path = std::path::Path::new(&dir).join(format!("{item_id}.wav"));
+    if let Err(e) = parley_audio::wav::write_wav(&path, samples, crate::input::ASR_RATE) {
+        warn!(error = %e, "cannot dump the turn");
     }
 }
 

@@ -11,6 +11,9 @@ use parley_audio::AudioError;
 /// The sample rate speech-to-text and the VAD work at.
 pub const ASR_RATE: u32 = 16_000;
 const SAMPLES_PER_MS: u64 = (ASR_RATE / 1000) as u64;
+/// Audio kept after the VAD's end of speech: Whisper hears the last word better
+/// with some silence after it (measured: "of France" became "and friends" at 150 ms).
+const END_MARGIN_MS: u64 = 400;
 
 /// What happened to the input after a chunk was pushed.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +84,6 @@ impl InputAudio {
         let decoded = self.format.decode(bytes)?;
         let samples = self.resampler.process(&decoded);
         let arrived = Instant::now();
-        let chunk_start = self.total;
         self.total += samples.len() as u64;
         self.buffer.extend_from_slice(&samples);
 
@@ -95,16 +97,15 @@ impl InputAudio {
                 TurnEvent::SpeechStarted { at_ms } => out.push(InputEvent::SpeechStarted { at_ms }),
                 TurnEvent::SpeechStopped { at_ms } => {
                     let end = (at_ms * SAMPLES_PER_MS).min(self.total);
-                    let begin = self.buffer_start;
-                    let from = 0usize;
-                    let to = usize::try_from(end.saturating_sub(begin)).unwrap_or(usize::MAX).min(self.buffer.len());
-                    let turn: Vec<f32> = self.buffer[from..to].to_vec();
-                    // Samples after the end of speech stay for the next turn.
-                    self.buffer.drain(..to);
-                    self.buffer_start = begin + to as u64;
-                    // The wall-clock moment the last speech sample arrived: this chunk
-                    // arrived now; samples in it after `end` came later in real time.
-                    let behind_ms = self.total.saturating_sub(end.max(chunk_start)) as f64 / SAMPLES_PER_MS as f64;
+                    // A little audio past the detected end keeps trailing consonants
+                    // (the VAD's score falls before a final "s" or "f" does).
+                    let cut = (end + END_MARGIN_MS * SAMPLES_PER_MS).min(self.total);
+                    let to = usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.buffer.len());
+                    let turn: Vec<f32> = self.buffer.drain(..to).collect();
+                    self.buffer_start += to as u64;
+                    // When the last speech sample arrived, assuming real-time input: the
+                    // samples pushed after it took their own duration to arrive.
+                    let behind_ms = self.total.saturating_sub(end) as f64 / SAMPLES_PER_MS as f64;
                     let ended_at = arrived.checked_sub(std::time::Duration::from_secs_f64(behind_ms / 1000.0)).unwrap_or(arrived);
                     out.push(InputEvent::SpeechStopped { at_ms, samples: turn, ended_at });
                 }

@@ -5,8 +5,8 @@ use parley_audio::vad::TurnSettings;
 use parley_llm::GenerateOptions;
 
 /// The default instructions: a voice agent must answer briefly, in plain speech.
-pub const DEFAULT_INSTRUCTIONS: &str = "You are Parley, a friendly voice assistant on a live call. \
-Answer in one or two short spoken sentences. Do not use lists, markdown, code or emoji. \
+pub const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, helpful voice assistant on a live phone call. \
+Answer the caller's question directly and correctly in one or two short spoken sentences. Do not use lists, markdown, code or emoji. \
 If you did not understand the caller, ask them to repeat.";
 
 /// Server-side voice activity detection: when set, the server decides when the

@@ -16,6 +16,8 @@ pub const SAMPLE_RATE: usize = 16_000;
 /// Shortest input worth decoding; shorter audio is padded with silence up to this, as
 /// whisper.cpp refuses very short input and guesses badly on a fraction of a second.
 const MIN_SAMPLES: usize = SAMPLE_RATE;
+/// Silence put before every utterance (200 ms).
+const LEAD_IN_SAMPLES: usize = SAMPLE_RATE / 5;
 /// Encoder frames per second of audio (10 ms mel hop, then a stride-2 convolution).
 const ENCODER_FRAMES_PER_SECOND: usize = 50;
 /// Encoder frames of (silent) context beyond the audio itself when the context is
@@ -231,13 +233,15 @@ impl Transcriber for WhisperTranscriber {
         if samples_16k.is_empty() {
             return Ok(Transcript::default());
         }
-        let padded;
-        let audio = if samples_16k.len() < MIN_SAMPLES {
-            padded = [samples_16k, &vec![0.0; MIN_SAMPLES - samples_16k.len()]].concat();
-            &padded[..]
-        } else {
-            samples_16k
-        };
+        // Silence before the first word: tiny.en mishears it without (measured:
+        // "Tell me the capital of France" became "...and friends" with no lead-in, and
+        // was right with 100 ms or more). Then pad short input up to MIN_SAMPLES.
+        let mut padded = vec![0.0; LEAD_IN_SAMPLES];
+        padded.extend_from_slice(samples_16k);
+        if padded.len() < MIN_SAMPLES {
+            padded.resize(MIN_SAMPLES, 0.0);
+        }
+        let audio = &padded[..];
         let started = Instant::now();
         let mut pooled = self.checkout()?;
         let state = pooled

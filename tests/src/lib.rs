@@ -159,7 +159,7 @@ pub fn speech(text: &str) -> Result<Vec<f32>> {
     let dir = std::env::temp_dir().join(format!("parley-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{:x}.wav", hash(text)));
-    let status = Command::new("espeak-ng").args(["-v", "en-us", "-s", "150", "-w"]).arg(&path).arg(text).status().context("run espeak-ng (apt-get install espeak-ng)")?;
+    let status = Command::new("espeak-ng").args(["-v", "en-us", "-s", "140", "-w"]).arg(&path).arg(text).status().context("run espeak-ng (apt-get install espeak-ng)")?;
     if !status.success() {
         bail!("espeak-ng failed");
     }

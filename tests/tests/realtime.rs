@@ -36,7 +36,7 @@ fn index_of(client: &Client, kind: &str) -> usize {
 async fn spoken_question_gets_a_spoken_answer_that_whisper_understands() {
     let server = shared_server();
     let mut c = Client::connect(server).await.expect("connect");
-    let done = ask(&mut c, "What is the capital of France?").await.expect("a response");
+    let done = ask(&mut c, "What is the capital of Germany?").await.expect("a response");
 
     // The protocol's order of events for a server-VAD turn.
     let order = [
@@ -53,11 +53,11 @@ async fn spoken_question_gets_a_spoken_answer_that_whisper_understands() {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "events out of order: {:?}", c.types());
 
     let heard = words(&transcript_of(&c));
-    assert!(heard.contains(&"capital".to_string()) && heard.contains(&"france".to_string()), "heard {heard:?}");
+    assert!(heard.contains(&"capital".to_string()) && heard.contains(&"germany".to_string()), "heard {heard:?}");
 
     assert_eq!(done["response"]["status"], "completed", "{done}");
     let said = done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_string();
-    assert!(words(&said).contains(&"paris".to_string()), "agent said {said:?}");
+    assert!(words(&said).contains(&"berlin".to_string()), "agent said {said:?}");
 
     // The reply audio is speech that Whisper transcribes back to the reply text.
     let response_id = done["response"]["id"].as_str().expect("response id");
@@ -67,7 +67,7 @@ async fn spoken_question_gets_a_spoken_answer_that_whisper_understands() {
     let said_words = words(&said);
     let back_words = words(&back);
     let overlap = said_words.iter().filter(|w| back_words.contains(w)).count();
-    assert!(back_words.contains(&"paris".to_string()), "reply audio transcribed as {back:?} (agent said {said:?})");
+    assert!(back_words.contains(&"berlin".to_string()), "reply audio transcribed as {back:?} (agent said {said:?})");
     assert!(overlap * 2 >= said_words.len(), "reply audio transcribed as {back:?}, agent said {said:?}");
 
     // The turn's latency breakdown was reported.
@@ -131,7 +131,7 @@ async fn two_concurrent_calls_get_their_own_answers() {
     let (a, b) = tokio::join!(
         async {
             let mut c = Client::connect(server).await.expect("connect");
-            let done = ask(&mut c, "What is the capital of France?").await.expect("response");
+            let done = ask(&mut c, "What is the capital of Germany?").await.expect("response");
             (transcript_of(&c), done)
         },
         async {
@@ -141,9 +141,9 @@ async fn two_concurrent_calls_get_their_own_answers() {
         }
     );
     let said = |done: &Value| done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_lowercase();
-    assert!(words(&a.0).contains(&"france".to_string()), "call A heard {:?}", a.0);
+    assert!(words(&a.0).contains(&"germany".to_string()), "call A heard {:?}", a.0);
     assert!(words(&b.0).contains(&"dog".to_string()), "call B heard {:?}", b.0);
-    assert!(said(&a.1).contains("paris"), "call A got {:?}", said(&a.1));
+    assert!(said(&a.1).contains("berlin"), "call A got {:?}", said(&a.1));
     assert!(said(&b.1).contains("four") || said(&b.1).contains('4'), "call B got {:?}", said(&b.1));
-    assert!(!said(&a.1).contains("dog") && !said(&b.1).contains("paris"), "answers crossed: {:?} / {:?}", said(&a.1), said(&b.1));
+    assert!(!said(&a.1).contains("dog") && !said(&b.1).contains("berlin"), "answers crossed: {:?} / {:?}", said(&a.1), said(&b.1));
 }
