@@ -403,11 +403,18 @@ impl LlmSession for CandleSession {
         let mut sampler = sampler(options);
         let mut stream = TextStream::new(&shared.tokenizer);
         let mut first_text_ms = None;
+        let mut reply_ids: Vec<u32> = Vec::new();
         let finish = loop {
             if stats.generated_tokens >= options.max_tokens {
                 break FinishReason::Length;
             }
+            if options.repeat_penalty != 1.0 && !reply_ids.is_empty() {
+                let recent = &reply_ids[reply_ids.len().saturating_sub(options.repeat_last_n)..];
+                logits = candle_transformers::utils::apply_repeat_penalty(&logits, options.repeat_penalty, recent)
+                    .context("repeat penalty")?;
+            }
             let next = sampler.sample(&logits).context("sampling")?;
+            reply_ids.push(next);
             if shared.stop_ids.contains(&next) {
                 break FinishReason::Stop;
             }

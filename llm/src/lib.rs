@@ -102,11 +102,16 @@ pub struct GenerateOptions {
     pub top_p: f64,
     /// Seed for sampling, so a run can be repeated.
     pub seed: u64,
+    /// Penalty on tokens already generated in this reply (1.0 = off): small models
+    /// decoding greedily otherwise fall into loops ("her son's son's son…").
+    pub repeat_penalty: f32,
+    /// How many of the reply's most recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458 }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.15, repeat_last_n: 64 }
     }
 }
 
