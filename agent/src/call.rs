@@ -10,12 +10,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::conversation::{Conversation, Item, ItemRole};
+use crate::conversation::{Conversation, Item, ItemContent, ItemRole};
 use crate::events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetrics};
 use crate::ids::new_id;
 use crate::input::{InputAudio, InputEvent};
 use crate::pacing::PlayClock;
-use crate::response::{self, ResponseJob, ResponseOutcome, SharedSession};
+use crate::response::{self, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
 use crate::settings::SessionSettings;
 use crate::{AgentError, Engines};
 
@@ -114,6 +114,8 @@ struct ActiveResponse {
     task: JoinHandle<ResponseOutcome>,
     timer: TurnTimer,
     asr_ms: Option<f64>,
+    /// Function-call items this response produced, for `response.done`.
+    function_calls: Vec<(String, parley_llm::ToolCall)>,
 }
 
 struct CallState {
@@ -131,6 +133,9 @@ struct CallState {
     transcribed_rx: Option<mpsc::Receiver<Transcribed>>,
     /// Transcriptions still running; a response waits for them.
     pending_transcripts: usize,
+    /// Tool calls and results reported by responses, committed in order.
+    reports_tx: mpsc::Sender<ToolReport>,
+    reports_rx: mpsc::Receiver<ToolReport>,
 }
 
 impl CallState {
@@ -147,6 +152,7 @@ impl CallState {
         };
         let session = Arc::new(Mutex::new(engines.llm.new_session()));
         let (transcribed_tx, transcribed_rx) = mpsc::channel(16);
+        let (reports_tx, reports_rx) = mpsc::channel(64);
         Ok(Self {
             engines,
             settings,
@@ -160,6 +166,8 @@ impl CallState {
             transcribed_tx,
             transcribed_rx: Some(transcribed_rx),
             pending_transcripts: 0,
+            reports_tx,
+            reports_rx,
         })
     }
 
@@ -188,7 +196,9 @@ impl CallState {
         };
         loop {
             tokio::select! {
+                biased;
                 _ = self.cancel.cancelled() => break,
+                Some(report) = self.reports_rx.recv() => self.on_report(report).await,
                 input = inputs.recv() => match input {
                     Some(input) => self.on_input(input).await,
                     None => break,
@@ -224,7 +234,7 @@ impl CallState {
             }
             CallInput::UserText(text) => {
                 let id = new_id("item");
-                let previous = self.conversation.push(Item { id: id.clone(), role: ItemRole::User, text: Some(text.clone()), interrupted: false });
+                let previous = self.conversation.push(Item::message(id.clone(), ItemRole::User, Some(text.clone())));
                 self.emit(AgentEvent::ItemAdded { item_id: id, previous_item_id: previous, role: ItemRole::User, text: Some(text) }).await;
             }
             CallInput::CreateResponse => {
@@ -237,6 +247,15 @@ impl CallState {
             CallInput::CancelResponse => {
                 if self.response.is_some() {
                     self.interrupt().await;
+                }
+            }
+            CallInput::ToolOutput { call_id, output } => {
+                if !self.conversation.has_call(&call_id) {
+                    self.error(ErrorCode::UnknownCall, format!("no function call with call_id {call_id} in this conversation")).await;
+                } else if self.conversation.has_output(&call_id) {
+                    self.error(ErrorCode::UnknownCall, format!("function call {call_id} already has its output; it is not run or answered twice")).await;
+                } else {
+                    self.commit_output(call_id, output).await;
                 }
             }
             CallInput::Update(settings) => {
@@ -286,7 +305,7 @@ impl CallState {
 
     /// Adds a user audio item and transcribes it off the runtime.
     async fn commit_audio(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer) {
-        let previous = self.conversation.push(Item { id: item_id.clone(), role: ItemRole::User, text: None, interrupted: false });
+        let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::User, None));
         self.emit(AgentEvent::InputCommitted { item_id: item_id.clone(), previous_item_id: previous.clone() }).await;
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::User, text: None }).await;
         self.pending_transcripts += 1;
@@ -333,24 +352,30 @@ impl CallState {
         let item_id = new_id("item");
         let span = info_span!("turn", response_id = %response_id);
         self.emit(AgentEvent::ResponseCreated { response_id: response_id.clone() }).await;
-        let previous = self.conversation.push(Item { id: item_id.clone(), role: ItemRole::Assistant, text: None, interrupted: false });
+        let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::Assistant, None));
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::Assistant, text: None }).await;
         self.emit(AgentEvent::OutputItemAdded { response_id: response_id.clone(), item_id: item_id.clone() }).await;
+        let mut options = self.settings.generate.clone();
+        if self.settings.tools_enabled {
+            options.tools = self.engines.tools.specs();
+            options.tools.extend(self.settings.client_tools.iter().cloned());
+        }
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
             messages: self.conversation.to_messages(&self.settings.instructions),
-            options: self.settings.generate.clone(),
+            options,
             output_format: self.settings.output_format,
             pacing: self.settings.pacing,
+            tool_policy: self.settings.tool_policy.clone(),
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));
         let task = tokio::spawn(
-            response::run(job, (*self.engines).clone(), self.session.clone(), self.events.clone(), clock.clone(), cancel.clone())
+            response::run(job, (*self.engines).clone(), self.session.clone(), self.events.clone(), self.reports_tx.clone(), clock.clone(), cancel.clone())
                 .instrument(span),
         );
-        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms });
+        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new() });
     }
 
     /// Stops the response in progress and keeps only what the caller heard.
@@ -363,9 +388,53 @@ impl CallState {
         self.finish_response(outcome, Some(heard)).await;
     }
 
+    async fn on_report(&mut self, report: ToolReport) {
+        if let Some(call) = self.commit_report(report).await
+            && let Some(active) = self.response.as_mut()
+        {
+            active.function_calls.push(call);
+        }
+    }
+
+    /// Commits a tool call or result the moment it is reported; returns a call's
+    /// item for the response that made it. Duplicates are ignored, so nothing is
+    /// committed (or run) twice.
+    async fn commit_report(&mut self, report: ToolReport) -> Option<(String, parley_llm::ToolCall)> {
+        match report {
+            ToolReport::Call { response_id, call, client } => {
+                if self.conversation.has_call(&call.id) {
+                    return None;
+                }
+                let item_id = new_id("item");
+                let previous = self.conversation.push(Item { id: item_id.clone(), content: ItemContent::FunctionCall(call.clone()) });
+                info!(tool = %call.name, call_id = %call.id, client, "model called a tool");
+                self.emit(AgentEvent::FunctionCall { response_id, item_id: item_id.clone(), previous_item_id: previous, call: call.clone(), client }).await;
+                Some((item_id, call))
+            }
+            ToolReport::Output { call_id, output } => {
+                if !self.conversation.has_output(&call_id) {
+                    self.commit_output(call_id, output).await;
+                }
+                None
+            }
+        }
+    }
+
+    async fn commit_output(&mut self, call_id: String, output: String) {
+        let item_id = new_id("item");
+        let previous = self.conversation.push(Item { id: item_id.clone(), content: ItemContent::FunctionOutput { call_id: call_id.clone(), output: output.clone() } });
+        self.emit(AgentEvent::FunctionOutput { item_id, previous_item_id: previous, call_id, output }).await;
+    }
+
     /// Commits a finished response to the conversation and tells the client.
     async fn finish_response(&mut self, finished: Option<(ActiveResponse, ResponseOutcome)>, heard: Option<String>) {
-        let Some((active, outcome)) = finished else { return };
+        let Some((mut active, outcome)) = finished else { return };
+        // Calls and results the response reported before ending go in first.
+        while let Ok(report) = self.reports_rx.try_recv() {
+            if let Some(call) = self.commit_report(report).await {
+                active.function_calls.push(call);
+            }
+        }
         let interrupted = heard.is_some();
         let status = if interrupted { ResponseStatus::Cancelled } else { outcome.status.unwrap_or(ResponseStatus::Failed) };
         let text = heard.unwrap_or_else(|| outcome.text.clone());
@@ -392,7 +461,7 @@ impl CallState {
         };
         info!(status = status.as_str(), ?metrics, "response finished");
         self.emit(AgentEvent::Metrics(metrics)).await;
-        self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text }).await;
+        self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text, function_calls: active.function_calls }).await;
     }
 }
 

@@ -1,8 +1,8 @@
 //! The call's conversation: items in order, and their rendering for the model.
 
-use parley_llm::{ChatMessage, Role};
+use parley_llm::{ChatMessage, Role, ToolCall};
 
-/// Who an item belongs to.
+/// Who a message belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemRole {
     /// The caller (typed or spoken).
@@ -21,18 +21,38 @@ impl ItemRole {
     }
 }
 
-/// One message of the conversation.
+/// What an item holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemContent {
+    /// Something said. `text` is `None` while a user audio item awaits its
+    /// transcript; `interrupted` marks an agent reply cut to what the caller heard.
+    Message { role: ItemRole, text: Option<String>, interrupted: bool },
+    /// The agent called a tool.
+    FunctionCall(ToolCall),
+    /// A tool's result (from the server's own tools or from the client).
+    FunctionOutput { call_id: String, output: String },
+}
+
+/// One entry of the conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
     /// Stable id the client can refer to.
     pub id: String,
-    /// Who said it.
-    pub role: ItemRole,
-    /// The text; `None` while a user audio item awaits its transcript.
-    pub text: Option<String>,
-    /// The assistant was cut off: `text` holds only what the caller heard.
-    pub interrupted: bool,
+    /// What it holds.
+    pub content: ItemContent,
 }
+
+impl Item {
+    /// A message item.
+    pub fn message(id: String, role: ItemRole, text: Option<String>) -> Self {
+        Self { id, content: ItemContent::Message { role, text, interrupted: false } }
+    }
+}
+
+/// Appended after a tool result: the 0.5B model otherwise tends to echo the result's
+/// JSON instead of speaking (MODELS.md: 6 of 6 trials without it).
+pub const AFTER_TOOL_NUDGE: &str =
+    "Now answer the caller in one or two short spoken sentences using the tool result. Do not show JSON.";
 
 /// The ordered items of one call. Only the call's own task touches it.
 #[derive(Debug, Default)]
@@ -53,16 +73,26 @@ impl Conversation {
         previous
     }
 
-    /// Sets the text of an item (a transcript arriving, a reply finishing).
-    pub fn set_text(&mut self, id: &str, text: String, interrupted: bool) -> bool {
+    /// Sets the text of a message item (a transcript arriving, a reply finishing).
+    pub fn set_text(&mut self, id: &str, new_text: String, was_interrupted: bool) -> bool {
         match self.items.iter_mut().find(|i| i.id == id) {
-            Some(item) => {
-                item.text = Some(text);
-                item.interrupted = interrupted;
+            Some(Item { content: ItemContent::Message { text, interrupted, .. }, .. }) => {
+                *text = Some(new_text);
+                *interrupted = was_interrupted;
                 true
             }
-            None => false,
+            _ => false,
         }
+    }
+
+    /// True when a call with this id is already in the conversation.
+    pub fn has_call(&self, call_id: &str) -> bool {
+        self.items.iter().any(|i| matches!(&i.content, ItemContent::FunctionCall(c) if c.id == call_id))
+    }
+
+    /// True when the call with this id already has its result.
+    pub fn has_output(&self, call_id: &str) -> bool {
+        self.items.iter().any(|i| matches!(&i.content, ItemContent::FunctionOutput { call_id: c, .. } if c == call_id))
     }
 
     /// All items, oldest first.
@@ -71,29 +101,38 @@ impl Conversation {
     }
 
     /// The conversation as the model sees it: system prompt, then every item with
-    /// text. Consecutive messages of one role are merged so the chat template stays
-    /// well formed; an interrupted reply is marked so the model knows the caller did
-    /// not hear the rest.
+    /// content. Consecutive messages of one role are merged so the chat template
+    /// stays well formed; tool calls join the assistant message they follow; an
+    /// interrupted reply is marked so the model knows the caller did not hear the
+    /// rest; a trailing tool result gets [`AFTER_TOOL_NUDGE`].
     pub fn to_messages(&self, instructions: &str) -> Vec<ChatMessage> {
         let mut out = vec![ChatMessage::new(Role::System, instructions)];
         for item in &self.items {
-            let Some(text) = item.text.as_deref() else { continue };
-            let text = text.trim();
-            if text.is_empty() {
-                continue;
-            }
-            let role = match item.role {
-                ItemRole::User => Role::User,
-                ItemRole::Assistant => Role::Assistant,
-            };
-            let text = if item.interrupted { format!("{text} [interrupted by the caller]") } else { text.to_string() };
-            match out.last_mut() {
-                Some(last) if last.role == role => {
-                    last.content.push(' ');
-                    last.content.push_str(&text);
+            match &item.content {
+                ItemContent::Message { role, text, interrupted } => {
+                    let Some(text) = text.as_deref().map(str::trim).filter(|t| !t.is_empty()) else { continue };
+                    let role = match role {
+                        ItemRole::User => Role::User,
+                        ItemRole::Assistant => Role::Assistant,
+                    };
+                    let text = if *interrupted { format!("{text} [interrupted by the caller]") } else { text.to_string() };
+                    match out.last_mut() {
+                        Some(last) if last.role == role && last.tool_calls.is_empty() => {
+                            last.content.push(' ');
+                            last.content.push_str(&text);
+                        }
+                        _ => out.push(ChatMessage::new(role, text)),
+                    }
                 }
-                _ => out.push(ChatMessage::new(role, text)),
+                ItemContent::FunctionCall(call) => match out.last_mut() {
+                    Some(last) if last.role == Role::Assistant => last.tool_calls.push(call.clone()),
+                    _ => out.push(ChatMessage::tool_calls("", vec![call.clone()])),
+                },
+                ItemContent::FunctionOutput { call_id, output } => out.push(ChatMessage::tool_result(call_id.clone(), output.clone())),
             }
+        }
+        if out.last().is_some_and(|m| m.role == Role::Tool) {
+            out.push(ChatMessage::new(Role::System, AFTER_TOOL_NUDGE));
         }
         out
     }
@@ -102,18 +141,19 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn item(id: &str, role: ItemRole, text: Option<&str>) -> Item {
-        Item { id: id.into(), role, text: text.map(Into::into), interrupted: false }
+    fn msg(id: &str, role: ItemRole, text: Option<&str>) -> Item {
+        Item::message(id.into(), role, text.map(Into::into))
     }
 
     #[test]
     fn renders_system_then_items_and_merges_same_role() {
         let mut c = Conversation::default();
-        assert_eq!(c.push(item("a", ItemRole::User, Some("hello"))), None);
-        assert_eq!(c.push(item("b", ItemRole::User, Some("there"))), Some("a".into()));
-        c.push(item("c", ItemRole::User, None));
-        c.push(item("d", ItemRole::Assistant, Some("hi")));
+        assert_eq!(c.push(msg("a", ItemRole::User, Some("hello"))), None);
+        assert_eq!(c.push(msg("b", ItemRole::User, Some("there"))), Some("a".into()));
+        c.push(msg("c", ItemRole::User, None));
+        c.push(msg("d", ItemRole::Assistant, Some("hi")));
         let m = c.to_messages("sys");
         assert_eq!(m.len(), 3);
         assert_eq!(m[0], ChatMessage::new(Role::System, "sys"));
@@ -124,10 +164,28 @@ mod tests {
     #[test]
     fn interrupted_reply_is_marked() {
         let mut c = Conversation::default();
-        c.push(item("a", ItemRole::Assistant, None));
+        c.push(msg("a", ItemRole::Assistant, None));
         assert!(c.set_text("a", "The order is".into(), true));
         assert!(!c.set_text("zz", "x".into(), false));
         let m = c.to_messages("s");
         assert!(m[1].content.ends_with("[interrupted by the caller]"));
+    }
+
+    #[test]
+    fn tool_calls_and_results_render_in_order_with_the_nudge_last() {
+        let mut c = Conversation::default();
+        c.push(msg("u", ItemRole::User, Some("where is my order")));
+        c.push(msg("a", ItemRole::Assistant, Some("")));
+        let call = ToolCall { id: "call_1".into(), name: "list_orders".into(), arguments: json!({"member_id": "1001"}) };
+        c.push(Item { id: "f".into(), content: ItemContent::FunctionCall(call.clone()) });
+        assert!(c.has_call("call_1") && !c.has_output("call_1"));
+        c.push(Item { id: "o".into(), content: ItemContent::FunctionOutput { call_id: "call_1".into(), output: "{}".into() } });
+        assert!(c.has_output("call_1"));
+        let m = c.to_messages("s");
+        assert_eq!(m[2], ChatMessage::tool_calls("", vec![call]));
+        assert_eq!(m[3], ChatMessage::tool_result("call_1", "{}"));
+        assert_eq!(m[4], ChatMessage::new(Role::System, AFTER_TOOL_NUDGE));
+        c.push(msg("a2", ItemRole::Assistant, Some("It is processing.")));
+        assert_eq!(c.to_messages("s").last().map(|m| m.role), Some(Role::Assistant));
     }
 }

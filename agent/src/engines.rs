@@ -6,6 +6,8 @@ use parley_asr::Transcriber;
 use parley_llm::LlmEngine;
 use parley_tts::Synthesizer;
 
+use crate::tools::ToolRegistry;
+
 /// The process-wide models: loaded once at start-up, shared by all calls, so a
 /// call's own state stays small (its KV cache, its audio buffers).
 #[derive(Clone)]
@@ -16,4 +18,6 @@ pub struct Engines {
     pub llm: Arc<dyn LlmEngine>,
     /// The agent's voice.
     pub tts: Arc<dyn Synthesizer>,
+    /// Tools the server runs itself (built-in and HTTP), offered to every call.
+    pub tools: ToolRegistry,
 }

@@ -19,6 +19,8 @@ pub enum CallInput {
     CancelResponse,
     /// New session settings (`session.update`), already merged and validated.
     Update(Box<SessionSettings>),
+    /// The client's result for a client tool call (`function_call_output`).
+    ToolOutput { call_id: String, output: String },
 }
 
 /// Why a response ended.
@@ -58,6 +60,8 @@ pub enum ErrorCode {
     TranscriptionFailed,
     /// The language model or the voice failed.
     ModelFailed,
+    /// A tool result for a call that does not exist or already has one.
+    UnknownCall,
 }
 
 impl ErrorCode {
@@ -70,6 +74,7 @@ impl ErrorCode {
             Self::BufferFull => "input_audio_buffer_full",
             Self::TranscriptionFailed => "transcription_failed",
             Self::ModelFailed => "model_failed",
+            Self::UnknownCall => "unknown_call_id",
         }
     }
 }
@@ -131,7 +136,12 @@ pub enum AgentEvent {
     /// The full text the agent spoke (cut to what was heard on interruption).
     TranscriptDone { response_id: String, item_id: String, transcript: String },
     /// The response ended.
-    ResponseDone { response_id: String, item_id: Option<String>, status: ResponseStatus, transcript: String },
+    ResponseDone { response_id: String, item_id: Option<String>, status: ResponseStatus, transcript: String, function_calls: Vec<(String, parley_llm::ToolCall)> },
+    /// The model called a tool. `client` calls are for the client to run and answer
+    /// with a `function_call_output`; server calls are run here and reported.
+    FunctionCall { response_id: String, item_id: String, previous_item_id: Option<String>, call: parley_llm::ToolCall, client: bool },
+    /// A tool result was added to the conversation (server tools, or the client's).
+    FunctionOutput { item_id: String, previous_item_id: Option<String>, call_id: String, output: String },
     /// The client must drop audio it has buffered (barge-in).
     OutputAudioCleared { response_id: String },
     /// Latency breakdown of a turn.

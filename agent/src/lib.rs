@@ -29,12 +29,13 @@ mod input;
 mod pacing;
 mod response;
 mod settings;
+pub mod tools;
 
 pub use call::{Call, CallHandle};
-pub use conversation::{Conversation, Item, ItemRole};
+pub use conversation::{Conversation, Item, ItemContent, ItemRole};
 pub use engines::Engines;
 pub use events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetrics};
-pub use settings::{PacingSettings, SessionSettings, TurnDetection};
+pub use settings::{PacingSettings, SessionSettings, ToolPolicy, TurnDetection};
 
 /// Errors a call reports to its transport (and through it to the client).
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use parley_audio::format::AudioFormat;
 use parley_audio::frame::Framer;
 use parley_audio::resample::StreamResampler;
-use parley_llm::{ChatMessage, GenerateOptions, GenerationStats, LlmSession};
+use parley_llm::{ChatMessage, GenerateOptions, GenerationStats, LlmSession, ToolCall};
 use parley_tts::chunker::PhraseChunker;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,8 @@ use tracing::{Instrument, debug, warn};
 
 use crate::events::{AgentEvent, ErrorCode, ResponseStatus};
 use crate::pacing::PlayClock;
-use crate::settings::PacingSettings;
+use crate::settings::{PacingSettings, ToolPolicy};
+use crate::tools::{ToolError, ToolRegistry};
 use crate::Engines;
 
 /// LLM text pieces in flight between the model thread and the chunker.
@@ -38,9 +39,23 @@ pub struct ResponseJob {
     pub response_id: String,
     pub item_id: String,
     pub messages: Vec<ChatMessage>,
+    /// Sampling settings; `options.tools` holds every tool offered (server and client).
     pub options: GenerateOptions,
     pub output_format: AudioFormat,
     pub pacing: PacingSettings,
+    /// Timeouts, holding phrase and round limit of the tool loop.
+    pub tool_policy: ToolPolicy,
+}
+
+/// What the response reports to its call while it runs, so that tool calls and
+/// results are committed to the conversation the moment they exist, whatever
+/// happens to the response afterwards.
+#[derive(Debug)]
+pub enum ToolReport {
+    /// The model called a tool.
+    Call { response_id: String, call: ToolCall, client: bool },
+    /// A server tool finished (or failed, or timed out).
+    Output { call_id: String, output: String },
 }
 
 /// How a response ended, for the call to commit to the conversation.
@@ -74,6 +89,7 @@ pub async fn run(
     engines: Engines,
     session: SharedSession,
     events: mpsc::Sender<AgentEvent>,
+    reports: mpsc::Sender<ToolReport>,
     clock: Arc<Mutex<PlayClock>>,
     cancel: CancellationToken,
 ) -> ResponseOutcome {
@@ -82,29 +98,10 @@ pub async fn run(
     let (phrase_tx, phrase_rx) = mpsc::channel::<String>(PHRASE_QUEUE);
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
 
-    let llm = tokio::task::spawn_blocking({
-        let cancel = cancel.clone();
-        let first = first_token_at.clone();
-        let messages = job.messages;
-        let options = job.options.clone();
-        let span = tracing::Span::current();
-        move || {
-            let _enter = span.enter();
-            let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            session.generate(&messages, &options, &mut |piece: &str| {
-                if cancel.is_cancelled() {
-                    return ControlFlow::Break(());
-                }
-                if !piece.is_empty() {
-                    let _ = first.set(Instant::now());
-                }
-                match text_tx.blocking_send(piece.to_string()) {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(_) => ControlFlow::Break(()),
-                }
-            })
-        }
-    });
+    let think = tokio::spawn(
+        think(job.messages, job.options.clone(), job.tool_policy.clone(), job.response_id.clone(), engines.tools.clone(), session, text_tx, reports, cancel.clone(), first_token_at.clone())
+            .in_current_span(),
+    );
 
     let chunker = tokio::spawn(chunk_phrases(text_rx, phrase_tx, cancel.clone()).in_current_span());
     let synth = tokio::spawn(
@@ -128,7 +125,7 @@ pub async fn run(
         // The model thread notices on its next token; its result no longer matters.
         return outcome;
     }
-    match llm.await {
+    match think.await {
         Ok(Ok(stats)) => {
             debug!(?stats, "generation finished");
             outcome.stats = Some(stats);
@@ -142,11 +139,149 @@ pub async fn run(
             outcome.status = Some(ResponseStatus::Failed);
         }
         Err(e) => {
-            warn!(error = %e, "language model thread panicked");
+            warn!(error = %e, "response thinking task failed");
             outcome.status = Some(ResponseStatus::Failed);
         }
     }
     outcome
+}
+
+/// The model's side of a response: generate; if the model called server tools,
+/// run them, commit calls and results through `reports`, and generate again, up to
+/// the round limit. Client tool calls end the response (the client answers them).
+#[allow(clippy::too_many_arguments)]
+async fn think(
+    mut messages: Vec<ChatMessage>,
+    options: GenerateOptions,
+    policy: ToolPolicy,
+    response_id: String,
+    registry: ToolRegistry,
+    session: SharedSession,
+    text: mpsc::Sender<String>,
+    reports: mpsc::Sender<ToolReport>,
+    cancel: CancellationToken,
+    first_token: Arc<OnceLock<Instant>>,
+) -> Result<GenerationStats, String> {
+    let mut total = GenerationStats::default();
+    let mut held = false;
+    for round in 0..policy.max_rounds.max(1) {
+        let stats = generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await?;
+        if round == 0 {
+            total = stats.clone();
+        } else {
+            total.generated_tokens += stats.generated_tokens;
+            total.tool_calls.extend(stats.tool_calls.iter().cloned());
+        }
+        if stats.tool_calls.is_empty() || cancel.is_cancelled() {
+            return Ok(total);
+        }
+        let mut server_calls = Vec::new();
+        let mut any_client_call = false;
+        for call in &stats.tool_calls {
+            let client = registry.get(&call.name).is_none() && options.tools.iter().any(|t| t.name == call.name);
+            any_client_call |= client;
+            if reports.send(ToolReport::Call { response_id: response_id.clone(), call: call.clone(), client }).await.is_err() {
+                return Ok(total);
+            }
+            if !client {
+                server_calls.push(call.clone());
+            }
+        }
+        messages.push(ChatMessage::tool_calls("", stats.tool_calls.clone()));
+        if any_client_call {
+            // The client runs its tools and asks for the next response itself.
+            return Ok(total);
+        }
+        // Each tool runs in a task of its own that commits its result even if the
+        // caller interrupts meanwhile: a completed call is never lost or re-run.
+        let runs: Vec<_> = server_calls
+            .into_iter()
+            .map(|call| tokio::spawn(run_tool(registry.clone(), call, policy.timeout_ms, reports.clone()).in_current_span()))
+            .collect();
+        let all = futures_join(runs);
+        tokio::pin!(all);
+        let results = loop {
+            let holding = tokio::time::sleep(std::time::Duration::from_millis(policy.holding_after_ms));
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(total),
+                r = &mut all => break r,
+                _ = holding, if !held && !policy.holding_phrase.is_empty() => {
+                    held = true;
+                    let _ = text.send(format!("{} ", policy.holding_phrase.trim())).await;
+                }
+            }
+        };
+        for (call_id, output) in results {
+            messages.push(ChatMessage::tool_result(call_id, output));
+        }
+        messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
+    }
+    Ok(total)
+}
+
+/// Waits for every tool task; a task that died yields an error result.
+async fn futures_join(runs: Vec<tokio::task::JoinHandle<(String, String)>>) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(runs.len());
+    for run in runs {
+        match run.await {
+            Ok(r) => out.push(r),
+            Err(e) => warn!(error = %e, "tool task failed"),
+        }
+    }
+    out
+}
+
+/// Runs one server tool with its timeout, commits the result, and returns it.
+async fn run_tool(registry: ToolRegistry, call: ToolCall, timeout_ms: u64, reports: mpsc::Sender<ToolReport>) -> (String, String) {
+    let started = Instant::now();
+    let result = match registry.get(&call.name) {
+        Some(tool) => match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), tool.call(call.arguments.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(ToolError::Timeout(timeout_ms)),
+        },
+        None => Err(ToolError::Failed(format!("there is no tool named {}", call.name))),
+    };
+    let output = match &result {
+        Ok(value) => value.to_string(),
+        Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+    };
+    tracing::info!(tool = %call.name, call_id = %call.id, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "tool call");
+    let _ = reports.send(ToolReport::Output { call_id: call.id.clone(), output: output.clone() }).await;
+    (call.id, output)
+}
+
+/// One generation on a blocking thread, streaming its text into `text`.
+async fn generate(
+    session: &SharedSession,
+    messages: Vec<ChatMessage>,
+    options: GenerateOptions,
+    text: mpsc::Sender<String>,
+    cancel: CancellationToken,
+    first: Arc<OnceLock<Instant>>,
+) -> Result<GenerationStats, String> {
+    let session = session.clone();
+    let span = tracing::Span::current();
+    let run = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        session.generate(&messages, &options, &mut |piece: &str| {
+            if cancel.is_cancelled() {
+                return ControlFlow::Break(());
+            }
+            if !piece.is_empty() {
+                let _ = first.set(Instant::now());
+            }
+            match text.blocking_send(piece.to_string()) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })
+    });
+    match run.await {
+        Ok(Ok(stats)) => Ok(stats),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the model thread failed: {e}")),
+    }
 }
 
 /// Cuts the model's text stream into phrases worth synthesizing on their own.

@@ -2,7 +2,7 @@
 
 use parley_audio::format::AudioFormat;
 use parley_audio::vad::TurnSettings;
-use parley_llm::GenerateOptions;
+use parley_llm::{GenerateOptions, ToolSpec};
 
 /// The default instructions: a voice agent must answer briefly, in plain speech.
 pub const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, helpful voice assistant on a live phone call. \
@@ -62,6 +62,31 @@ pub struct SessionSettings {
     pub pacing: PacingSettings,
     /// Largest input buffer kept without a commit, in milliseconds of audio.
     pub max_buffer_ms: u32,
+    /// Tools the client runs (Realtime function calling), declared in `session.update`.
+    pub client_tools: Vec<ToolSpec>,
+    /// `false` offers the model no tools at all (`tool_choice: "none"`).
+    pub tools_enabled: bool,
+    /// How the agent uses tools.
+    pub tool_policy: ToolPolicy,
+}
+
+/// Limits and courtesies of the tool loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPolicy {
+    /// A server tool that takes longer fails with a timeout the model can explain.
+    pub timeout_ms: u64,
+    /// When a tool has not answered after this long, the agent says `holding_phrase`.
+    pub holding_after_ms: u64,
+    /// What the agent says while a slow tool runs; empty says nothing.
+    pub holding_phrase: String,
+    /// Most model → tool → model rounds in one response.
+    pub max_rounds: usize,
+}
+
+impl Default for ToolPolicy {
+    fn default() -> Self {
+        Self { timeout_ms: 8_000, holding_after_ms: 1_200, holding_phrase: "One moment while I check that.".into(), max_rounds: 4 }
+    }
 }
 
 impl Default for SessionSettings {
@@ -75,6 +100,9 @@ impl Default for SessionSettings {
             voice: "joe".to_string(),
             pacing: PacingSettings::default(),
             max_buffer_ms: 60_000,
+            client_tools: Vec::new(),
+            tools_enabled: true,
+            tool_policy: ToolPolicy::default(),
         }
     }
 }

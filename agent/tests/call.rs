@@ -5,10 +5,11 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_agent::tools::{Tool, ToolFuture, ToolRegistry};
 use parley_agent::{AgentEvent, Call, CallHandle, CallInput, Engines, ErrorCode, ResponseStatus, SessionSettings};
 use parley_asr::{AsrError, Transcriber, Transcript};
 use parley_audio::format::AudioFormat;
-use parley_llm::{ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmEngine, LlmError, LlmSession};
+use parley_llm::{ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmEngine, LlmError, LlmSession, Role, ToolCall, ToolSpec};
 use parley_tts::{Synthesizer, TtsError};
 use tokio::sync::mpsc;
 
@@ -32,9 +33,17 @@ impl LlmEngine for FakeLlm {
     }
 }
 impl LlmSession for FakeSession {
-    fn generate(&mut self, messages: &[ChatMessage], _: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<GenerationStats, LlmError> {
+    fn generate(&mut self, messages: &[ChatMessage], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<GenerationStats, LlmError> {
         assert!(messages.len() >= 2, "system prompt plus the user's turn");
         let mut stats = GenerationStats { prompt_tokens: 10, ..GenerationStats::default() };
+        // With tools offered and the user's turn last, call the first tool once.
+        if let (Some(tool), Some(last)) = (options.tools.first(), messages.last())
+            && last.role == Role::User
+        {
+            let id = format!("call_{}", messages.len());
+            stats.tool_calls.push(ToolCall { id, name: tool.name.clone(), arguments: serde_json::json!({"member_id": "1001"}) });
+            return Ok(stats);
+        }
         for (i, word) in self.0.split_inclusive(' ').enumerate() {
             std::thread::sleep(Duration::from_millis(5));
             stats.generated_tokens += 1;
@@ -63,7 +72,29 @@ impl Synthesizer for FakeTts {
 const REPLY: &str = "Your order is processing. It will be ready for pickup on December sixth at ten in the morning.";
 
 fn engines() -> Arc<Engines> {
-    Arc::new(Engines { transcriber: Arc::new(FakeAsr("where is my order")), llm: Arc::new(FakeLlm(REPLY)), tts: Arc::new(FakeTts) })
+    engines_with(ToolRegistry::default())
+}
+
+fn engines_with(tools: ToolRegistry) -> Arc<Engines> {
+    Arc::new(Engines { transcriber: Arc::new(FakeAsr("where is my order")), llm: Arc::new(FakeLlm(REPLY)), tts: Arc::new(FakeTts), tools })
+}
+
+/// A server tool that counts its runs and answers after `delay`.
+struct CountingTool {
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    delay: Duration,
+}
+impl Tool for CountingTool {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec { name: "list_orders".into(), description: "orders of a member".into(), parameters: serde_json::json!({"type": "object"}) }
+    }
+    fn call(&self, arguments: serde_json::Value) -> ToolFuture<'_> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(serde_json::json!({"member": arguments["member_id"], "orders": [{"order_id": "ORD001", "status": "processing"}]}))
+        })
+    }
 }
 
 async fn next(rx: &mut mpsc::Receiver<AgentEvent>) -> AgentEvent {
@@ -88,7 +119,11 @@ fn is_done(ev: &AgentEvent) -> bool {
 }
 
 async fn start(settings: SessionSettings) -> (CallHandle, mpsc::Receiver<AgentEvent>) {
-    let (call, mut rx) = Call::start("test".into(), engines(), settings);
+    start_with(engines(), settings).await
+}
+
+async fn start_with(engines: Arc<Engines>, settings: SessionSettings) -> (CallHandle, mpsc::Receiver<AgentEvent>) {
+    let (call, mut rx) = Call::start("test".into(), engines, settings);
     assert!(matches!(next(&mut rx).await, AgentEvent::SessionUpdated(_)));
     (call, rx)
 }
@@ -232,5 +267,104 @@ async fn cancel_stops_the_response_and_format_changes_apply() {
     let events = until(&mut rx, is_done).await;
     let Some(AgentEvent::ResponseDone { status, .. }) = events.last() else { panic!() };
     assert_eq!(*status, ResponseStatus::Cancelled);
+    call.close().await;
+}
+
+fn counting_tool(delay_ms: u64) -> (ToolRegistry, Arc<std::sync::atomic::AtomicUsize>) {
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = ToolRegistry::default();
+    registry.register(Arc::new(CountingTool { runs: runs.clone(), delay: Duration::from_millis(delay_ms) }));
+    (registry, runs)
+}
+
+#[tokio::test]
+async fn a_server_tool_is_called_committed_and_answered() {
+    let (registry, runs) = counting_tool(10);
+    let (call, mut rx) = start_with(engines_with(registry), SessionSettings::default()).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    let call_ev = events.iter().position(|e| matches!(e, AgentEvent::FunctionCall { client: false, .. })).expect("function call");
+    let out_ev = events.iter().position(|e| matches!(e, AgentEvent::FunctionOutput { output, .. } if output.contains("ORD001"))).expect("function output");
+    let first_audio = events.iter().position(|e| matches!(e, AgentEvent::AudioDelta { .. })).expect("audio");
+    assert!(call_ev < out_ev && out_ev < first_audio, "call, result, then speech");
+    let Some(AgentEvent::ResponseDone { status, transcript, function_calls, .. }) = events.last() else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed);
+    assert_eq!(transcript, REPLY);
+    assert_eq!(function_calls.len(), 1);
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    call.close().await;
+}
+
+#[tokio::test]
+async fn a_slow_tool_gets_a_holding_phrase_and_a_timeout_is_explained() {
+    let (registry, _) = counting_tool(3_000);
+    let mut settings = SessionSettings::default();
+    settings.tool_policy.holding_after_ms = 200;
+    settings.tool_policy.timeout_ms = 1_000;
+    let (call, mut rx) = start_with(engines_with(registry), settings).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    let said: Vec<&str> = events.iter().filter_map(|e| match e { AgentEvent::TranscriptDelta { delta, .. } => Some(delta.as_str()), _ => None }).collect();
+    assert!(said.first().is_some_and(|d| d.contains("One moment")), "{said:?}");
+    assert!(events.iter().any(|e| matches!(e, AgentEvent::FunctionOutput { output, .. } if output.contains("did not answer within 1000 ms"))));
+    let Some(AgentEvent::ResponseDone { status, .. }) = events.last() else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed, "the call goes on after a tool timeout");
+    call.close().await;
+}
+
+#[tokio::test]
+async fn client_tools_round_trip_and_outputs_are_not_taken_twice() {
+    let mut settings = SessionSettings::default();
+    settings.client_tools.push(ToolSpec { name: "get_weather".into(), description: "weather".into(), parameters: serde_json::json!({"type": "object"}) });
+    let (call, mut rx) = start(settings).await;
+    call.send(CallInput::UserText("weather in Paris?".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    let call_id = events.iter().find_map(|e| match e { AgentEvent::FunctionCall { call, client: true, .. } => Some(call.id.clone()), _ => None }).expect("client call");
+    let Some(AgentEvent::ResponseDone { function_calls, .. }) = events.last() else { panic!() };
+    assert_eq!(function_calls.len(), 1);
+    call.send(CallInput::ToolOutput { call_id: call_id.clone(), output: "{\"sky\": \"sunny\"}".into() }).await.expect("send");
+    assert!(matches!(next(&mut rx).await, AgentEvent::FunctionOutput { call_id: c, .. } if c == call_id));
+    call.send(CallInput::ToolOutput { call_id: call_id.clone(), output: "again".into() }).await.expect("send");
+    assert!(matches!(next(&mut rx).await, AgentEvent::Error { code: ErrorCode::UnknownCall, .. }));
+    call.send(CallInput::ToolOutput { call_id: "call_nope".into(), output: "x".into() }).await.expect("send");
+    assert!(matches!(next(&mut rx).await, AgentEvent::Error { code: ErrorCode::UnknownCall, .. }));
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = events.last() else { panic!() };
+    assert_eq!((*status, transcript.as_str()), (ResponseStatus::Completed, REPLY));
+    call.close().await;
+}
+
+#[tokio::test]
+async fn interrupting_right_after_a_tool_call_keeps_exactly_one_completed_call() {
+    let (registry, runs) = counting_tool(300);
+    let (call, mut rx) = start_with(engines_with(registry), SessionSettings::default()).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    loop {
+        if let AgentEvent::FunctionCall { .. } = next(&mut rx).await {
+            break;
+        }
+    }
+    call.send(CallInput::CancelResponse).await.expect("send");
+    let mut events = until(&mut rx, is_done).await;
+    // The tool finishes on its own and its result is committed once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !events.iter().any(|e| matches!(e, AgentEvent::FunctionOutput { .. })) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => events.push(e),
+            _ => panic!("the interrupted tool's result was never committed: {events:?}"),
+        }
+    }
+    assert_eq!(events.iter().filter(|e| matches!(e, AgentEvent::FunctionCall { .. })).count(), 0, "no second call");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The next response sees the call and its result and does not call again.
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    assert!(!events.iter().any(|e| matches!(e, AgentEvent::FunctionCall { .. })), "the tool ran twice: {events:?}");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     call.close().await;
 }

@@ -38,7 +38,8 @@
 //! Modules: [`chat`] renders the ChatML prompt, [`tokenizer`] builds the tokenizer from
 //! the GGUF metadata and streams text out of token ids, [`qwen2`] is the forward pass
 //! with shared weights and a per-session KV cache, [`engine`] ties them into
-//! [`LlmEngine`] / [`LlmSession`].
+//! [`LlmEngine`] / [`LlmSession`], [`toolcall`] finds the tool calls in a streamed reply
+//! (tagged or not) so they are run, not spoken.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -46,7 +47,9 @@ use std::path::PathBuf;
 pub mod chat;
 pub mod engine;
 pub mod qwen2;
+pub mod remote;
 pub mod tokenizer;
+pub mod toolcall;
 
 pub use engine::{CandleEngine, CandleOptions, CandleSession, LlmDevice};
 
@@ -77,17 +80,52 @@ pub enum Role {
     Tool,
 }
 
+/// A tool the model may call: a name, what it is for, and its JSON-schema parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// A JSON schema (`{"type": "object", "properties": {...}, "required": [...]}`).
+    pub parameters: serde_json::Value,
+}
+
+/// A call the model asked for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    /// Unique within the conversation (`call_…`), so a result can name its call.
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them (an object when it wrote valid JSON).
+    pub arguments: serde_json::Value,
+}
+
 /// One message of a conversation, as the model sees it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
+    /// Assistant messages: the tool calls it made (its `content` may be empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Tool messages: the id of the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     /// A message with the given role and text.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
+    /// An assistant message that calls tools.
+    pub fn tool_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self { role: Role::Assistant, content: content.into(), tool_calls: calls, tool_call_id: None }
+    }
+
+    /// The result of a tool call.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: Role::Tool, content: content.into(), tool_calls: Vec::new(), tool_call_id: Some(call_id.into()) }
     }
 }
 
@@ -107,11 +145,13 @@ pub struct GenerateOptions {
     pub repeat_penalty: f32,
     /// How many of the reply's most recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// Tools the model may call in this generation; empty means plain chat.
+    pub tools: Vec<ToolSpec>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.15, repeat_last_n: 64 }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.15, repeat_last_n: 64, tools: Vec::new() }
     }
 }
 
@@ -132,6 +172,9 @@ pub struct GenerationStats {
     pub total_ms: f64,
     /// Why generation stopped.
     pub finish: FinishReason,
+    /// Tool calls found in the reply (tagged or not); their text was not passed to
+    /// `on_text`, so it is never spoken.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// Why a generation ended.

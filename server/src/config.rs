@@ -19,6 +19,42 @@ pub struct Config {
     pub asr: AsrConfig,
     pub llm: LlmConfig,
     pub tts: TtsConfig,
+    pub tools: ToolsConfig,
+}
+
+/// Tools the server runs for every call.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    /// Offer the built-in demo pharmacy desk (SQLite, created and seeded on first run).
+    pub pharmacy: bool,
+    /// Its database file; empty means `~/.cache/parley/pharmacy.sqlite`.
+    pub pharmacy_db: String,
+    /// A server tool that takes longer fails with an explained timeout.
+    pub timeout_ms: u64,
+    /// After this long without an answer the agent says `holding_phrase`.
+    pub holding_after_ms: u64,
+    /// What the agent says while a slow tool runs; empty says nothing.
+    pub holding_phrase: String,
+    /// Most model → tool → model rounds per response.
+    pub max_rounds: usize,
+    /// HTTP tools: the server POSTs the arguments as JSON to `url`.
+    pub http: Vec<parley_agent::tools::http::HttpToolConfig>,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        let p = parley_agent::ToolPolicy::default();
+        Self {
+            pharmacy: true,
+            pharmacy_db: String::new(),
+            timeout_ms: p.timeout_ms,
+            holding_after_ms: p.holding_after_ms,
+            holding_phrase: p.holding_phrase,
+            max_rounds: p.max_rounds,
+            http: Vec::new(),
+        }
+    }
 }
 
 /// Listener and limits.
@@ -179,6 +215,7 @@ impl Default for Config {
             asr: AsrConfig::default(),
             llm: LlmConfig::default(),
             tts: TtsConfig::default(),
+            tools: ToolsConfig::default(),
         }
     }
 }
@@ -205,6 +242,9 @@ impl Config {
         if self.server.max_calls == 0 {
             bail!("server.max_calls must be at least 1");
         }
+        if self.tools.max_rounds == 0 {
+            bail!("tools.max_rounds must be at least 1");
+        }
         if self.server.max_message_bytes < 1024 {
             bail!("server.max_message_bytes must be at least 1024");
         }
@@ -214,6 +254,16 @@ impl Config {
     /// The listen address, parsed.
     pub fn listen_addr(&self) -> Result<SocketAddr> {
         self.server.listen.parse().with_context(|| format!("server.listen `{}` is not HOST:PORT", self.server.listen))
+    }
+
+    /// The pharmacy database file after defaults.
+    pub fn pharmacy_db(&self) -> PathBuf {
+        if self.tools.pharmacy_db.is_empty() {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            home.join(".cache/parley/pharmacy.sqlite")
+        } else {
+            PathBuf::from(&self.tools.pharmacy_db)
+        }
     }
 
     /// The models folder after defaults and environment.
@@ -231,6 +281,12 @@ impl Config {
         s.pacing.frame_ms = a.frame_ms;
         s.pacing.lead_ms = a.lead_ms;
         s.voice = self.tts.voice.clone();
+        s.tool_policy = parley_agent::ToolPolicy {
+            timeout_ms: self.tools.timeout_ms,
+            holding_after_ms: self.tools.holding_after_ms,
+            holding_phrase: self.tools.holding_phrase.clone(),
+            max_rounds: self.tools.max_rounds,
+        };
         let t = &a.turn_detection;
         s.turn_detection = t.enabled.then(|| TurnDetection {
             vad: TurnSettings {

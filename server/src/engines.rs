@@ -5,6 +5,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use parley_agent::Engines;
+use parley_agent::tools::ToolRegistry;
+use parley_agent::tools::http::HttpTool;
+use parley_agent::tools::pharmacy::{PharmacyDb, pharmacy_tools};
 use parley_asr::{WhisperOptions, WhisperTranscriber};
 use parley_llm::{CandleEngine, CandleOptions};
 use parley_tts::PiperVoice;
@@ -33,5 +36,26 @@ pub fn load(config: &Config) -> Result<Engines> {
     let llm = CandleEngine::load(&paths.llm_gguf, &paths.llm_tokenizer, options).context("loading the language model")?;
     info!(ms = t.elapsed().as_millis() as u64, "language model loaded");
 
-    Ok(Engines { transcriber: Arc::new(asr), llm: Arc::new(llm), tts: Arc::new(tts) })
+    Ok(Engines { transcriber: Arc::new(asr), llm: Arc::new(llm), tts: Arc::new(tts), tools: tools(config)? })
+}
+
+/// The server-side tools the configuration asks for.
+fn tools(config: &Config) -> Result<ToolRegistry> {
+    let mut registry = ToolRegistry::default();
+    if config.tools.pharmacy {
+        let path = config.pharmacy_db();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let db = PharmacyDb::open(&path).with_context(|| format!("opening the pharmacy database {}", path.display()))?;
+        for tool in pharmacy_tools(Arc::new(db)) {
+            registry.register(tool);
+        }
+    }
+    for http in &config.tools.http {
+        let tool = HttpTool::new(http.clone()).with_context(|| format!("HTTP tool `{}`", http.name))?;
+        registry.register(Arc::new(tool));
+    }
+    info!(tools = ?registry.specs().iter().map(|t| t.name.clone()).collect::<Vec<_>>(), "server tools ready");
+    Ok(registry)
 }

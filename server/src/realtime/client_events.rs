@@ -24,6 +24,8 @@ pub enum ClientEvent {
     ResponseCancel,
     /// `output_audio_buffer.clear`: the client wants agent audio to stop.
     OutputClear,
+    /// `conversation.item.create` of a `function_call_output`: a client tool's result.
+    FunctionOutput { call_id: String, output: String },
 }
 
 /// Why a client message was refused.
@@ -74,6 +76,22 @@ pub struct SessionPatch {
     /// Beta name.
     pub max_response_output_tokens: Option<Value>,
     pub temperature: Option<f64>,
+    /// Client tools: `[{"type": "function", "name", "description", "parameters"}]`.
+    pub tools: Option<Vec<ToolPatch>>,
+    /// `"auto"`, `"none"` or `"required"` (treated as auto).
+    pub tool_choice: Option<Value>,
+}
+
+/// One client tool declaration.
+#[derive(Debug, Deserialize)]
+pub struct ToolPatch {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub parameters: Option<Value>,
 }
 
 /// `session.audio` in the GA protocol.
@@ -176,6 +194,15 @@ fn parse_value(mut value: Value) -> Result<ClientEvent, ProtocolError> {
 fn parse_item_create(value: &Value, kind: &str) -> Result<ClientEvent, ProtocolError> {
     let item = value.get("item").ok_or_else(|| invalid(kind, "missing `item`"))?;
     let item_type = item.get("type").and_then(Value::as_str).unwrap_or("message");
+    if item_type == "function_call_output" {
+        let call_id = item.get("call_id").and_then(Value::as_str).ok_or_else(|| invalid(kind, "a function_call_output needs `call_id`"))?;
+        let output = match item.get("output") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => return Err(invalid(kind, "a function_call_output needs `output`")),
+        };
+        return Ok(ClientEvent::FunctionOutput { call_id: call_id.to_string(), output });
+    }
     if item_type != "message" {
         return Err(ProtocolError::Unsupported(format!("conversation.item.create of type {item_type}")));
     }

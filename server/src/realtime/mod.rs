@@ -126,6 +126,7 @@ async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot, dialect: Dialec
             Ok(ClientEvent::UserText(t)) => Ok(CallInput::UserText(t)),
             Ok(ClientEvent::ResponseCreate) => Ok(CallInput::CreateResponse),
             Ok(ClientEvent::ResponseCancel | ClientEvent::OutputClear) => Ok(CallInput::CancelResponse),
+            Ok(ClientEvent::FunctionOutput { call_id, output }) => Ok(CallInput::ToolOutput { call_id, output }),
             Err(e) => Err(e),
         };
         match input {

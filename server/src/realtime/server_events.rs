@@ -32,6 +32,15 @@ fn assistant_item(dialect: Dialect, item_id: &str, status: &str, transcript: Opt
     json!({"id": item_id, "object": "realtime.item", "type": "message", "status": status, "role": "assistant", "content": content})
 }
 
+fn function_call_item(item_id: &str, call: &parley_llm::ToolCall, status: &str) -> Value {
+    json!({"id": item_id, "object": "realtime.item", "type": "function_call", "status": status,
+        "call_id": call.id, "name": call.name, "arguments": call.arguments.to_string()})
+}
+
+fn function_output_item(item_id: &str, call_id: &str, output: &str) -> Value {
+    json!({"id": item_id, "object": "realtime.item", "type": "function_call_output", "call_id": call_id, "output": output})
+}
+
 fn user_item(item_id: &str, text: Option<&str>) -> Value {
     let content = match text {
         Some(t) => json!([{"type": "input_text", "text": t}]),
@@ -145,14 +154,34 @@ impl EventWriter {
                 }),
                 json!({"type": "response.content_part.done", "response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0, "part": audio_part(d, transcript)}),
             ],
-            AgentEvent::ResponseDone { response_id, item_id, status, transcript } => {
+            AgentEvent::FunctionCall { response_id, item_id, previous_item_id, call, client } => {
+                let args = call.arguments.to_string();
+                vec![
+                    json!({"type": "response.output_item.added", "response_id": response_id, "output_index": 1, "item": function_call_item(item_id, call, "in_progress")}),
+                    json!({"type": self.name("conversation.item.added", "conversation.item.created"), "previous_item_id": previous_item_id, "item": function_call_item(item_id, call, "completed")}),
+                    json!({"type": "response.function_call_arguments.delta", "response_id": response_id, "item_id": item_id, "output_index": 1, "call_id": call.id, "delta": args}),
+                    json!({"type": "response.function_call_arguments.done", "response_id": response_id, "item_id": item_id, "output_index": 1, "call_id": call.id, "name": call.name, "arguments": args}),
+                    json!({"type": "response.output_item.done", "response_id": response_id, "output_index": 1, "item": function_call_item(item_id, call, "completed"),
+                        "parley_runs_on": if *client { "client" } else { "server" }}),
+                ]
+            }
+            AgentEvent::FunctionOutput { item_id, previous_item_id, call_id, output } => {
+                let item = function_output_item(item_id, call_id, output);
+                let mut events = vec![json!({"type": self.name("conversation.item.added", "conversation.item.created"), "previous_item_id": previous_item_id, "item": item})];
+                if d == Dialect::Ga {
+                    events.push(json!({"type": "conversation.item.done", "previous_item_id": previous_item_id, "item": item}));
+                }
+                events
+            }
+            AgentEvent::ResponseDone { response_id, item_id, status, transcript, function_calls } => {
                 let status_str = status.as_str();
                 let item_status = if status_str == "completed" { "completed" } else { "incomplete" };
-                let output: Vec<Value> = item_id.iter().map(|id| assistant_item(d, id, item_status, Some(transcript))).collect();
+                let mut output: Vec<Value> = item_id.iter().map(|id| assistant_item(d, id, item_status, Some(transcript))).collect();
                 let mut events = Vec::new();
                 for item in &output {
                     events.push(json!({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": item}));
                 }
+                output.extend(function_calls.iter().map(|(id, call)| function_call_item(id, call, "completed")));
                 let details = match status_str {
                     "cancelled" => json!({"type": "cancelled", "reason": "turn_detected"}),
                     "failed" => json!({"type": "failed", "error": {"type": "server_error", "code": "model_failed"}}),

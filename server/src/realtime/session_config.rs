@@ -130,6 +130,26 @@ pub fn apply(current: &SessionSettings, patch: SessionPatch, defaults: &SessionS
     if let Some(v) = patch.max_output_tokens.as_ref().or(patch.max_response_output_tokens.as_ref()) {
         s.generate.max_tokens = max_tokens(v)?;
     }
+    if let Some(tools) = patch.tools {
+        let mut specs = Vec::with_capacity(tools.len());
+        for t in tools {
+            if t.kind.as_deref().is_some_and(|k| k != "function") {
+                return Err(invalid(format!("tool `{}` has type `{}`; only function tools are supported", t.name, t.kind.unwrap_or_default())));
+            }
+            if t.name.is_empty() || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(invalid(format!("tool name `{}` must be letters, digits, `_` or `-`", t.name)));
+            }
+            specs.push(parley_llm::ToolSpec {
+                name: t.name,
+                description: t.description,
+                parameters: t.parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            });
+        }
+        s.client_tools = specs;
+    }
+    if let Some(choice) = patch.tool_choice {
+        s.tools_enabled = choice.as_str() != Some("none");
+    }
     if let Some(t) = patch.temperature {
         if !(0.0..=2.0).contains(&t) {
             return Err(invalid(format!("temperature must be between 0 and 2, not {t}")));
@@ -169,6 +189,10 @@ fn turn_detection_json(td: &Option<TurnDetection>) -> Value {
     }
 }
 
+fn tools_json(s: &SessionSettings) -> Value {
+    s.client_tools.iter().map(|t| json!({"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters})).collect()
+}
+
 /// The session object in the client's dialect.
 pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
     match dialect {
@@ -187,8 +211,8 @@ pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
                 },
                 "output": {"format": ga_format_json(s.output_format), "voice": s.voice, "speed": 1.0},
             },
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": tools_json(s),
+            "tool_choice": if s.tools_enabled { "auto" } else { "none" },
             "max_output_tokens": s.generate.max_tokens,
         }),
         Dialect::Beta => json!({
@@ -202,8 +226,8 @@ pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
             "output_audio_format": beta_format_name(s.output_format),
             "input_audio_transcription": {"model": "whisper-tiny.en"},
             "turn_detection": turn_detection_json(&s.turn_detection),
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": tools_json(s),
+            "tool_choice": if s.tools_enabled { "auto" } else { "none" },
             "temperature": s.generate.temperature,
             "max_response_output_tokens": s.generate.max_tokens,
         }),
