@@ -11,9 +11,10 @@ use tokenizers::Tokenizer;
 
 use crate::qwen2::{KvCache, ModelContext, Qwen2LoadOptions, Qwen2Weights};
 use crate::tokenizer::{TextStream, load_tokenizer, tokenizer_from_json, tokenizer_json_from_gguf};
+use crate::toolcall::ToolCallFilter;
 use crate::{
     ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmEngine, LlmError, LlmSession,
-    chat,
+    ToolSpec, chat,
 };
 
 /// File name of the default model inside `$PARLEY_MODELS_DIR/llm/`, as the installer
@@ -232,7 +233,21 @@ impl CandleEngine {
     /// Number of tokens `messages` render to, so the agent can trim a conversation
     /// before it hits [`LlmError::ContextFull`].
     pub fn count_tokens(&self, messages: &[ChatMessage]) -> Result<usize, LlmError> {
-        Ok(encode(&self.shared.tokenizer, &chat::render_prompt(messages))?.len())
+        self.count_tokens_with_tools(messages, &[])
+    }
+
+    /// Like [`CandleEngine::count_tokens`] for a generation offered `tools` (their
+    /// schemas are part of the prompt, often a few hundred tokens).
+    pub fn count_tokens_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<usize, LlmError> {
+        Ok(encode(
+            &self.shared.tokenizer,
+            &chat::render_prompt_with_tools(messages, tools),
+        )?
+        .len())
     }
 
     /// A session with its concrete type, for callers (benchmarks, tests) that want
@@ -257,6 +272,11 @@ impl LlmEngine for CandleEngine {
 }
 
 /// One call's conversation state: its KV cache and the token ids the cache holds.
+///
+/// With tools in [`GenerateOptions::tools`], the prompt carries Qwen's tools section
+/// and the reply runs through [`ToolCallFilter`]: `on_text` gets only speech (an empty
+/// piece while a possible call is held, so a barge-in can still stop it) and the calls
+/// come back in [`GenerationStats::tool_calls`], each with a fresh `call_…` id.
 pub struct CandleSession {
     shared: Arc<Shared>,
     cache: KvCache,
@@ -378,7 +398,7 @@ impl LlmSession for CandleSession {
         let shared = Arc::clone(&self.shared);
         let max_context = shared.weights.max_context();
 
-        let prompt = chat::render_prompt(messages);
+        let prompt = chat::render_prompt_with_tools(messages, &options.tools);
         let ids = encode(&shared.tokenizer, &prompt)?;
         if ids.len() >= max_context {
             return Err(LlmError::ContextFull {
@@ -404,6 +424,11 @@ impl LlmSession for CandleSession {
         let mut stream = TextStream::new(&shared.tokenizer);
         let mut first_text_ms = None;
         let mut reply_ids: Vec<u32> = Vec::new();
+        // With tools, the reply goes through the tool-call filter: calls are collected,
+        // only speech reaches `on_text`.
+        let mut filter = (!options.tools.is_empty()).then(|| {
+            ToolCallFilter::new(options.tools.iter().map(|t| t.name.clone()).collect())
+        });
         let finish = loop {
             if stats.generated_tokens >= options.max_tokens {
                 break FinishReason::Length;
@@ -421,7 +446,13 @@ impl LlmSession for CandleSession {
             stats.generated_tokens += 1;
             if let Some(text) = stream.push(next)? {
                 first_text_ms.get_or_insert_with(|| ms_since(started));
-                if on_text(&text).is_break() {
+                // While a possible call is held the speech is empty; `on_text` still
+                // gets it, so a barge-in can stop a reply that is all tool call.
+                let speech = match &mut filter {
+                    Some(filter) => filter.push(&text),
+                    None => text,
+                };
+                if on_text(&speech).is_break() {
                     break FinishReason::Cancelled;
                 }
             }
@@ -438,12 +469,33 @@ impl LlmSession for CandleSession {
             };
             self.cached_ids.push(next);
         };
-        if finish != FinishReason::Cancelled
-            && let Some(text) = stream.flush()?
-        {
-            first_text_ms.get_or_insert_with(|| ms_since(started));
-            // Generation is over; a Break here has nothing left to stop.
-            let _ = on_text(&text);
+        if finish != FinishReason::Cancelled {
+            let mut rest = match stream.flush()? {
+                Some(text) => {
+                    first_text_ms.get_or_insert_with(|| ms_since(started));
+                    match &mut filter {
+                        Some(filter) => filter.push(&text),
+                        None => text,
+                    }
+                }
+                None => String::new(),
+            };
+            if let Some(filter) = &mut filter {
+                let (speech, calls) = filter.finish();
+                rest.push_str(&speech);
+                stats.tool_calls = calls.into_iter().map(|c| c.into_tool_call()).collect();
+            }
+            if !rest.is_empty() {
+                // Generation is over; a Break here has nothing left to stop.
+                let _ = on_text(&rest);
+            }
+        } else if let Some(filter) = &mut filter {
+            // Cancelled: only calls the model finished count; held text is dropped.
+            stats.tool_calls = filter
+                .take_calls()
+                .into_iter()
+                .map(|c| c.into_tool_call())
+                .collect();
         }
 
         stats.finish = finish;
@@ -458,6 +510,7 @@ impl LlmSession for CandleSession {
             first_token_ms = stats.first_token_ms,
             generated_tokens = stats.generated_tokens,
             total_ms = stats.total_ms,
+            tool_calls = stats.tool_calls.len(),
             "generation finished"
         );
         Ok(stats)
