@@ -164,9 +164,20 @@ async fn think(
 ) -> Result<GenerationStats, String> {
     let mut total = GenerationStats::default();
     let mut held = false;
-    for round in 0..policy.max_rounds.max(1) {
-        let stats = generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await?;
-        if round == 0 {
+    let mut retried = false;
+    let mut round = 0;
+    while round < policy.max_rounds.max(1) {
+        round += 1;
+        let (stats, said) = generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await?;
+        if stats.tool_calls.is_empty() && !retried && round > 1 && !is_speech(&said) {
+            // After a tool result the small model sometimes echoes JSON instead of
+            // speaking (the guard keeps that from being spoken); ask once more, plainly.
+            retried = true;
+            round -= 1;
+            messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
+            continue;
+        }
+        if round == 1 {
             total = stats.clone();
         } else {
             total.generated_tokens += stats.generated_tokens;
@@ -175,9 +186,23 @@ async fn think(
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
             return Ok(total);
         }
+        // A call to a tool nobody offered (the 0.5B model invents `say_hello`) is
+        // dropped, not answered with an error it would read out.
+        let (known, invented): (Vec<ToolCall>, Vec<ToolCall>) =
+            stats.tool_calls.iter().cloned().partition(|c| options.tools.iter().any(|t| t.name == c.name));
+        if known.is_empty() {
+            if retried {
+                return Ok(total);
+            }
+            debug!(tools = ?invented.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), "model called tools that do not exist");
+            retried = true;
+            round -= 1;
+            messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
+            continue;
+        }
         let mut server_calls = Vec::new();
         let mut any_client_call = false;
-        for call in &stats.tool_calls {
+        for call in &known {
             let client = registry.get(&call.name).is_none() && options.tools.iter().any(|t| t.name == call.name);
             any_client_call |= client;
             if reports.send(ToolReport::Call { response_id: response_id.clone(), call: call.clone(), client }).await.is_err() {
@@ -187,7 +212,7 @@ async fn think(
                 server_calls.push(call.clone());
             }
         }
-        messages.push(ChatMessage::tool_calls("", stats.tool_calls.clone()));
+        messages.push(ChatMessage::tool_calls("", known.clone()));
         if any_client_call {
             // The client runs its tools and asks for the next response itself.
             return Ok(total);
@@ -217,6 +242,24 @@ async fn think(
         messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
     }
     Ok(total)
+}
+
+/// Marks the end of one generation in the text stream.
+const SEGMENT_END: &str = "\u{0}";
+
+/// Said when a reply after a tool result was not speech.
+const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
+
+/// True when generated text is something to say, not an echoed JSON value.
+fn is_speech(text: &str) -> bool {
+    let t = text.trim();
+    !t.is_empty() && !looks_like_json(t)
+}
+
+/// A whole JSON object or array, as the model sometimes echoes a tool result.
+fn looks_like_json(text: &str) -> bool {
+    let t = text.trim();
+    (t.starts_with('{') || t.starts_with('[')) && serde_json::from_str::<serde_json::Value>(t).is_ok()
 }
 
 /// Waits for every tool task; a task that died yields an error result.
@@ -258,53 +301,104 @@ async fn generate(
     text: mpsc::Sender<String>,
     cancel: CancellationToken,
     first: Arc<OnceLock<Instant>>,
-) -> Result<GenerationStats, String> {
+) -> Result<(GenerationStats, String), String> {
     let session = session.clone();
     let span = tracing::Span::current();
     let run = tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
         let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        session.generate(&messages, &options, &mut |piece: &str| {
+        let mut said = String::new();
+        let result = session.generate(&messages, &options, &mut |piece: &str| {
             if cancel.is_cancelled() {
                 return ControlFlow::Break(());
             }
             if !piece.is_empty() {
                 let _ = first.set(Instant::now());
             }
+            said.push_str(piece);
             match text.blocking_send(piece.to_string()) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
-        })
+        });
+        // Each generation is its own segment for the JSON guard downstream.
+        let _ = text.blocking_send(SEGMENT_END.to_string());
+        result.map(|stats| (stats, said))
     });
     match run.await {
-        Ok(Ok(stats)) => Ok(stats),
+        Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("the model thread failed: {e}")),
     }
 }
 
-/// Cuts the model's text stream into phrases worth synthesizing on their own.
+/// Cuts the model's text stream into phrases worth synthesizing on their own. A
+/// generation whose text starts like JSON is held to its end and dropped if it is
+/// JSON: data is never read out to a caller.
 async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<String>, cancel: CancellationToken) {
+    /// Where the current generation's text stands.
+    enum Segment {
+        /// Only whitespace so far.
+        Start(String),
+        /// Plain text: goes straight to the chunker.
+        Speech,
+        /// Starts like JSON: held until the generation ends.
+        Held(String),
+    }
     let mut chunker = PhraseChunker::new();
+    let mut segment = Segment::Start(String::new());
     loop {
         let piece = tokio::select! {
             _ = cancel.cancelled() => return,
             piece = text.recv() => piece,
         };
-        let ready = match piece {
-            Some(piece) => chunker.push(&piece),
-            None => chunker.finish().into_iter().collect(),
+        let mut ready = Vec::new();
+        let ended = match piece.as_deref() {
+            Some(SEGMENT_END) | None => true,
+            Some(piece) => {
+                segment = match segment {
+                    Segment::Speech => {
+                        ready.extend(chunker.push(piece));
+                        Segment::Speech
+                    }
+                    Segment::Held(mut held) => {
+                        held.push_str(piece);
+                        Segment::Held(held)
+                    }
+                    Segment::Start(mut start) => {
+                        start.push_str(piece);
+                        let t = start.trim_start();
+                        if t.starts_with('{') || t.starts_with('[') {
+                            Segment::Held(start)
+                        } else if t.is_empty() {
+                            Segment::Start(start)
+                        } else {
+                            ready.extend(chunker.push(&start));
+                            Segment::Speech
+                        }
+                    }
+                };
+                false
+            }
         };
+        if ended {
+            if let Segment::Held(held) = std::mem::replace(&mut segment, Segment::Start(String::new())) {
+                if looks_like_json(&held) {
+                    debug!(chars = held.len(), "dropped a JSON reply instead of speaking it");
+                } else {
+                    ready.extend(chunker.push(&held));
+                }
+            }
+        }
+        if piece.is_none() {
+            ready.extend(chunker.finish());
+        }
         for phrase in ready {
             if phrases.send(phrase).await.is_err() {
                 return;
             }
         }
-        if text.is_closed() && text.is_empty() {
-            if let Some(rest) = chunker.finish() {
-                let _ = phrases.send(rest).await;
-            }
+        if piece.is_none() {
             return;
         }
     }
