@@ -103,7 +103,7 @@ fn spawn_with_deathsig(bin: &PathBuf, args: &[String]) -> Result<Child> {
     let mut cmd = Command::new(bin);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
     if std::env::var_os("PARLEY_LOG").is_none() {
-        cmd.env("PARLEY_LOG", "warn,parley=info");
+        cmd.env("PARLEY_LOG", "warn");
     }
     // SAFETY: prctl is async-signal-safe and touches only the child being set up.
     unsafe {

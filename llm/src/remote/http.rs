@@ -101,7 +101,11 @@ impl Failure {
     }
 
     fn from_status(status: StatusCode, body: &str) -> Self {
-        let msg = format!("HTTP {status}: {}", error_message(body));
+        let detail = error_message(body);
+        let mut msg = if detail.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {detail}") };
+        if status == StatusCode::NOT_FOUND {
+            msg.push_str(" (is base_url the API root, like http://host:port/v1?)");
+        }
         match status.as_u16() {
             429 => Failure::Busy(msg),
             // Wrong credentials or URL are this replica's configuration, not the
