@@ -6,6 +6,7 @@ mod config;
 mod engines;
 mod metrics;
 mod models;
+mod openai_api;
 mod realtime;
 mod serve;
 
