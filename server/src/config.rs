@@ -137,6 +137,16 @@ pub struct LlmConfig {
     pub dequantize: bool,
     /// Context window used per call, in tokens.
     pub context: usize,
+    /// OpenAI-compatible servers (vLLM, SGLang, llama.cpp, another Parley) used
+    /// instead of the embedded model; empty means the embedded model. A call sticks
+    /// to one replica; a failed replica's calls move to a healthy one.
+    pub replicas: Vec<parley_llm::remote::ReplicaConfig>,
+    /// Longest silence from a replica before it counts as failed.
+    pub request_timeout_ms: u64,
+    /// How often replicas are health-checked.
+    pub health_interval_ms: u64,
+    /// Connection timeout to a replica.
+    pub connect_timeout_ms: u64,
 }
 
 /// Speech-synthesis settings.
@@ -196,7 +206,15 @@ impl Default for AsrConfig {
 
 impl Default for LlmConfig {
     fn default() -> Self {
-        Self { dequantize: true, context: 4096 }
+        use parley_llm::remote::config::{DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_REQUEST_TIMEOUT_MS};
+        Self {
+            dequantize: true,
+            context: 4096,
+            replicas: Vec::new(),
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+        }
     }
 }
 
@@ -242,6 +260,9 @@ impl Config {
         if self.server.max_calls == 0 {
             bail!("server.max_calls must be at least 1");
         }
+        if let Some(remote) = self.remote_llm() {
+            remote.validate().context("llm.replicas")?;
+        }
         if self.tools.max_rounds == 0 {
             bail!("tools.max_rounds must be at least 1");
         }
@@ -254,6 +275,16 @@ impl Config {
     /// The listen address, parsed.
     pub fn listen_addr(&self) -> Result<SocketAddr> {
         self.server.listen.parse().with_context(|| format!("server.listen `{}` is not HOST:PORT", self.server.listen))
+    }
+
+    /// The remote replica pool's settings, when replicas are configured.
+    pub fn remote_llm(&self) -> Option<parley_llm::remote::RemoteConfig> {
+        (!self.llm.replicas.is_empty()).then(|| parley_llm::remote::RemoteConfig {
+            replicas: self.llm.replicas.clone(),
+            request_timeout_ms: self.llm.request_timeout_ms,
+            health_interval_ms: self.llm.health_interval_ms,
+            connect_timeout_ms: self.llm.connect_timeout_ms,
+        })
     }
 
     /// The pharmacy database file after defaults.

@@ -9,7 +9,8 @@ use parley_agent::tools::ToolRegistry;
 use parley_agent::tools::http::HttpTool;
 use parley_agent::tools::pharmacy::{PharmacyDb, pharmacy_tools};
 use parley_asr::{WhisperOptions, WhisperTranscriber};
-use parley_llm::{CandleEngine, CandleOptions};
+use parley_llm::remote::RemotePool;
+use parley_llm::{CandleEngine, CandleOptions, LlmEngine};
 use parley_tts::PiperVoice;
 use tracing::info;
 
@@ -32,11 +33,22 @@ pub fn load(config: &Config) -> Result<Engines> {
     info!(ms = t.elapsed().as_millis() as u64, "voice loaded");
 
     let t = Instant::now();
-    let options = CandleOptions { dequantize: config.llm.dequantize, max_context: config.llm.context, ..CandleOptions::default() };
-    let llm = CandleEngine::load(&paths.llm_gguf, &paths.llm_tokenizer, options).context("loading the language model")?;
-    info!(ms = t.elapsed().as_millis() as u64, "language model loaded");
+    let llm: Arc<dyn LlmEngine> = match config.remote_llm() {
+        Some(remote) => {
+            let names: Vec<String> = remote.replicas.iter().map(|r| r.name.clone()).collect();
+            let pool = RemotePool::new(remote).context("starting the remote LLM pool")?;
+            info!(replicas = ?names, "remote language model pool ready");
+            pool
+        }
+        None => {
+            let options = CandleOptions { dequantize: config.llm.dequantize, max_context: config.llm.context, ..CandleOptions::default() };
+            let llm = CandleEngine::load(&paths.llm_gguf, &paths.llm_tokenizer, options).context("loading the language model")?;
+            info!(ms = t.elapsed().as_millis() as u64, "language model loaded");
+            Arc::new(llm)
+        }
+    };
 
-    Ok(Engines { transcriber: Arc::new(asr), llm: Arc::new(llm), tts: Arc::new(tts), tools: tools(config)? })
+    Ok(Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools: tools(config)? })
 }
 
 /// The server-side tools the configuration asks for.
