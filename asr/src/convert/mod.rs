@@ -244,6 +244,14 @@ fn fused_qkv(out: &mut Vec<Planned>, dst: &str, src: &str) {
     linear(out, &format!("{dst}.value"), src, (2, 3), true);
 }
 
+/// A block's self-attention (layer norm, fused QKV split, output projection): the
+/// same layout in encoder and decoder blocks.
+fn self_attention(out: &mut Vec<Planned>, dst: &str, src: &str) {
+    layer_norm(out, &format!("{dst}.attn_ln"), &format!("{src}/self_attention/layer_norm"));
+    fused_qkv(out, &format!("{dst}.attn"), &format!("{src}/self_attention/linear_0"));
+    linear(out, &format!("{dst}.attn.out"), &format!("{src}/self_attention/linear_1"), (0, 1), true);
+}
+
 fn mlp(out: &mut Vec<Planned>, dst: &str, src: &str) {
     layer_norm(
         out,
@@ -288,23 +296,7 @@ fn plan(h: &HParams) -> Vec<Planned> {
     }
     for i in 0..h.n_audio_layer {
         let (dst, src) = (format!("encoder.blocks.{i}"), format!("encoder/layer_{i}"));
-        layer_norm(
-            &mut out,
-            &format!("{dst}.attn_ln"),
-            &format!("{src}/self_attention/layer_norm"),
-        );
-        fused_qkv(
-            &mut out,
-            &format!("{dst}.attn"),
-            &format!("{src}/self_attention/linear_0"),
-        );
-        linear(
-            &mut out,
-            &format!("{dst}.attn.out"),
-            &format!("{src}/self_attention/linear_1"),
-            (0, 1),
-            true,
-        );
+        self_attention(&mut out, &dst, &src);
         mlp(&mut out, &dst, &src);
     }
     layer_norm(&mut out, "encoder.ln_post", "encoder/layer_norm");
@@ -321,23 +313,7 @@ fn plan(h: &HParams) -> Vec<Planned> {
     ));
     for i in 0..h.n_text_layer {
         let (dst, src) = (format!("decoder.blocks.{i}"), format!("decoder/layer_{i}"));
-        layer_norm(
-            &mut out,
-            &format!("{dst}.attn_ln"),
-            &format!("{src}/self_attention/layer_norm"),
-        );
-        fused_qkv(
-            &mut out,
-            &format!("{dst}.attn"),
-            &format!("{src}/self_attention/linear_0"),
-        );
-        linear(
-            &mut out,
-            &format!("{dst}.attn.out"),
-            &format!("{src}/self_attention/linear_1"),
-            (0, 1),
-            true,
-        );
+        self_attention(&mut out, &dst, &src);
         let cross = format!("{dst}.cross_attn");
         layer_norm(
             &mut out,
