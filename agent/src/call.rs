@@ -1,11 +1,13 @@
 //! The call actor: one task that owns a call's state and reacts to input, speech
 //! events, transcripts and responses in the order they happen.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parley_asr::{AsrError, Transcript};
-use tokio::sync::mpsc;
+use parley_audio::echo::EchoReference;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -15,14 +17,22 @@ use crate::events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetric
 use crate::ids::new_id;
 use crate::input::{InputAudio, InputEvent};
 use crate::pacing::PlayClock;
-use crate::response::{self, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
-use crate::settings::SessionSettings;
+use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
+use crate::settings::{ResponseOptions, SessionSettings};
+use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
+use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, PARTIAL_SLOTS, Speech, join};
 use crate::{AgentError, Engines};
 
 /// Inputs queued for a call before the transport has to wait (backpressure).
 const INPUT_QUEUE: usize = 256;
 /// Events queued for the transport's writer.
 const EVENT_QUEUE: usize = 256;
+/// Played audio remembered for the echo check.
+const ECHO_MEMORY_MS: u64 = 4_000;
+/// Input compared with the played audio when judging speech during a reply.
+const ECHO_WINDOW_MS: u64 = 600;
+/// How often speech that sounded like echo is looked at again.
+const ECHO_RECHECK: Duration = Duration::from_millis(150);
 
 /// Starts calls.
 pub struct Call;
@@ -86,11 +96,33 @@ struct Transcribed {
     result: Result<Transcript, AsrError>,
     asr_ms: f64,
     timer: TurnTimer,
+    /// How the audio got here.
+    kind: TranscribeKind,
+}
+
+/// Why audio was transcribed.
+enum TranscribeKind {
+    /// `input_audio_buffer.commit`: the item is already committed.
+    Manual,
+    /// The VAD ended a stretch of speech; the turn is committed (or held) when the
+    /// text is known.
+    Segment {
+        samples: Vec<f32>,
+        /// The reply this speech may have interrupted, still to be decided.
+        barge: Option<String>,
+        ended_at: Instant,
+    },
+}
+
+/// A partial transcript of the speech in progress.
+struct Partial {
+    item_id: String,
+    text: Option<String>,
 }
 
 /// Wall-clock marks of one turn, from the end of the caller's speech.
 #[derive(Debug, Clone, Copy, Default)]
-struct TurnTimer {
+pub(crate) struct TurnTimer {
     speech_end: Option<Instant>,
     committed: Option<Instant>,
     transcript: Option<Instant>,
@@ -116,6 +148,10 @@ struct ActiveResponse {
     asr_ms: Option<f64>,
     /// Function-call items this response produced, for `response.done`.
     function_calls: Vec<(String, parley_llm::ToolCall)>,
+    /// Holds the audio while speech over it is judged.
+    pause: watch::Sender<bool>,
+    /// `false` while a part that may not be interrupted plays.
+    interruptible: Arc<AtomicBool>,
 }
 
 struct CallState {
@@ -127,8 +163,21 @@ struct CallState {
     conversation: Conversation,
     session: SharedSession,
     response: Option<ActiveResponse>,
-    /// Item id of the user speech in progress (between speech start and stop).
-    speech_item: Option<String>,
+    /// The caller's speech in progress (between speech start and stop).
+    speech: Option<Speech>,
+    /// A finished stretch of speech that sounded unfinished, waiting for more.
+    held: Option<HeldTurn>,
+    /// Stretches of speech being transcribed, in the order spoken, with results that
+    /// came back early: they are resolved strictly in order.
+    segments: std::collections::VecDeque<(String, Option<Transcribed>)>,
+    /// A committed turn waiting for the reply in progress to end before it is answered.
+    pending_response: Option<(TurnTimer, Option<f64>)>,
+    /// The last finished reply's item and clock, for `conversation.item.truncate`.
+    last_played: Option<(String, Arc<Mutex<PlayClock>>)>,
+    /// What the agent played lately, to tell the caller from the agent's echo.
+    echo: Arc<Mutex<EchoReference>>,
+    partials_tx: mpsc::Sender<Partial>,
+    partials_rx: Option<mpsc::Receiver<Partial>>,
     transcribed_tx: mpsc::Sender<Transcribed>,
     transcribed_rx: Option<mpsc::Receiver<Transcribed>>,
     /// Transcriptions still running; a response waits for them.
@@ -153,6 +202,7 @@ impl CallState {
         let session = Arc::new(Mutex::new(engines.llm.new_session()));
         let (transcribed_tx, transcribed_rx) = mpsc::channel(16);
         let (reports_tx, reports_rx) = mpsc::channel(64);
+        let (partials_tx, partials_rx) = mpsc::channel(4);
         Ok(Self {
             engines,
             settings,
@@ -162,7 +212,14 @@ impl CallState {
             conversation: Conversation::default(),
             session,
             response: None,
-            speech_item: None,
+            speech: None,
+            held: None,
+            segments: std::collections::VecDeque::new(),
+            pending_response: None,
+            last_played: None,
+            echo: Arc::new(Mutex::new(EchoReference::new(ECHO_MEMORY_MS))),
+            partials_tx,
+            partials_rx: Some(partials_rx),
             transcribed_tx,
             transcribed_rx: Some(transcribed_rx),
             pending_transcripts: 0,
@@ -190,11 +247,10 @@ impl CallState {
     async fn run(mut self, mut inputs: mpsc::Receiver<CallInput>) {
         info!("call started");
         self.emit(AgentEvent::SessionUpdated(Box::new(self.settings.clone()))).await;
-        let mut transcribed = match self.transcribed_rx.take() {
-            Some(rx) => rx,
-            None => return,
-        };
+        let (Some(mut transcribed), Some(mut partials)) = (self.transcribed_rx.take(), self.partials_rx.take()) else { return };
         loop {
+            // A held turn waits while the caller speaks or a stretch is being transcribed.
+            let held_deadline = self.held.as_ref().filter(|_| self.speech.is_none() && self.segments.is_empty()).map(|h| h.deadline);
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
@@ -204,6 +260,8 @@ impl CallState {
                     None => break,
                 },
                 Some(done) = transcribed.recv() => self.on_transcribed(done).await,
+                Some(partial) = partials.recv() => self.on_partial(partial).await,
+                _ = sleep_until_opt(held_deadline) => self.commit_held().await,
                 outcome = wait_response(&mut self.response) => self.finish_response(outcome, None).await,
             }
         }
@@ -229,7 +287,9 @@ impl CallState {
             }
             CallInput::ClearInput => {
                 self.input.clear();
-                self.speech_item = None;
+                self.speech = None;
+                self.held = None;
+                self.segments.clear();
                 self.emit(AgentEvent::InputCleared).await;
             }
             CallInput::UserText(text) => {
@@ -237,13 +297,9 @@ impl CallState {
                 let previous = self.conversation.push(Item::message(id.clone(), ItemRole::User, Some(text.clone())));
                 self.emit(AgentEvent::ItemAdded { item_id: id, previous_item_id: previous, role: ItemRole::User, text: Some(text) }).await;
             }
-            CallInput::CreateResponse => {
-                if self.response.is_some() {
-                    self.error(ErrorCode::ActiveResponse, "a response is already in progress; cancel it or wait for response.done").await;
-                    return;
-                }
-                self.start_response(TurnTimer::default(), None).await;
-            }
+            CallInput::CreateResponse => self.create_response(ResponseOptions::default()).await,
+            CallInput::CreateResponseWith(options) => self.create_response(options).await,
+            CallInput::Truncate { item_id, audio_end_ms } => self.truncate(item_id, audio_end_ms).await,
             CallInput::CancelResponse => {
                 if self.response.is_some() {
                     self.interrupt().await;
@@ -280,49 +336,182 @@ impl CallState {
         };
         for event in events {
             match event {
-                InputEvent::SpeechStarted { at_ms } => {
-                    let item_id = new_id("item");
-                    self.speech_item = Some(item_id.clone());
-                    self.emit(AgentEvent::SpeechStarted { item_id, audio_start_ms: at_ms }).await;
-                    let interrupts = self.settings.turn_detection.as_ref().is_some_and(|t| t.interrupt_response);
-                    if interrupts && self.response.is_some() {
-                        info!("caller barged in");
-                        self.interrupt().await;
-                    }
-                }
-                InputEvent::SpeechStopped { at_ms, samples, ended_at } => {
-                    let item_id = self.speech_item.take().unwrap_or_else(|| new_id("item"));
-                    self.emit(AgentEvent::SpeechStopped { item_id: item_id.clone(), audio_end_ms: at_ms }).await;
-                    let timer = TurnTimer { speech_end: Some(ended_at), committed: Some(Instant::now()), transcript: None };
-                    self.commit_audio(item_id, samples, timer).await;
-                }
+                InputEvent::SpeechStarted { at_ms } => self.on_speech_started(at_ms).await,
+                InputEvent::SpeechStopped { at_ms, samples, ended_at } => self.on_speech_stopped(at_ms, samples, ended_at).await,
                 InputEvent::Overflow => {
                     self.error(ErrorCode::BufferFull, format!("over {} ms of audio without a commit; the buffer was cleared", self.settings.max_buffer_ms)).await;
                 }
             }
         }
+        self.judge_barge_in();
+        self.start_partial();
     }
 
-    /// Adds a user audio item and transcribes it off the runtime.
+    async fn on_speech_started(&mut self, at_ms: u64) {
+        let now = Instant::now();
+        let item_id = new_id("item");
+        let mut barge = None;
+        if let (Some(td), Some(active)) = (self.settings.turn_detection.as_ref(), self.response.as_ref())
+            && td.interrupt_response
+        {
+            if active.interruptible.load(Ordering::SeqCst) {
+                let wait = Duration::from_millis(u64::from(td.interruption.min_pause_ms));
+                barge = Some(Barge { response_id: active.id.clone(), check_at: now + wait, paused: false, echo: false });
+            } else {
+                info!("the caller spoke during a part that may not be interrupted; kept for the next turn");
+            }
+        }
+        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial_running: false, barge });
+        self.emit(AgentEvent::SpeechStarted { item_id, audio_start_ms: at_ms }).await;
+    }
+
+    /// Speech over a reply: once it has lasted the minimum and is not the agent's own
+    /// echo, pause the reply while the words are judged.
+    fn judge_barge_in(&mut self) {
+        let now = Instant::now();
+        let Some(td) = self.settings.turn_detection.as_ref() else { return };
+        let Some(speech) = self.speech.as_mut() else { return };
+        let Some(barge) = speech.barge.as_mut() else { return };
+        if barge.paused || now < barge.check_at {
+            return;
+        }
+        let Some(active) = self.response.as_ref().filter(|a| a.id == barge.response_id) else {
+            speech.barge = None;
+            return;
+        };
+        if td.interruption.echo_guard {
+            let (recent, end) = self.input.recent(ECHO_WINDOW_MS);
+            let echo = self.echo.lock().unwrap_or_else(|p| p.into_inner());
+            if echo.active_near(end, Duration::from_millis(1_000)) {
+                let check = echo.check(recent, end, -200, 800);
+                if check.is_echo(td.interruption.echo_correlation) {
+                    if !barge.echo {
+                        debug!(correlation = check.correlation, lag_ms = check.lag_ms, level_gap_db = check.level_gap_db, "speech over the reply is its own echo");
+                    }
+                    barge.echo = true;
+                    barge.check_at = now + ECHO_RECHECK;
+                    return;
+                }
+                debug!(correlation = check.correlation, lag_ms = check.lag_ms, "speech over the reply is not echo");
+            }
+        }
+        barge.echo = false;
+        barge.paused = true;
+        let _ = active.pause.send(true);
+        info!(after_ms = now.duration_since(speech.started).as_millis() as u64, "the caller speaks over the reply: paused");
+    }
+
+    /// Starts a partial transcript of the speech in progress when one is due and a
+    /// decoding slot is free.
+    fn start_partial(&mut self) {
+        let Some(interval) = self.settings.turn_detection.as_ref().map(|t| t.partial_interval_ms) else { return };
+        let Some(speech) = self.speech.as_mut() else { return };
+        let since = speech.last_partial.unwrap_or(speech.started);
+        if interval == 0 || speech.partial_running || since.elapsed() < Duration::from_millis(u64::from(interval)) {
+            return;
+        }
+        if speech.barge.as_ref().is_some_and(|b| b.echo && !b.paused) {
+            return;
+        }
+        let Ok(permit) = PARTIAL_SLOTS.try_acquire() else { return };
+        speech.partial_running = true;
+        speech.last_partial = Some(Instant::now());
+        let mut samples = self.input.current();
+        if samples.len() > PARTIAL_MAX_SAMPLES {
+            samples.drain(..samples.len() - PARTIAL_MAX_SAMPLES);
+        }
+        let item_id = speech.item_id.clone();
+        let transcriber = self.engines.transcriber.clone();
+        let tx = self.partials_tx.clone();
+        tokio::spawn(
+            async move {
+                let text = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    transcriber.transcribe(&samples)
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|t| t.text);
+                let _ = tx.send(Partial { item_id, text }).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    async fn on_partial(&mut self, partial: Partial) {
+        let Some(speech) = self.speech.as_mut().filter(|s| s.item_id == partial.item_id) else { return };
+        speech.partial_running = false;
+        let Some(text) = partial.text else { return };
+        let delta = speech.stabilizer.update(&text);
+        let confirmed = speech.barge.as_ref().is_some_and(|b| b.paused)
+            && self.settings.turn_detection.as_ref().is_some_and(|t| !is_backchannel(&text, &t.interruption.backchannels));
+        if confirmed {
+            speech.barge = None;
+        }
+        let item_id = speech.item_id.clone();
+        if let Some(delta) = delta {
+            self.emit(AgentEvent::UserTranscriptDelta { item_id, delta }).await;
+        }
+        if confirmed {
+            info!("the caller's words interrupt the reply");
+            self.interrupt().await;
+        }
+    }
+
+    async fn on_speech_stopped(&mut self, at_ms: u64, samples: Vec<f32>, ended_at: Instant) {
+        let Some(speech) = self.speech.take() else { return };
+        self.emit(AgentEvent::SpeechStopped { item_id: speech.item_id.clone(), audio_end_ms: at_ms }).await;
+        let barge = speech.barge.filter(|b| self.response.as_ref().is_some_and(|a| a.id == b.response_id));
+        if let Some(b) = &barge
+            && !b.paused
+        {
+            // Too short to pause the reply, or the agent's own echo: not the caller's turn.
+            debug!(echo = b.echo, "ignored a sound over the reply");
+            return;
+        }
+        let timer = TurnTimer { speech_end: Some(ended_at), committed: Some(Instant::now()), transcript: None };
+        dump_turn(&speech.item_id, &samples);
+        let kind = TranscribeKind::Segment { samples: Vec::new(), barge: barge.map(|b| b.response_id), ended_at };
+        self.segments.push_back((speech.item_id.clone(), None));
+        self.transcribe(speech.item_id, samples, timer, kind);
+    }
+
+    /// Adds a user audio item (a manual commit) and transcribes it off the runtime.
     async fn commit_audio(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer) {
         let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::User, None));
         self.emit(AgentEvent::InputCommitted { item_id: item_id.clone(), previous_item_id: previous.clone() }).await;
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::User, text: None }).await;
-        self.pending_transcripts += 1;
         dump_turn(&item_id, &samples);
+        self.transcribe(item_id, samples, timer, TranscribeKind::Manual);
+    }
+
+    /// Transcribes audio on a blocking thread; the result comes back as `Transcribed`.
+    fn transcribe(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer, kind: TranscribeKind) {
+        self.pending_transcripts += 1;
         let transcriber = self.engines.transcriber.clone();
         let tx = self.transcribed_tx.clone();
         let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16);
         tokio::spawn(
             async move {
                 let started = Instant::now();
-                let result = tokio::task::spawn_blocking(move || transcriber.transcribe(&samples))
-                    .await
-                    .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
+                let result = tokio::task::spawn_blocking(move || {
+                    let result = transcriber.transcribe(&samples);
+                    (result, samples)
+                })
+                .await;
+                let (result, samples) = match result {
+                    Ok(done) => done,
+                    Err(e) => (Err(AsrError::Decode(format!("the transcription thread failed: {e}"))), Vec::new()),
+                };
                 let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let mut timer = timer;
                 timer.transcript = Some(Instant::now());
-                let _ = tx.send(Transcribed { item_id, result, asr_ms, timer }).await;
+                let kind = match kind {
+                    TranscribeKind::Segment { barge, ended_at, .. } => TranscribeKind::Segment { samples, barge, ended_at },
+                    manual => manual,
+                };
+                let _ = tx.send(Transcribed { item_id, result, asr_ms, timer, kind }).await;
             }
             .instrument(span),
         );
@@ -330,24 +519,144 @@ impl CallState {
 
     async fn on_transcribed(&mut self, done: Transcribed) {
         self.pending_transcripts = self.pending_transcripts.saturating_sub(1);
-        let text = match done.result {
-            Ok(t) => t.text,
-            Err(e) => {
-                warn!(error = %e, "transcription failed");
-                self.error(ErrorCode::TranscriptionFailed, format!("could not transcribe the last turn: {e}")).await;
-                String::new()
+        if !matches!(done.kind, TranscribeKind::Segment { .. }) {
+            let text = self.transcript_text(&done).await;
+            self.conversation.set_text(&done.item_id, text.clone(), false);
+            self.emit(AgentEvent::UserTranscript { item_id: done.item_id, transcript: text.clone() }).await;
+            self.maybe_respond(&text, done.timer, Some(done.asr_ms)).await;
+            return;
+        }
+        // Stretches of speech resolve in the order they were spoken.
+        match self.segments.iter_mut().find(|(id, _)| *id == done.item_id) {
+            Some(slot) => slot.1 = Some(done),
+            None => return, // cleared meanwhile
+        }
+        while self.segments.front().is_some_and(|(_, r)| r.is_some()) {
+            if let Some((_, Some(done))) = self.segments.pop_front() {
+                self.resolve_segment(done).await;
             }
-        };
-        info!(item_id = %done.item_id, chars = text.len(), asr_ms = done.asr_ms, "transcript");
-        self.conversation.set_text(&done.item_id, text.clone(), false);
-        self.emit(AgentEvent::UserTranscript { item_id: done.item_id, transcript: text.clone() }).await;
-        let auto = self.settings.turn_detection.as_ref().is_some_and(|t| t.create_response);
-        if auto && !text.trim().is_empty() && self.pending_transcripts == 0 && self.response.is_none() && !self.input.in_speech() {
-            self.start_response(done.timer, Some(done.asr_ms)).await;
         }
     }
 
-    async fn start_response(&mut self, timer: TurnTimer, asr_ms: Option<f64>) {
+    /// The text of a transcription; a failure is reported to the client and reads as
+    /// silence.
+    fn transcript_text(&self, done: &Transcribed) -> impl std::future::Future<Output = String> + Send + 'static {
+        let (text, failure) = match &done.result {
+            Ok(t) => (t.text.clone(), None),
+            Err(e) => {
+                warn!(error = %e, "transcription failed");
+                (String::new(), Some(self.error(ErrorCode::TranscriptionFailed, format!("could not transcribe the last turn: {e}"))))
+            }
+        };
+        async move {
+            if let Some(f) = failure {
+                f.await;
+            }
+            text
+        }
+    }
+
+    /// Decides what a transcribed stretch of speech is: a false interruption (the
+    /// reply resumes), part of a turn that is not over yet (held), or a turn.
+    async fn resolve_segment(&mut self, done: Transcribed) {
+        let text = self.transcript_text(&done).await;
+        info!(item_id = %done.item_id, chars = text.len(), asr_ms = done.asr_ms, "transcript");
+        let TranscribeKind::Segment { samples, barge, ended_at } = done.kind else { return };
+        let Some(td) = self.settings.turn_detection.clone() else {
+            self.commit_turn(done.item_id, text, done.timer, done.asr_ms).await;
+            return;
+        };
+        if let Some(response_id) = barge
+            && self.response.as_ref().is_some_and(|a| a.id == response_id)
+        {
+            if is_backchannel(&text, &td.interruption.backchannels) {
+                info!(heard = %text, "no words over the reply: it resumes");
+                if let Some(active) = self.response.as_ref() {
+                    let _ = active.pause.send(false);
+                }
+                return;
+            }
+            info!("the caller's words interrupt the reply");
+            self.interrupt().await;
+        }
+        // A stretch after an unfinished one continues the same turn.
+        let (item_id, text, samples) = match self.held.take() {
+            Some(held) if !text.trim().is_empty() => {
+                info!(item_id = %held.item_id, "the caller went on after a pause; same turn");
+                (held.item_id, format!("{} {}", held.text.trim(), text.trim()), join(held.samples, samples))
+            }
+            Some(held) => (held.item_id, held.text, held.samples),
+            None => (done.item_id, text, samples),
+        };
+        if td.unfinished_silence_ms > td.vad.silence_duration_ms && looks_unfinished(&text) {
+            let deadline = ended_at + Duration::from_millis(u64::from(td.unfinished_silence_ms));
+            if Instant::now() < deadline || self.speech.is_some() || !self.segments.is_empty() {
+                info!(heard = %text, "the turn sounds unfinished: waiting for more");
+                self.held = Some(HeldTurn { item_id, samples, text, timer: done.timer, asr_ms: done.asr_ms, deadline });
+                return;
+            }
+        }
+        self.commit_turn(item_id, text, done.timer, done.asr_ms).await;
+    }
+
+    /// A held turn's wait is over: commit it as it is.
+    async fn commit_held(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let mut timer = held.timer;
+        timer.committed = Some(Instant::now());
+        self.commit_turn(held.item_id, held.text, timer, held.asr_ms).await;
+    }
+
+    /// Commits a transcribed turn of the caller and answers it when the session says so.
+    async fn commit_turn(&mut self, item_id: String, text: String, timer: TurnTimer, asr_ms: f64) {
+        let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::User, Some(text.clone())));
+        self.emit(AgentEvent::InputCommitted { item_id: item_id.clone(), previous_item_id: previous.clone() }).await;
+        self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::User, text: None }).await;
+        self.emit(AgentEvent::UserTranscript { item_id, transcript: text.clone() }).await;
+        self.maybe_respond(&text, timer, Some(asr_ms)).await;
+    }
+
+    /// Answers a committed turn when turn detection creates responses; waits for a
+    /// reply in progress (one that may not be interrupted) to end first.
+    async fn maybe_respond(&mut self, text: &str, timer: TurnTimer, asr_ms: Option<f64>) {
+        let auto = self.settings.turn_detection.as_ref().is_some_and(|t| t.create_response);
+        if !auto || text.trim().is_empty() || self.pending_transcripts > 0 || self.input.in_speech() || self.held.is_some() || !self.segments.is_empty() {
+            return;
+        }
+        if self.response.is_some() {
+            self.pending_response = Some((timer, asr_ms));
+            return;
+        }
+        self.start_response(timer, asr_ms, ResponseOptions::default()).await;
+    }
+
+    async fn create_response(&mut self, options: ResponseOptions) {
+        if self.response.is_some() {
+            self.error(ErrorCode::ActiveResponse, "a response is already in progress; cancel it or wait for response.done").await;
+            return;
+        }
+        self.start_response(TurnTimer::default(), None, options).await;
+    }
+
+    /// `conversation.item.truncate`: the client stopped playing an assistant item at
+    /// `audio_end_ms`; keep only what was heard by then.
+    async fn truncate(&mut self, item_id: String, audio_end_ms: u64) {
+        if let Some(active) = self.response.as_ref().filter(|a| a.item_id == item_id) {
+            let heard = response::lock(&active.clock).heard_text(audio_end_ms as f64);
+            active.cancel.cancel();
+            let outcome = wait_response(&mut self.response).await;
+            self.finish_response(outcome, Some(heard)).await;
+        } else if let Some((_, clock)) = self.last_played.as_ref().filter(|(id, _)| *id == item_id) {
+            let heard = response::lock(clock).heard_text(audio_end_ms as f64);
+            self.conversation.set_text(&item_id, heard, true);
+        } else {
+            self.error(ErrorCode::UnknownItem, format!("no assistant audio item {item_id} to truncate")).await;
+            return;
+        }
+        self.emit(AgentEvent::ItemTruncated { item_id, audio_end_ms }).await;
+    }
+
+    async fn start_response(&mut self, timer: TurnTimer, asr_ms: Option<f64>, request: ResponseOptions) {
         let response_id = new_id("resp");
         let item_id = new_id("item");
         let span = info_span!("turn", response_id = %response_id);
@@ -363,19 +672,23 @@ impl CallState {
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
-            messages: self.conversation.to_messages(&self.settings.instructions),
+            messages: self.conversation.to_messages(request.instructions.as_deref().unwrap_or(&self.settings.instructions)),
             options,
             output_format: self.settings.output_format,
             pacing: self.settings.pacing,
             tool_policy: self.settings.tool_policy.clone(),
+            interruptible: request.interruptible,
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));
+        let (pause, paused) = watch::channel(false);
+        let interruptible = Arc::new(AtomicBool::new(request.interruptible));
+        let playback = Playback { clock: clock.clone(), paused, interruptible: interruptible.clone(), echo: self.echo.clone() };
         let task = tokio::spawn(
-            response::run(job, (*self.engines).clone(), self.session.clone(), self.events.clone(), self.reports_tx.clone(), clock.clone(), cancel.clone())
+            response::run(job, (*self.engines).clone(), self.session.clone(), self.events.clone(), self.reports_tx.clone(), playback, cancel.clone())
                 .instrument(span),
         );
-        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new() });
+        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new(), pause, interruptible });
     }
 
     /// Stops the response in progress and keeps only what the caller heard.
@@ -461,7 +774,15 @@ impl CallState {
         };
         info!(status = status.as_str(), ?metrics, "response finished");
         self.emit(AgentEvent::Metrics(metrics)).await;
+        self.last_played = Some((active.item_id.clone(), active.clock.clone()));
         self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text, function_calls: active.function_calls }).await;
+        // Speech kept while the reply could not be interrupted is answered now.
+        if let Some((timer, asr_ms)) = self.pending_response.take()
+            && self.response.is_none()
+            && !self.input.in_speech()
+        {
+            self.start_response(timer, asr_ms, ResponseOptions::default()).await;
+        }
     }
 }
 
@@ -472,6 +793,14 @@ fn dump_turn(item_id: &str, samples: &[f32]) {
     let path = std::path::Path::new(&dir).join(format!("{item_id}.wav"));
     if let Err(e) = parley_audio::wav::write_wav(&path, samples, crate::input::ASR_RATE) {
         warn!(error = %e, "cannot dump the turn");
+    }
+}
+
+/// Sleeps until `deadline`; pending forever without one, so it can sit in a `select!`.
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

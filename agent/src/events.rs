@@ -15,6 +15,11 @@ pub enum CallInput {
     UserText(String),
     /// The client asks for a reply now (`response.create`).
     CreateResponse,
+    /// `response.create` with options (per-response instructions, not interruptible).
+    CreateResponseWith(crate::settings::ResponseOptions),
+    /// The client says playback of an assistant item stopped at `audio_end_ms`
+    /// (`conversation.item.truncate`): the item is cut to what was heard by then.
+    Truncate { item_id: String, audio_end_ms: u64 },
     /// The client stops the reply in progress (`response.cancel`).
     CancelResponse,
     /// New session settings (`session.update`), already merged and validated.
@@ -62,6 +67,8 @@ pub enum ErrorCode {
     ModelFailed,
     /// A tool result for a call that does not exist or already has one.
     UnknownCall,
+    /// An item id that names no item this request can apply to.
+    UnknownItem,
 }
 
 impl ErrorCode {
@@ -75,6 +82,7 @@ impl ErrorCode {
             Self::TranscriptionFailed => "transcription_failed",
             Self::ModelFailed => "model_failed",
             Self::UnknownCall => "unknown_call_id",
+            Self::UnknownItem => "item_not_found",
         }
     }
 }
@@ -121,8 +129,13 @@ pub enum AgentEvent {
     InputCleared,
     /// A conversation item was added (user text, user audio, assistant reply).
     ItemAdded { item_id: String, previous_item_id: Option<String>, role: crate::ItemRole, text: Option<String> },
+    /// Newly stable text of the transcript of the user's speech in progress
+    /// (append-only; the final transcript replaces it).
+    UserTranscriptDelta { item_id: String, delta: String },
     /// The final transcript of a user audio item.
     UserTranscript { item_id: String, transcript: String },
+    /// An assistant item was cut to what the caller heard (`conversation.item.truncate`).
+    ItemTruncated { item_id: String, audio_end_ms: u64 },
     /// A response started.
     ResponseCreated { response_id: String },
     /// The response's assistant item.

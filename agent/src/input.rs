@@ -40,6 +40,8 @@ pub struct InputAudio {
     buffer_start: u64,
     /// Total 16 kHz samples pushed since the call began.
     total: u64,
+    /// When the newest samples arrived.
+    last_arrival: Instant,
 }
 
 impl InputAudio {
@@ -55,6 +57,7 @@ impl InputAudio {
             buffer: Vec::new(),
             buffer_start: 0,
             total: 0,
+            last_arrival: Instant::now(),
         })
     }
 
@@ -84,6 +87,7 @@ impl InputAudio {
         let decoded = self.format.decode(bytes)?;
         let samples = self.resampler.process(&decoded);
         let arrived = Instant::now();
+        self.last_arrival = arrived;
         self.total += samples.len() as u64;
         self.buffer.extend_from_slice(&samples);
 
@@ -142,6 +146,17 @@ impl InputAudio {
     /// Drops everything buffered.
     pub fn clear(&mut self) {
         let _ = self.take();
+    }
+
+    /// The turn in progress so far (with its prefix padding), for a partial transcript.
+    pub fn current(&self) -> Vec<f32> {
+        self.buffer.clone()
+    }
+
+    /// The last `ms` of buffered input and when its last sample arrived.
+    pub fn recent(&self, ms: u64) -> (&[f32], Instant) {
+        let n = ((ms * SAMPLES_PER_MS) as usize).min(self.buffer.len());
+        (&self.buffer[self.buffer.len() - n..], self.last_arrival)
     }
 
     /// Milliseconds of audio waiting for a commit.

@@ -30,12 +30,14 @@ mod pacing;
 mod response;
 mod settings;
 pub mod tools;
+pub mod turn_rules;
+mod turns;
 
 pub use call::{Call, CallHandle};
 pub use conversation::{Conversation, Item, ItemContent, ItemRole};
 pub use engines::Engines;
 pub use events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetrics};
-pub use settings::{PacingSettings, SessionSettings, ToolPolicy, TurnDetection};
+pub use settings::{InterruptionSettings, PacingSettings, ResponseOptions, SessionSettings, ToolPolicy, TurnDetection};
 
 /// Errors a call reports to its transport (and through it to the client).
 #[derive(Debug, thiserror::Error)]

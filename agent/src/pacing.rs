@@ -36,6 +36,24 @@ impl PlayClock {
         Some(play_at.checked_sub(self.lead).unwrap_or(started))
     }
 
+    /// When the next frame sent will be heard: now for the first frame, else where
+    /// the audio sent so far ends on the caller's timeline.
+    pub fn next_play_at(&self) -> Instant {
+        match self.started {
+            Some(t) => t + Duration::from_secs_f64(self.sent_ms / 1000.0),
+            None => Instant::now(),
+        }
+    }
+
+    /// After a pause: the caller has played what was sent (or as much as real time
+    /// allowed), and the timeline continues from now instead of rushing to catch up.
+    pub fn resume(&mut self) {
+        if let Some(t) = self.started {
+            let played = self.played_ms();
+            self.started = Some(Instant::now().checked_sub(Duration::from_secs_f64(played / 1000.0)).unwrap_or(t));
+        }
+    }
+
     /// Records a frame of `ms` milliseconds as sent now.
     pub fn sent(&mut self, ms: f64) {
         if self.started.is_none() {
@@ -94,6 +112,23 @@ mod tests {
         assert_eq!(c.heard_text(1000.0), "Your order is processing.");
         assert_eq!(c.heard_text(1700.0), "Your order is processing. It will be");
         assert_eq!(c.heard_text(5000.0), "Your order is processing. It will be ready on December sixth.");
+    }
+
+    #[test]
+    fn resuming_after_a_pause_does_not_rush() {
+        let mut c = PlayClock::new(100);
+        c.sent(200.0);
+        std::thread::sleep(Duration::from_millis(300));
+        // Everything sent was heard during the pause; the next frame is due now, not
+        // 100 ms in the past, and the one after it 20 ms later.
+        c.resume();
+        assert!((c.played_ms() - 200.0).abs() < 1.0);
+        let at = c.next_send_at().expect("started");
+        assert!(at <= Instant::now());
+        assert!(Instant::now().duration_since(at) <= Duration::from_millis(120));
+        c.sent(20.0);
+        let later = c.next_send_at().expect("started");
+        assert!((later.duration_since(at).as_secs_f64() * 1000.0 - 20.0).abs() < 1.0);
     }
 
     #[test]

@@ -6,15 +6,17 @@
 //! token fires (barge-in, `response.cancel`, the call ending).
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use parley_audio::echo::EchoReference;
 use parley_audio::format::AudioFormat;
 use parley_audio::frame::Framer;
 use parley_audio::resample::StreamResampler;
 use parley_llm::{ChatMessage, GenerateOptions, GenerationStats, LlmSession, ToolCall};
 use parley_tts::chunker::PhraseChunker;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
@@ -45,6 +47,23 @@ pub struct ResponseJob {
     pub pacing: PacingSettings,
     /// Timeouts, holding phrase and round limit of the tool loop.
     pub tool_policy: ToolPolicy,
+    /// `false`: the whole reply plays even if the caller speaks.
+    pub interruptible: bool,
+}
+
+/// The call's hold on a response's playback: pause and resume it, know whether the
+/// audio playing now may be interrupted, and record what was played for the echo
+/// check.
+#[derive(Clone)]
+pub struct Playback {
+    /// Where the response's audio stands on the caller's timeline.
+    pub clock: Arc<Mutex<PlayClock>>,
+    /// `true` holds the audio (a possible interruption is being judged).
+    pub paused: watch::Receiver<bool>,
+    /// `false` while a not-interruptible segment plays.
+    pub interruptible: Arc<AtomicBool>,
+    /// The call's record of played audio.
+    pub echo: Arc<Mutex<EchoReference>>,
 }
 
 /// What the response reports to its call while it runs, so that tool calls and
@@ -80,7 +99,19 @@ struct Frame {
     audio: Vec<u8>,
     ms: f64,
     phrase: Option<(String, f64)>,
+    /// From this frame on the reply may not be interrupted.
+    uninterruptible: bool,
 }
+
+impl Frame {
+    fn audio(audio: Vec<u8>, ms: f64, phrase: Option<(String, f64)>) -> Self {
+        Self { audio, ms, phrase, uninterruptible: false }
+    }
+}
+
+/// In the text stream: what follows may not be interrupted (a tool result asked
+/// for it, e.g. a legal notice).
+const UNINTERRUPTIBLE: &str = "\u{1}";
 
 /// Runs a response to its end or until `cancel` fires. Audio and transcript deltas
 /// go to `events`; the play clock is shared so the call can read what was heard.
@@ -90,16 +121,17 @@ pub async fn run(
     session: SharedSession,
     events: mpsc::Sender<AgentEvent>,
     reports: mpsc::Sender<ToolReport>,
-    clock: Arc<Mutex<PlayClock>>,
+    playback: Playback,
     cancel: CancellationToken,
 ) -> ResponseOutcome {
+    playback.interruptible.store(job.interruptible, Ordering::SeqCst);
     let first_token_at = Arc::new(OnceLock::new());
     let (text_tx, text_rx) = mpsc::channel::<String>(TEXT_QUEUE);
     let (phrase_tx, phrase_rx) = mpsc::channel::<String>(PHRASE_QUEUE);
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
 
     let think = tokio::spawn(
-        think(job.messages, job.options.clone(), job.tool_policy.clone(), job.response_id.clone(), engines.tools.clone(), session, text_tx, reports, cancel.clone(), first_token_at.clone())
+        think(job.messages.clone(), job.options.clone(), job.tool_policy.clone(), job.response_id.clone(), engines.tools.clone(), session, text_tx, reports, cancel.clone(), first_token_at.clone())
             .in_current_span(),
     );
 
@@ -109,7 +141,7 @@ pub async fn run(
             .in_current_span(),
     );
     let mut outcome = ResponseOutcome::default();
-    let sent = pace_frames(frame_rx, &job.response_id, &job.item_id, &events, &clock, &cancel).await;
+    let sent = pace_frames(frame_rx, &job, &events, playback, &cancel).await;
     outcome.first_audio_at = sent.first_audio_at;
     outcome.text = sent.text;
 
@@ -236,8 +268,13 @@ async fn think(
                 }
             }
         };
+        let mut hold_the_floor = false;
         for (call_id, output) in results {
+            hold_the_floor |= asks_uninterruptible(&output);
             messages.push(ChatMessage::tool_result(call_id, output));
+        }
+        if hold_the_floor {
+            let _ = text.send(UNINTERRUPTIBLE.to_string()).await;
         }
         messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
     }
@@ -249,6 +286,12 @@ const SEGMENT_END: &str = "\u{0}";
 
 /// Said when a reply after a tool result was not speech.
 const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
+
+/// A tool result `{"uninterruptible": true, ...}` asks that what the agent says
+/// next plays to the end (terms, a legal notice).
+fn asks_uninterruptible(output: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v.get("uninterruptible").and_then(serde_json::Value::as_bool) == Some(true))
+}
 
 /// True when generated text is something to say, not an echoed JSON value.
 fn is_speech(text: &str) -> bool {
@@ -353,6 +396,17 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
             piece = text.recv() => piece,
         };
         let mut ready = Vec::new();
+        if piece.as_deref() == Some(UNINTERRUPTIBLE) {
+            // What was said before the mark keeps its own phrase.
+            ready.extend(chunker.finish());
+            ready.push(UNINTERRUPTIBLE.to_string());
+            for phrase in ready {
+                if phrases.send(phrase).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         let ended = match piece.as_deref() {
             Some(SEGMENT_END) | None => true,
             Some(piece) => {
@@ -434,6 +488,13 @@ async fn synthesize_phrases(
             p = phrases.recv() => p,
         };
         let Some(phrase) = phrase else { break };
+        if phrase == UNINTERRUPTIBLE {
+            let mark = Frame { uninterruptible: true, ..Frame::audio(Vec::new(), 0.0, None) };
+            if frames.send(mark).await.is_err() {
+                return first_tts_ms;
+            }
+            continue;
+        }
         let started = Instant::now();
         let tts = engines.tts.clone();
         let text = phrase.clone();
@@ -461,14 +522,14 @@ async fn synthesize_phrases(
         let converted = resampler.process(&samples);
         let mut marker = Some((phrase, duration_ms));
         for frame in framer.push(&converted) {
-            let f = Frame { audio: format.encode(&frame), ms: frame_ms, phrase: marker.take() };
+            let f = Frame::audio(format.encode(&frame), frame_ms, marker.take());
             if frames.send(f).await.is_err() {
                 return first_tts_ms;
             }
         }
         if let Some((phrase, duration_ms)) = marker {
             // The phrase was shorter than one frame's remainder: mark the next one.
-            let f = Frame { audio: Vec::new(), ms: 0.0, phrase: Some((phrase, duration_ms)) };
+            let f = Frame::audio(Vec::new(), 0.0, Some((phrase, duration_ms)));
             if frames.send(f).await.is_err() {
                 return first_tts_ms;
             }
@@ -478,7 +539,7 @@ async fn synthesize_phrases(
     let mut last = framer.push(&tail);
     last.extend(framer.flush());
     for frame in last {
-        if frames.send(Frame { audio: format.encode(&frame), ms: frame_ms, phrase: None }).await.is_err() {
+        if frames.send(Frame::audio(format.encode(&frame), frame_ms, None)).await.is_err() {
             break;
         }
     }
@@ -491,15 +552,18 @@ struct Sent {
     text: String,
 }
 
-/// Sends frames no faster than real time plus the lead, on a monotonic clock.
+/// Sends frames no faster than real time plus the lead, on a monotonic clock;
+/// holds them while the call has playback paused, and records each frame's audio
+/// at its play time for the echo check.
 async fn pace_frames(
     mut frames: mpsc::Receiver<Frame>,
-    response_id: &str,
-    item_id: &str,
+    job: &ResponseJob,
     events: &mpsc::Sender<AgentEvent>,
-    clock: &Mutex<PlayClock>,
+    mut playback: Playback,
     cancel: &CancellationToken,
 ) -> Sent {
+    let (response_id, item_id) = (job.response_id.as_str(), job.item_id.as_str());
+    let clock = &*playback.clock;
     let mut sent = Sent { first_audio_at: None, text: String::new() };
     loop {
         let frame = tokio::select! {
@@ -507,12 +571,18 @@ async fn pace_frames(
             f = frames.recv() => f,
         };
         let Some(frame) = frame else { return sent };
+        if !wait_while_paused(&mut playback.paused, clock, cancel).await {
+            return sent;
+        }
         let send_at = lock(clock).next_send_at();
         if let Some(at) = send_at {
             tokio::select! {
                 _ = cancel.cancelled() => return sent,
                 _ = tokio::time::sleep_until(at.into()) => {}
             }
+        }
+        if frame.uninterruptible {
+            playback.interruptible.store(false, Ordering::SeqCst);
         }
         if let Some((text, duration_ms)) = frame.phrase {
             lock(clock).phrase(text.clone(), duration_ms);
@@ -528,16 +598,42 @@ async fn pace_frames(
         if frame.audio.is_empty() {
             continue;
         }
-        if cancel.is_cancelled() {
+        // A pause that began while this frame waited holds it too.
+        if !wait_while_paused(&mut playback.paused, clock, cancel).await || cancel.is_cancelled() {
             return sent;
         }
-        lock(clock).sent(frame.ms);
+        let plays_at = {
+            let mut c = lock(clock);
+            let at = c.next_play_at();
+            c.sent(frame.ms);
+            at
+        };
+        if let Ok(samples) = job.output_format.decode(&frame.audio) {
+            let mut echo = playback.echo.lock().unwrap_or_else(|p| p.into_inner());
+            echo.push_played(&samples, job.output_format.sample_rate(), plays_at);
+        }
         sent.first_audio_at.get_or_insert_with(Instant::now);
         let delta = AgentEvent::AudioDelta { response_id: response_id.into(), item_id: item_id.into(), audio: frame.audio };
         if events.send(delta).await.is_err() {
             return sent;
         }
     }
+}
+
+/// Holds playback while paused; false when the response was cancelled meanwhile.
+async fn wait_while_paused(paused: &mut watch::Receiver<bool>, clock: &Mutex<PlayClock>, cancel: &CancellationToken) -> bool {
+    if !*paused.borrow() {
+        return true;
+    }
+    while *paused.borrow_and_update() {
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            changed = paused.changed() => if changed.is_err() { return false },
+        }
+    }
+    // The caller heard everything sent before the pause; go on from there.
+    lock(clock).resume();
+    true
 }
 
 /// Locks the play clock; a poisoned lock still holds a usable clock.

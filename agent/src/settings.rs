@@ -19,11 +19,76 @@ pub struct TurnDetection {
     pub create_response: bool,
     /// Speech during a response interrupts it (barge-in).
     pub interrupt_response: bool,
+    /// Silence allowed before committing a turn whose transcript looks unfinished
+    /// (a number being read out, a trailing "and", an address half spelled): the
+    /// silence window grows from `vad.silence_duration_ms` up to this, and no further.
+    /// Equal to the silence window turns the extension off.
+    pub unfinished_silence_ms: u32,
+    /// How often a partial transcript is made while the caller speaks; 0 turns
+    /// partial transcripts off.
+    pub partial_interval_ms: u32,
+    /// How speech during the agent's reply is judged.
+    pub interruption: InterruptionSettings,
 }
 
 impl Default for TurnDetection {
     fn default() -> Self {
-        Self { vad: TurnSettings::default(), create_response: true, interrupt_response: true }
+        Self {
+            vad: TurnSettings::default(),
+            create_response: true,
+            interrupt_response: true,
+            unfinished_silence_ms: 2_000,
+            partial_interval_ms: 500,
+            interruption: InterruptionSettings::default(),
+        }
+    }
+}
+
+/// Barge-in judgement: what speech during a reply must be to stop it.
+///
+/// Speech that starts while the agent talks first has to last `min_pause_ms`
+/// (shorter sounds are ignored); then, unless it is the agent's own echo, the agent
+/// pauses. If the caller's words (a partial or final transcript) are more than
+/// backchannels, the reply is cancelled and cut to what was heard; if the sound
+/// carried no words or only backchannels, the reply resumes where it paused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterruptionSettings {
+    /// Speech during a reply shorter than this does not even pause it.
+    pub min_pause_ms: u32,
+    /// Words that acknowledge without taking the turn ("mm-hm", "okay"); speech made
+    /// only of these resumes the reply.
+    pub backchannels: Vec<String>,
+    /// Compare speech heard during playback with the agent's own recent audio and
+    /// ignore it when it is an echo.
+    pub echo_guard: bool,
+    /// Envelope correlation (0..1) at or above which input counts as echo.
+    pub echo_correlation: f32,
+}
+
+impl Default for InterruptionSettings {
+    fn default() -> Self {
+        Self {
+            min_pause_ms: 250,
+            backchannels: crate::turn_rules::DEFAULT_BACKCHANNELS.iter().map(|s| s.to_string()).collect(),
+            echo_guard: true,
+            echo_correlation: 0.7,
+        }
+    }
+}
+
+/// Options of one response (`response.create`'s `response` object).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseOptions {
+    /// Instructions for this response only, instead of the session's.
+    pub instructions: Option<String>,
+    /// `false` plays the whole reply even if the caller speaks (a legal notice);
+    /// their speech is kept and answered next.
+    pub interruptible: bool,
+}
+
+impl Default for ResponseOptions {
+    fn default() -> Self {
+        Self { instructions: None, interruptible: true }
     }
 }
 

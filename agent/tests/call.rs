@@ -368,3 +368,259 @@ async fn interrupting_right_after_a_tool_call_keeps_exactly_one_completed_call()
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     call.close().await;
 }
+
+// ---- Turn-taking: false interruptions, unfinished turns, uninterruptible parts, echo.
+
+/// Speech-to-text that answers by the length of the audio: short stretches get
+/// `short`, longer ones `long` (a caller going on after a pause).
+struct ScriptedAsr {
+    short: &'static str,
+    long: &'static str,
+    long_from_s: f32,
+}
+impl Transcriber for ScriptedAsr {
+    fn transcribe(&self, samples: &[f32]) -> Result<Transcript, AsrError> {
+        let text = if samples.len() as f32 >= self.long_from_s * 16_000.0 { self.long } else { self.short };
+        Ok(Transcript { text: text.to_string() })
+    }
+}
+
+/// Speech-to-text that answers each stretch of speech with the next line of a script.
+struct SequenceAsr {
+    lines: Vec<&'static str>,
+    next: std::sync::atomic::AtomicUsize,
+}
+impl SequenceAsr {
+    fn new(lines: &[&'static str]) -> Self {
+        Self { lines: lines.to_vec(), next: std::sync::atomic::AtomicUsize::new(0) }
+    }
+}
+impl Transcriber for SequenceAsr {
+    fn transcribe(&self, _samples: &[f32]) -> Result<Transcript, AsrError> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Transcript { text: self.lines.get(i).or(self.lines.last()).copied().unwrap_or("").to_string() })
+    }
+}
+
+/// A voice that "speaks" the fixture's speech (so its echo looks like speech to the
+/// VAD), about 40 ms per character.
+struct SpeechTts;
+impl Synthesizer for SpeechTts {
+    fn sample_rate(&self) -> u32 {
+        16_000
+    }
+    fn synthesize(&self, text: &str) -> Result<Vec<f32>, TtsError> {
+        let speech = fixture_speech();
+        let n = text.len() * 640;
+        Ok(speech.iter().cycle().take(n).copied().collect())
+    }
+}
+
+/// The fixture's speech (0.9–2.9 s), 16 kHz.
+fn fixture_speech() -> Vec<f32> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+    let (samples, _) = parley_audio::wav::read_wav(&path).expect("fixture");
+    samples[14_400..46_400].to_vec()
+}
+
+/// 16 kHz samples as PCM16 24 kHz bytes.
+fn pcm24k(samples: &[f32]) -> Vec<u8> {
+    let mut r = parley_audio::resample::StreamResampler::new(16_000, 24_000).expect("resampler");
+    let mut s = r.process(samples);
+    s.extend(r.flush());
+    parley_audio::pcm::encode_pcm16le(&s)
+}
+
+fn silence(ms: usize) -> Vec<f32> {
+    vec![0.0; ms * 16]
+}
+
+/// Sends PCM16 24 kHz audio in real time (20 ms chunks), collecting events meanwhile.
+async fn stream_real_time(call: &CallHandle, rx: &mut mpsc::Receiver<AgentEvent>, pcm: &[u8], events: &mut Vec<AgentEvent>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for chunk in pcm.chunks(960) {
+        tick.tick().await;
+        call.send(CallInput::Audio(chunk.to_vec())).await.expect("send");
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+    }
+}
+
+/// Starts a reply to a typed question and waits until `frames` audio frames played.
+async fn reply_playing(call: &CallHandle, rx: &mut mpsc::Receiver<AgentEvent>, options: Option<parley_agent::ResponseOptions>, frames: usize) -> Vec<AgentEvent> {
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(match options {
+        Some(o) => CallInput::CreateResponseWith(o),
+        None => CallInput::CreateResponse,
+    })
+    .await
+    .expect("send");
+    let mut events = Vec::new();
+    while events.iter().filter(|e| matches!(e, AgentEvent::AudioDelta { .. })).count() < frames {
+        events.push(next(rx).await);
+    }
+    events
+}
+
+fn engines_asr(asr: impl Transcriber + 'static) -> Arc<Engines> {
+    Arc::new(Engines { transcriber: Arc::new(asr), llm: Arc::new(FakeLlm(REPLY)), tts: Arc::new(FakeTts), tools: ToolRegistry::default() })
+}
+
+#[tokio::test]
+async fn a_sound_without_words_pauses_the_reply_and_it_resumes() {
+    let engines = engines_asr(ScriptedAsr { short: "", long: "", long_from_s: 99.0 });
+    let (call, mut rx) = start_with(engines, SessionSettings::default()).await;
+    let mut events = reply_playing(&call, &mut rx, None, 20).await;
+    // Half a second of "cough" (speech-like sound the transcriber finds no words in).
+    let mut sound = fixture_speech()[..8_000].to_vec();
+    sound.extend(silence(900));
+    stream_real_time(&call, &mut rx, &pcm24k(&sound), &mut events).await;
+    events.extend(until(&mut rx, is_done).await);
+    let kinds: Vec<&str> = events.iter().map(kind).collect();
+    let started = kinds.iter().position(|k| *k == "speech_started").expect("the VAD heard the sound");
+    assert!(!kinds.contains(&"cleared"), "{kinds:?}");
+    assert!(kinds[started..].contains(&"audio.delta"), "the reply went on after the sound: {kinds:?}");
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed);
+    assert_eq!(transcript, REPLY);
+    assert!(!kinds.contains(&"committed"), "a sound without words is not a turn: {kinds:?}");
+    call.close().await;
+}
+
+#[tokio::test]
+async fn a_backchannel_does_not_interrupt() {
+    let engines = engines_asr(ScriptedAsr { short: "Mm-hm.", long: "Mm-hm.", long_from_s: 99.0 });
+    let (call, mut rx) = start_with(engines, SessionSettings::default()).await;
+    let mut events = reply_playing(&call, &mut rx, None, 20).await;
+    let mut sound = fixture_speech()[..12_000].to_vec();
+    sound.extend(silence(900));
+    stream_real_time(&call, &mut rx, &pcm24k(&sound), &mut events).await;
+    events.extend(until(&mut rx, is_done).await);
+    let Some(AgentEvent::ResponseDone { status, .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed, "{:?}", events.iter().map(kind).collect::<Vec<_>>());
+    call.close().await;
+}
+
+/// Reads "555 123" / pause / "4567": one turn with the whole number, answered once.
+async fn read_a_number_with_a_pause(unfinished_silence_ms: u32) -> Vec<AgentEvent> {
+    let engines = engines_asr(SequenceAsr::new(&["My phone number is 555, 123.", "4567."]));
+    let mut settings = SessionSettings::default();
+    if let Some(td) = settings.turn_detection.as_mut() {
+        td.unfinished_silence_ms = unfinished_silence_ms;
+        // The scripted transcriber answers finals only.
+        td.partial_interval_ms = 0;
+    }
+    let (call, mut rx) = start_with(engines, settings).await;
+    let speech = fixture_speech();
+    let mut audio = silence(300);
+    audio.extend(&speech);
+    audio.extend(silence(1_000));
+    audio.extend(&speech);
+    audio.extend(silence(1_200));
+    let mut events = Vec::new();
+    stream_real_time(&call, &mut rx, &pcm24k(&audio), &mut events).await;
+    events.extend(until(&mut rx, is_done).await);
+    call.close().await;
+    events
+}
+
+#[tokio::test]
+async fn a_number_read_in_groups_is_one_turn() {
+    let events = read_a_number_with_a_pause(2_000).await;
+    let commits = events.iter().filter(|e| matches!(e, AgentEvent::InputCommitted { .. })).count();
+    assert_eq!(commits, 1, "{:?}", events.iter().map(kind).collect::<Vec<_>>());
+    let transcripts: Vec<&String> = events.iter().filter_map(|e| if let AgentEvent::UserTranscript { transcript, .. } = e { Some(transcript) } else { None }).collect();
+    assert_eq!(transcripts, vec!["My phone number is 555, 123. 4567."]);
+    // The control: with the extension off, the pause cuts the caller off.
+    let events = read_a_number_with_a_pause(500).await;
+    let first = events.iter().find_map(|e| if let AgentEvent::UserTranscript { transcript, .. } = e { Some(transcript.clone()) } else { None });
+    assert_eq!(first.as_deref(), Some("My phone number is 555, 123."));
+}
+
+#[tokio::test]
+async fn speech_during_a_part_that_may_not_be_interrupted_is_answered_after_it() {
+    let (call, mut rx) = start(SessionSettings::default()).await;
+    let options = parley_agent::ResponseOptions { interruptible: false, ..Default::default() };
+    let mut events = reply_playing(&call, &mut rx, Some(options), 10).await;
+    let mut audio = fixture_speech();
+    audio.extend(silence(800));
+    stream_real_time(&call, &mut rx, &pcm24k(&audio), &mut events).await;
+    events.extend(until(&mut rx, is_done).await);
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed);
+    assert_eq!(transcript, REPLY);
+    assert!(!events.iter().any(|e| matches!(e, AgentEvent::OutputAudioCleared { .. })));
+    // The caller's words were kept and get their own answer.
+    let next_reply = until(&mut rx, is_done).await;
+    assert!(next_reply.iter().any(|e| matches!(e, AgentEvent::ResponseCreated { .. })));
+    let all: Vec<&AgentEvent> = events.iter().chain(&next_reply).collect();
+    assert!(all.iter().any(|e| matches!(e, AgentEvent::UserTranscript { transcript, .. } if transcript == "where is my order")));
+    call.close().await;
+}
+
+#[tokio::test]
+async fn truncate_cuts_a_reply_to_what_the_client_played() {
+    let mut settings = SessionSettings::default();
+    settings.turn_detection = None;
+    let (call, mut rx) = start(settings).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    let Some(AgentEvent::ResponseDone { item_id: Some(item_id), .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    call.send(CallInput::Truncate { item_id: item_id.clone(), audio_end_ms: 1_000 }).await.expect("send");
+    assert!(matches!(next(&mut rx).await, AgentEvent::ItemTruncated { audio_end_ms: 1_000, .. }));
+    call.send(CallInput::Truncate { item_id: "nope".into(), audio_end_ms: 10 }).await.expect("send");
+    assert!(matches!(next(&mut rx).await, AgentEvent::Error { code: ErrorCode::UnknownItem, .. }));
+    call.close().await;
+}
+
+/// Plays the reply back into the call's input at a third of its level, 60 ms late,
+/// as a speakerphone would; returns the events of the reply.
+async fn reply_with_its_echo(echo_guard: bool) -> Vec<AgentEvent> {
+    let engines = Arc::new(Engines {
+        transcriber: Arc::new(FakeAsr("where is my order")),
+        llm: Arc::new(FakeLlm(REPLY)),
+        tts: Arc::new(SpeechTts),
+        tools: ToolRegistry::default(),
+    });
+    let mut settings = SessionSettings::default();
+    if let Some(td) = settings.turn_detection.as_mut() {
+        td.interruption.echo_guard = echo_guard;
+    }
+    let (call, mut rx) = start_with(engines, settings).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let mut speaker: std::collections::VecDeque<u8> = std::iter::repeat_n(0u8, 3 * 960).collect();
+    let mut events = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while !events.iter().any(is_done) {
+        tick.tick().await;
+        while let Ok(ev) = rx.try_recv() {
+            if let AgentEvent::AudioDelta { audio, .. } = &ev {
+                speaker.extend(audio.iter().copied());
+            }
+            events.push(ev);
+        }
+        // What the speaker plays now comes back, quieter.
+        let frame: Vec<u8> = (0..960).map(|_| speaker.pop_front().unwrap_or(0)).collect();
+        let samples = parley_audio::pcm::decode_pcm16le(&frame).expect("pcm");
+        let quieter: Vec<f32> = samples.iter().map(|s| s * 0.33).collect();
+        call.send(CallInput::Audio(parley_audio::pcm::encode_pcm16le(&quieter))).await.expect("send");
+    }
+    call.close().await;
+    events
+}
+
+#[tokio::test]
+async fn the_agents_own_echo_does_not_interrupt_it() {
+    let events = reply_with_its_echo(true).await;
+    let kinds: Vec<&str> = events.iter().map(kind).collect();
+    let Some(AgentEvent::ResponseDone { status, .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed, "{kinds:?}");
+    assert!(!kinds.contains(&"cleared"), "{kinds:?}");
+    // The control: without the guard the same echo interrupts the agent.
+    let events = reply_with_its_echo(false).await;
+    let Some(AgentEvent::ResponseDone { status, .. }) = events.iter().find(|e| is_done(e)) else { panic!() };
+    assert_eq!(*status, ResponseStatus::Cancelled, "{:?}", events.iter().map(kind).collect::<Vec<_>>());
+}

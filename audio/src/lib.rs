@@ -25,6 +25,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod error;
+pub mod echo;
 pub mod format;
 pub mod frame;
 pub mod g711;

@@ -1,4 +1,5 @@
-//! The embedded engine: Qwen2 GGUF weights on candle, one KV cache per session.
+//! The embedded engine: Qwen2 GGUF weights on candle, one KV cache per session, all
+//! of an engine's caches under one memory budget ([`crate::kv_budget`]).
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -9,6 +10,7 @@ use candle_core::Device;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
+use crate::kv_budget::{KvBudget, KvCacheStats, SessionId};
 use crate::qwen2::{KvCache, ModelContext, Qwen2LoadOptions, Qwen2Weights};
 use crate::tokenizer::{TextStream, load_tokenizer, tokenizer_from_json, tokenizer_json_from_gguf};
 use crate::toolcall::ToolCallFilter;
@@ -48,7 +50,21 @@ pub struct CandleOptions {
     pub max_context: usize,
     /// Where to run.
     pub device: LlmDevice,
+    /// Bytes all the sessions' KV caches may hold together, so many calls cannot
+    /// exhaust memory: past it, the least recently used idle sessions lose their
+    /// cache (their next turn prefills the whole prompt again); a generating session
+    /// is never evicted. The shared system-prompt caches count against it too, within
+    /// an eighth of it (see [`crate::kv_budget`]).
+    pub kv_budget_bytes: usize,
+    /// Keep each session's KV cache between generations and share system-prompt
+    /// caches between sessions. Off, every generation prefills its whole prompt from
+    /// an empty cache: only for measuring what reuse saves.
+    pub kv_reuse: bool,
 }
+
+/// Default for [`CandleOptions::kv_budget_bytes`]: 1 GiB, about ten full 4096-token
+/// conversations of the 0.5B model.
+pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
 
 impl Default for CandleOptions {
     fn default() -> Self {
@@ -56,6 +72,8 @@ impl Default for CandleOptions {
             dequantize: true,
             max_context: 4096,
             device: LlmDevice::Cpu,
+            kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES,
+            kv_reuse: true,
         }
     }
 }
@@ -75,10 +93,15 @@ struct Shared {
     /// recent first, so a new call with one of those system prompts starts with it
     /// instead of prefilling it (the first turn, and the greeting, get faster).
     system_prefixes: Mutex<Vec<Arc<PrefixSnapshot>>>,
+    /// Every session's KV cache while idle, under one byte limit.
+    budget: KvBudget<SessionKv>,
+    /// [`CandleOptions::kv_reuse`].
+    kv_reuse: bool,
 }
 
 /// How many distinct system prompts keep a shared KV prefix (a server usually has one
-/// or a few; each costs about 24 KB per token for the 0.5B model).
+/// or a few; each costs about 24 KB per token for the 0.5B model). They are also
+/// bounded in bytes by [`KvBudget::prefix_limit`], and count against the budget.
 const SYSTEM_PREFIXES_KEPT: usize = 4;
 
 /// A prompt prefix and its keys and values.
@@ -114,11 +137,30 @@ impl Shared {
         self.prefixes().iter().any(|s| s.ids == ids)
     }
 
+    /// Stores a system prefix as the most recent one, keeping the newest that fit in
+    /// their count and byte bounds, and tells the budget what they take.
     fn store_snapshot(&self, snapshot: PrefixSnapshot) {
         let mut prefixes = self.prefixes();
         prefixes.retain(|s| s.ids != snapshot.ids);
         prefixes.insert(0, Arc::new(snapshot));
         prefixes.truncate(SYSTEM_PREFIXES_KEPT);
+        // Newest first, each kept if it still fits: one too large for the bound is
+        // not shared, and does not push out the others.
+        let bound = self.budget.prefix_limit();
+        let mut total = 0usize;
+        prefixes.retain(|s| {
+            let bytes = s.cache.bytes();
+            let fits = total + bytes <= bound;
+            if fits {
+                total += bytes;
+            } else {
+                tracing::debug!(bytes, bound, "a system prompt's KV cache is over its bound; not shared");
+            }
+            fits
+        });
+        // Under the list's lock, so concurrent stores report in order (the budget
+        // never takes this lock: no deadlock).
+        self.budget.set_prefix_bytes(total);
     }
 }
 
@@ -126,7 +168,8 @@ impl Shared {
 ///
 /// Loaded once per process (the weights are the large part); each call opens a
 /// session with [`LlmEngine::new_session`], which owns only its KV cache, so sessions
-/// run concurrently on different threads without locks.
+/// run concurrently on different threads (they only take the budget's lock briefly,
+/// to check their cache out before a generation and back in after).
 #[derive(Clone)]
 pub struct CandleEngine {
     shared: Arc<Shared>,
@@ -210,6 +253,8 @@ impl CandleEngine {
             load_ms = started.elapsed().as_millis() as u64,
             dequantize = options.dequantize,
             max_context = weights.max_context(),
+            kv_budget_bytes = options.kv_budget_bytes,
+            kv_reuse = options.kv_reuse,
             "language model loaded"
         );
         let im_end = tokenizer.token_to_id(chat::IM_END);
@@ -221,6 +266,8 @@ impl CandleEngine {
                 stop_ids,
                 im_end,
                 system_prefixes: Mutex::new(Vec::new()),
+                budget: KvBudget::new(options.kv_budget_bytes),
+                kv_reuse: options.kv_reuse,
             }),
         })
     }
@@ -254,10 +301,15 @@ impl CandleEngine {
     /// more than the [`LlmSession`] trait.
     pub fn session(&self) -> CandleSession {
         CandleSession {
-            cache: self.shared.weights.new_cache(),
-            cached_ids: Vec::new(),
+            id: self.shared.budget.register(),
             shared: Arc::clone(&self.shared),
         }
+    }
+
+    /// What the sessions' KV caches hold against their budget (bytes in use, cached
+    /// sessions, evictions), for the server's metrics.
+    pub fn kv_stats(&self) -> KvCacheStats {
+        self.shared.budget.stats()
     }
 }
 
@@ -269,9 +321,15 @@ impl LlmEngine for CandleEngine {
     fn new_session(&self) -> Box<dyn LlmSession> {
         Box::new(self.session())
     }
+
+    fn kv_cache_stats(&self) -> Option<KvCacheStats> {
+        Some(self.kv_stats())
+    }
 }
 
-/// One call's conversation state: its KV cache and the token ids the cache holds.
+/// One call's conversation state: its KV cache and the token ids the cache holds,
+/// kept in the engine's [`KvBudget`] between generations (so it may be evicted while
+/// the call is idle; the next turn then prefills the whole prompt).
 ///
 /// With tools in [`GenerateOptions::tools`], the prompt carries Qwen's tools section
 /// and the reply runs through [`ToolCallFilter`]: `on_text` gets only speech (an empty
@@ -279,53 +337,88 @@ impl LlmEngine for CandleEngine {
 /// come back in [`GenerationStats::tool_calls`], each with a fresh `call_…` id.
 pub struct CandleSession {
     shared: Arc<Shared>,
-    cache: KvCache,
-    /// Exactly the tokens whose keys and values are in `cache`, in order.
-    cached_ids: Vec<u32>,
+    /// This session's place in the budget.
+    id: SessionId,
 }
 
 impl CandleSession {
-    /// Number of tokens in the KV cache.
+    /// Number of tokens in the KV cache (0 once evicted).
     pub fn cached_len(&self) -> usize {
-        self.cached_ids.len()
+        self.shared
+            .budget
+            .peek(self.id, |kv| kv.ids.len())
+            .unwrap_or(0)
     }
 
     /// Drops the KV cache and frees its memory (an idle call, or a reset).
     pub fn clear(&mut self) {
+        self.shared.budget.remove(self.id);
+    }
+}
+
+impl Drop for CandleSession {
+    fn drop(&mut self) {
+        self.shared.budget.remove(self.id);
+    }
+}
+
+/// A KV cache and exactly the tokens whose keys and values it holds, in order.
+struct SessionKv {
+    cache: KvCache,
+    ids: Vec<u32>,
+}
+
+impl SessionKv {
+    fn empty(shared: &Shared) -> Self {
+        Self {
+            cache: shared.weights.new_cache(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Drops the cache's contents and frees its buffers.
+    fn clear(&mut self) {
         self.cache.clear();
-        self.cached_ids.clear();
+        self.ids.clear();
     }
 
     /// Makes the cache hold a prefix of `ids` and returns the logits after the last of
     /// them, running only what is not cached. Returns `(logits, reused)` where
     /// `reused` counts the cached tokens kept.
-    fn prefill(&mut self, ids: &[u32]) -> Result<(candle_core::Tensor, usize), LlmError> {
-        let shared = Arc::clone(&self.shared);
+    fn prefill(
+        &mut self,
+        shared: &Shared,
+        ids: &[u32],
+    ) -> Result<(candle_core::Tensor, usize), LlmError> {
         let mut common = self
-            .cached_ids
+            .ids
             .iter()
             .zip(ids)
             .take_while(|(a, b)| a == b)
             .count();
-        let system_len = shared.system_prefix_len(ids);
+        // Without reuse, shared system prefixes are neither used nor stored.
+        let system_len = shared
+            .kv_reuse
+            .then(|| shared.system_prefix_len(ids))
+            .flatten();
         if let Some(system_len) = system_len
             && common < system_len
             && let Some(snapshot) = shared.snapshot_for(&ids[..system_len])
             && snapshot.ids.len() > common
         {
             self.cache = snapshot.cache.copy_prefix(snapshot.ids.len())?;
-            self.cached_ids = snapshot.ids.clone();
+            self.ids = snapshot.ids.clone();
             common = snapshot.ids.len();
             tracing::debug!(tokens = common, "reused the shared system-prompt KV cache");
         }
         // At least one token must run so that logits exist.
         let keep = common.min(ids.len().saturating_sub(1));
         self.cache.truncate(keep);
-        self.cached_ids.truncate(keep);
+        self.ids.truncate(keep);
         let new = &ids[keep..];
         match shared.weights.forward(new, &mut self.cache) {
             Ok(logits) => {
-                self.cached_ids.extend_from_slice(new);
+                self.ids.extend_from_slice(new);
                 if let Some(system_len) = system_len
                     && keep < system_len
                     && !shared.has_snapshot(&ids[..system_len])
@@ -344,6 +437,42 @@ impl CandleSession {
                 Err(e)
             }
         }
+    }
+}
+
+/// A session's cache checked out of the budget for one generation (the session is
+/// busy, so never evicted), checked back in with its size however the generation
+/// ends; dropped instead when reuse is off.
+struct Checkout<'a> {
+    shared: &'a Shared,
+    id: SessionId,
+    kv: SessionKv,
+}
+
+impl<'a> Checkout<'a> {
+    fn new(shared: &'a Shared, id: SessionId) -> Self {
+        let kv = shared
+            .budget
+            .checkout(id)
+            .unwrap_or_else(|| SessionKv::empty(shared));
+        Self { shared, id, kv }
+    }
+
+    /// Tells the budget the cache's size after it grew, so it makes room now.
+    fn report_size(&self) {
+        self.shared.budget.resize(self.id, self.kv.cache.bytes());
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if !self.shared.kv_reuse {
+            self.shared.budget.remove(self.id);
+            return;
+        }
+        let kv = std::mem::replace(&mut self.kv, SessionKv::empty(self.shared));
+        let bytes = kv.cache.bytes();
+        self.shared.budget.checkin(self.id, kv, bytes);
     }
 }
 
@@ -407,9 +536,11 @@ impl LlmSession for CandleSession {
             });
         }
 
+        let mut kv = Checkout::new(&shared, self.id);
         let prefill_started = Instant::now();
-        let (mut logits, cached_tokens) = self.prefill(&ids)?;
+        let (mut logits, cached_tokens) = kv.kv.prefill(&shared, &ids)?;
         let prefill_ms = ms_since(prefill_started);
+        kv.report_size();
         span.record("prompt_tokens", ids.len());
         span.record("cached_tokens", cached_tokens);
         span.record("prefill_ms", prefill_ms);
@@ -456,18 +587,17 @@ impl LlmSession for CandleSession {
                     break FinishReason::Cancelled;
                 }
             }
-            if stats.generated_tokens >= options.max_tokens || self.cached_ids.len() >= max_context
-            {
+            if stats.generated_tokens >= options.max_tokens || kv.kv.ids.len() >= max_context {
                 break FinishReason::Length;
             }
-            logits = match shared.weights.forward(&[next], &mut self.cache) {
+            logits = match shared.weights.forward(&[next], &mut kv.kv.cache) {
                 Ok(logits) => logits,
                 Err(e) => {
-                    self.clear();
+                    kv.kv.clear();
                     return Err(e);
                 }
             };
-            self.cached_ids.push(next);
+            kv.kv.ids.push(next);
         };
         if finish != FinishReason::Cancelled {
             let mut rest = match stream.flush()? {

@@ -37,7 +37,8 @@
 //!
 //! Modules: [`chat`] renders the ChatML prompt, [`tokenizer`] builds the tokenizer from
 //! the GGUF metadata and streams text out of token ids, [`qwen2`] is the forward pass
-//! with shared weights and a per-session KV cache, [`engine`] ties them into
+//! with shared weights and a per-session KV cache, [`kv_budget`] keeps every session's
+//! cache under one memory budget, [`engine`] ties them into
 //! [`LlmEngine`] / [`LlmSession`], [`toolcall`] finds the tool calls in a streamed reply
 //! (tagged or not) so they are run, not spoken.
 
@@ -46,12 +47,14 @@ use std::path::PathBuf;
 
 pub mod chat;
 pub mod engine;
+pub mod kv_budget;
 pub mod qwen2;
 pub mod remote;
 pub mod tokenizer;
 pub mod toolcall;
 
 pub use engine::{CandleEngine, CandleOptions, CandleSession, LlmDevice};
+pub use kv_budget::KvCacheStats;
 
 /// Everything that can go wrong running a language model.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +198,11 @@ pub trait LlmEngine: Send + Sync {
     fn name(&self) -> &str;
     /// Opens a session for one call; it holds that call's KV cache.
     fn new_session(&self) -> Box<dyn LlmSession>;
+    /// How much memory this process's KV caches hold against their budget, for
+    /// metrics; `None` for engines whose caches live elsewhere (remote replicas).
+    fn kv_cache_stats(&self) -> Option<KvCacheStats> {
+        None
+    }
 }
 
 /// One call's conversation with the model. Blocking: run on a dedicated thread or

@@ -538,6 +538,18 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Bytes the key and value buffers hold, allocated capacity included (the buffers
+    /// grow ahead of `len` and are kept on truncate), so a memory budget counts what
+    /// the process really holds.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Forgets everything and frees the buffers (for a session that goes idle).
     pub fn clear(&mut self) {
         for layer in &mut self.layers {
@@ -634,8 +646,11 @@ mod tests {
             .context("t")?;
         cache.layers[0].append(&t, &t, 0, 100).context("append")?;
         cache.len = 6;
+        // One layer, keys and values, 100 f32 positions of one head of width 1.
+        assert_eq!(cache.bytes(), 2 * 100 * 4);
         let mut copy = cache.copy_prefix(4)?;
         assert_eq!(copy.len(), 4);
+        assert_eq!(copy.bytes(), 2 * KV_GROW_STEP * 4, "a copy holds one growth step");
         // Writing into the copy past its prefix leaves the original alone.
         let x = Tensor::new(&[[[[9f32]]]], &dev).context("x")?;
         let (k, _) = copy.layers[0].append(&x, &x, 4, 100).context("append")?;

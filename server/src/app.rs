@@ -125,6 +125,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::openai_api::routes())
+        .merge(crate::twilio::routes())
         .with_state(app)
 }
 
@@ -139,6 +140,8 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = app.metrics.render(app.active_calls(), app.engines().is_some());
+    let engines = app.engines();
+    let kv = engines.as_ref().and_then(|e| e.llm.kv_cache_stats());
+    let body = app.metrics.render(app.active_calls(), engines.is_some(), kv);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

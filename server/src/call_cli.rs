@@ -1,6 +1,6 @@
 //! `parley call`: a command-line caller. Streams a WAV file in real time (or sends
-//! text), prints what the server heard and said as it arrives, saves the agent's
-//! audio and prints each turn's latency.
+//! text, one or more turns), prints what the server heard and said as it arrives,
+//! saves the agent's audio and prints each turn's latency.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -24,9 +24,11 @@ const CHUNK_MS: u64 = 20;
 pub struct CallArgs {
     /// WAV file to speak (any rate; mixed to mono).
     file: Option<PathBuf>,
-    /// Send this text as the user's message instead of audio.
+    /// Send this text as the user's message instead of audio. Given several times,
+    /// plays a conversation in one call: one user turn each, in order, each sent
+    /// once the previous response is done.
     #[arg(long)]
-    text: Option<String>,
+    text: Vec<String>,
     /// The server's Realtime endpoint.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/realtime", env = "PARLEY_URL")]
     url: String,
@@ -40,7 +42,8 @@ pub struct CallArgs {
     #[arg(long)]
     instructions: Option<String>,
     /// Append each turn's metrics (server breakdown plus the client's own first-audio
-    /// latency) as one JSON line to this file, for benchmarks.
+    /// latency: from the end of speech, or for text turns from sending the turn,
+    /// `client_sent_to_first_audio_ms`) as one JSON line to this file, for benchmarks.
     #[arg(long)]
     metrics_out: Option<PathBuf>,
     /// API key, sent as a bearer token.
@@ -50,7 +53,7 @@ pub struct CallArgs {
 
 /// Runs the caller.
 pub fn run(args: CallArgs) -> Result<()> {
-    if args.file.is_none() == args.text.is_none() {
+    if args.file.is_none() == args.text.is_empty() {
         bail!("give either a WAV file or --text \"...\"");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -68,6 +71,19 @@ fn load_audio(path: &PathBuf) -> Result<Vec<f32>> {
 fn append_event(samples: &[f32]) -> String {
     let bytes = parley_audio::pcm::encode_pcm16le(samples);
     json!({"type": "input_audio_buffer.append", "audio": base64::engine::general_purpose::STANDARD.encode(bytes)}).to_string()
+}
+
+/// Sends one user text turn and asks for the response.
+async fn send_text<S>(tx: &mut S, text: &str) -> Result<()>
+where
+    S: SinkExt<Message> + Unpin,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    let item = json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}});
+    tx.send(Message::text(item.to_string())).await?;
+    tx.send(Message::text(json!({"type": "response.create"}).to_string())).await?;
+    println!("you: {text}");
+    Ok(())
 }
 
 fn ms(v: &Value) -> String {
@@ -92,11 +108,12 @@ async fn call(args: &CallArgs) -> Result<()> {
         Some(path) => load_audio(path)?,
         None => Vec::new(),
     };
-    if let Some(text) = &args.text {
-        let item = json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}});
-        tx.send(Message::text(item.to_string())).await?;
-        tx.send(Message::text(json!({"type": "response.create"}).to_string())).await?;
-        println!("you: {text}");
+    // Text turns still to send, in order; the first goes now.
+    let mut texts = args.text.iter();
+    let mut turn_sent: Option<Instant> = None;
+    if let Some(text) = texts.next() {
+        send_text(&mut tx, text).await?;
+        turn_sent = Some(Instant::now());
     }
 
     let chunk = (RATE as u64 * CHUNK_MS / 1000) as usize;
@@ -165,6 +182,9 @@ async fn call(args: &CallArgs) -> Result<()> {
                         if let Some(path) = &args.metrics_out {
                             let mut line = m.clone();
                             line["client_first_audio_ms"] = json!(client_ms);
+                            if let (Some(sent), Some(first)) = (turn_sent, first_audio) {
+                                line["client_sent_to_first_audio_ms"] = json!(first.saturating_duration_since(sent).as_secs_f64() * 1000.0);
+                            }
                             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
                             writeln!(f, "{line}")?;
                         }
@@ -179,6 +199,15 @@ async fn call(args: &CallArgs) -> Result<()> {
                             println!();
                         }
                         let status = ev["response"]["status"].as_str().unwrap_or("?").to_string();
+                        if let Some(text) = texts.next() {
+                            // The conversation goes on: the next text turn, same call.
+                            println!("response {status}");
+                            agent_text_open = false;
+                            first_audio = None;
+                            send_text(&mut tx, text).await?;
+                            turn_sent = Some(Instant::now());
+                            continue;
+                        }
                         // Let the last paced frames arrive: they precede response.done.
                         parley_audio::wav::write_wav(&args.out, &reply, RATE).with_context(|| format!("cannot write {}", args.out.display()))?;
                         println!("response {status}; saved {:.1} s of agent audio to {}", reply.len() as f64 / f64::from(RATE), args.out.display());

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use parley_agent::{SessionSettings, TurnDetection};
+use parley_agent::{InterruptionSettings, SessionSettings, TurnDetection};
 use parley_audio::vad::TurnSettings;
 use serde::Deserialize;
 
@@ -20,6 +20,21 @@ pub struct Config {
     pub llm: LlmConfig,
     pub tts: TtsConfig,
     pub tools: ToolsConfig,
+    pub twilio: TwilioConfig,
+}
+
+/// Phone gateways on `/twilio` (Twilio Media Streams; Telnyx, Fonoster).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioConfig {
+    /// This server's public base URL as the gateway reaches it (`https://voice.example.com`),
+    /// for the TwiML `<Stream>` URL and signatures; empty uses the request's Host.
+    pub public_url: String,
+    /// The Twilio auth token: when set, `/twilio/voice` and `/twilio` require a valid
+    /// `X-Twilio-Signature`. Empty checks nothing.
+    pub auth_token: String,
+    /// What the agent says when a call connects; empty waits for the caller.
+    pub greeting: String,
 }
 
 /// Tools the server runs for every call.
@@ -73,13 +88,34 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
 }
 
-/// Where the model files live.
+/// Where the model files live, and which embedded language model to run.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsConfig {
     /// Folder `parley models install` fills; empty means `$PARLEY_MODELS_DIR` or
     /// `~/.cache/parley/models`.
     pub dir: String,
+    /// The embedded language model, by name: `qwen2.5-coder-0.5b` (installed by
+    /// default) or `qwen2.5-coder-1.5b` (better at tools, about 3x slower; install it
+    /// with `parley models install --extra qwen1.5b`).
+    pub llm: String,
+    /// A Qwen2 GGUF file to run instead of the named model; empty means `llm`.
+    pub llm_gguf: String,
+    /// Its `tokenizer.json`; empty means built from the GGUF's metadata at load.
+    pub llm_tokenizer: String,
+}
+
+impl ModelsConfig {
+    /// Checks the model choice: a known name, or a GGUF file for a tokenizer file.
+    pub fn validate(&self) -> Result<()> {
+        if self.llm_gguf.is_empty() {
+            if !self.llm_tokenizer.is_empty() {
+                bail!("models.llm_tokenizer is set without models.llm_gguf");
+            }
+            crate::models::llm_model(&self.llm).context("models.llm")?;
+        }
+        Ok(())
+    }
 }
 
 /// Defaults for each call, which `session.update` can change.
@@ -118,6 +154,20 @@ pub struct TurnDetectionConfig {
     pub create_response: bool,
     /// Caller speech interrupts the agent.
     pub interrupt_response: bool,
+    /// Longest silence before committing a turn that sounds unfinished (a number
+    /// being read out, a trailing "and"); equal to `silence_duration_ms` turns it off.
+    pub unfinished_silence_ms: u32,
+    /// How often partial transcripts are made while the caller speaks (0 = off).
+    pub partial_interval_ms: u32,
+    /// Speech over the agent shorter than this does not even pause it.
+    pub min_pause_ms: u32,
+    /// Words that acknowledge without taking the turn; speech of only these (or of
+    /// no words, like a cough) lets the paused reply resume.
+    pub backchannels: Vec<String>,
+    /// Ignore speech over the agent that is the agent's own echo.
+    pub echo_guard: bool,
+    /// Envelope correlation (0..1) at which input counts as echo.
+    pub echo_correlation: f32,
 }
 
 /// Speech-to-text settings.
@@ -137,6 +187,14 @@ pub struct LlmConfig {
     pub dequantize: bool,
     /// Context window used per call, in tokens.
     pub context: usize,
+    /// Memory, in MiB, that all calls' KV caches (embedded model) may hold together;
+    /// past it the least recently used idle calls lose theirs and re-prefill their
+    /// next turn. The shared system-prompt caches count too, within an eighth of it.
+    pub kv_cache_mb: usize,
+    /// Keep each call's KV cache between turns (only new tokens are prefilled) and
+    /// share system-prompt caches between calls; `false` prefills every turn from
+    /// scratch, for benchmarks.
+    pub kv_reuse: bool,
     /// OpenAI-compatible servers (vLLM, SGLang, llama.cpp, another Parley) used
     /// instead of the embedded model; empty means the embedded model. A call sticks
     /// to one replica; a failed replica's calls move to a healthy one.
@@ -165,7 +223,7 @@ impl Default for ServerConfig {
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        Self { dir: String::new() }
+        Self { dir: String::new(), llm: crate::models::DEFAULT_LLM.into(), llm_gguf: String::new(), llm_tokenizer: String::new() }
     }
 }
 
@@ -194,6 +252,12 @@ impl Default for TurnDetectionConfig {
             min_speech_ms: d.vad.min_speech_ms,
             create_response: d.create_response,
             interrupt_response: d.interrupt_response,
+            unfinished_silence_ms: d.unfinished_silence_ms,
+            partial_interval_ms: d.partial_interval_ms,
+            min_pause_ms: d.interruption.min_pause_ms,
+            backchannels: d.interruption.backchannels,
+            echo_guard: d.interruption.echo_guard,
+            echo_correlation: d.interruption.echo_correlation,
         }
     }
 }
@@ -210,6 +274,8 @@ impl Default for LlmConfig {
         Self {
             dequantize: true,
             context: 4096,
+            kv_cache_mb: parley_llm::engine::DEFAULT_KV_BUDGET_BYTES >> 20,
+            kv_reuse: true,
             replicas: Vec::new(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
@@ -234,6 +300,7 @@ impl Default for Config {
             llm: LlmConfig::default(),
             tts: TtsConfig::default(),
             tools: ToolsConfig::default(),
+            twilio: TwilioConfig::default(),
         }
     }
 }
@@ -250,9 +317,20 @@ impl Config {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<()> {
         self.listen_addr()?;
+        self.models.validate()?;
+        let url = &self.twilio.public_url;
+        if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+            bail!("twilio.public_url must start with https:// (or http://), not `{url}`");
+        }
         let t = &self.agent.turn_detection;
         if !(0.0..=1.0).contains(&t.threshold) {
             bail!("agent.turn_detection.threshold must be between 0 and 1, not {}", t.threshold);
+        }
+        if t.unfinished_silence_ms < t.silence_duration_ms {
+            bail!("agent.turn_detection.unfinished_silence_ms ({}) must be at least silence_duration_ms ({})", t.unfinished_silence_ms, t.silence_duration_ms);
+        }
+        if !(0.0..=1.0).contains(&t.echo_correlation) {
+            bail!("agent.turn_detection.echo_correlation must be between 0 and 1, not {}", t.echo_correlation);
         }
         if !(10..=120).contains(&self.agent.frame_ms) {
             bail!("agent.frame_ms must be between 10 and 120, not {}", self.agent.frame_ms);
@@ -262,6 +340,12 @@ impl Config {
         }
         if let Some(remote) = self.remote_llm() {
             remote.validate().context("llm.replicas")?;
+        }
+        if self.llm.kv_cache_mb == 0 {
+            bail!("llm.kv_cache_mb must be at least 1");
+        }
+        if self.llm.kv_cache_mb.checked_mul(1 << 20).is_none() {
+            bail!("llm.kv_cache_mb {} is too large", self.llm.kv_cache_mb);
         }
         if self.tools.max_rounds == 0 {
             bail!("tools.max_rounds must be at least 1");
@@ -328,6 +412,14 @@ impl Config {
             },
             create_response: t.create_response,
             interrupt_response: t.interrupt_response,
+            unfinished_silence_ms: t.unfinished_silence_ms,
+            partial_interval_ms: t.partial_interval_ms,
+            interruption: InterruptionSettings {
+                min_pause_ms: t.min_pause_ms,
+                backchannels: t.backchannels.clone(),
+                echo_guard: t.echo_guard,
+                echo_correlation: t.echo_correlation,
+            },
         });
         s
     }
@@ -355,5 +447,16 @@ mod tests {
         let mut c = Config::default();
         c.agent.turn_detection.threshold = 2.0;
         assert!(c.validate().expect_err("invalid").to_string().contains("threshold"));
+    }
+
+    #[test]
+    fn kv_cache_settings_parse_and_a_zero_budget_is_refused() {
+        let c: Config = toml::from_str("[llm]\nkv_cache_mb = 256\nkv_reuse = false\n").expect("parse");
+        assert_eq!((c.llm.kv_cache_mb, c.llm.kv_reuse), (256, false));
+        c.validate().expect("valid");
+        assert_eq!((Config::default().llm.kv_cache_mb, Config::default().llm.kv_reuse), (1024, true));
+        let mut c = Config::default();
+        c.llm.kv_cache_mb = 0;
+        assert!(c.validate().expect_err("invalid").to_string().contains("kv_cache_mb"));
     }
 }

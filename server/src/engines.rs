@@ -41,14 +41,36 @@ pub fn load(config: &Config) -> Result<Engines> {
             pool
         }
         None => {
-            let options = CandleOptions { dequantize: config.llm.dequantize, max_context: config.llm.context, ..CandleOptions::default() };
-            let llm = CandleEngine::load(&paths.llm_gguf, &paths.llm_tokenizer, options).context("loading the language model")?;
+            let options = CandleOptions {
+                dequantize: config.llm.dequantize,
+                max_context: config.llm.context,
+                kv_budget_bytes: config.llm.kv_cache_mb.saturating_mul(1 << 20),
+                kv_reuse: config.llm.kv_reuse,
+                ..CandleOptions::default()
+            };
+            let llm = embedded_llm(config, options).context("loading the language model")?;
             info!(ms = t.elapsed().as_millis() as u64, "language model loaded");
             Arc::new(llm)
         }
     };
 
     Ok(Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools: tools(config)? })
+}
+
+/// The embedded model `[models]` chooses: a GGUF file given by path, else an
+/// installed model by name (the 0.5B by default).
+fn embedded_llm(config: &Config, options: CandleOptions) -> Result<CandleEngine> {
+    let m = &config.models;
+    if !m.llm_gguf.is_empty() {
+        let gguf = std::path::Path::new(&m.llm_gguf);
+        return Ok(if m.llm_tokenizer.is_empty() {
+            CandleEngine::load_gguf_only(gguf, options)?
+        } else {
+            CandleEngine::load(gguf, std::path::Path::new(&m.llm_tokenizer), options)?
+        });
+    }
+    let files = models::llm_model(&m.llm)?.files(&config.models_dir())?;
+    Ok(CandleEngine::load(&files.gguf, &files.tokenizer, options)?)
 }
 
 /// The server-side tools the configuration asks for.

@@ -4,11 +4,13 @@ mod app;
 mod call_cli;
 mod config;
 mod engines;
+mod eval;
 mod metrics;
 mod models;
 mod openai_api;
 mod realtime;
 mod serve;
+mod twilio;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +40,8 @@ enum Command {
         #[arg(long, global = true, env = "PARLEY_MODELS_DIR")]
         dir: Option<PathBuf>,
     },
+    /// Run the scripted evaluation conversations through the real agent and score them.
+    Eval(eval::EvalArgs),
     /// Print the default configuration file, or check one.
     Config {
         /// A config file to validate instead of printing the defaults.
@@ -49,7 +53,12 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum ModelsAction {
     /// Fetch, verify, convert and cache every model (a no-op when done already).
-    Install,
+    Install {
+        /// Also install an optional model: `qwen1.5b` (Qwen2.5-Coder-1.5B-Instruct,
+        /// 1.1 GB). Repeatable.
+        #[arg(long)]
+        extra: Vec<String>,
+    },
     /// Check that every model file is present and intact (fast).
     Check,
     /// Re-hash every model file.
@@ -71,14 +80,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Call(args) => call_cli::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Models { action, dir } => {
             let dir = dir.unwrap_or_else(models::default_dir);
-            let paths = match action {
-                ModelsAction::Install => models::install(&dir)?,
+            let paths = match &action {
+                ModelsAction::Install { extra } => models::install(&dir, extra)?,
                 ModelsAction::Check => models::check(&dir)?,
                 ModelsAction::Verify => models::verify(&dir)?,
             };
-            if !matches!(action, ModelsAction::Install) {
+            if !matches!(action, ModelsAction::Install { .. }) {
                 println!("models OK in {}", dir.display());
             }
             let _ = paths;

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parley_agent::{AgentEvent, ResponseStatus};
+use parley_llm::KvCacheStats;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -101,8 +102,9 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, active_calls: usize, ready: bool) -> String {
+    /// The Prometheus text exposition; `kv` is the embedded model's KV-cache budget
+    /// (none for remote replicas, or before the models load).
+    pub fn render(&self, active_calls: usize, ready: bool, kv: Option<KvCacheStats>) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -122,6 +124,12 @@ impl Metrics {
         self.turn_first_audio.render(&mut out, "parley_turn_first_audio_seconds", "End of caller speech to first agent audio.");
         self.turn_transcript.render(&mut out, "parley_turn_transcript_seconds", "End of caller speech to final transcript.");
         self.turn_first_token.render(&mut out, "parley_turn_first_token_seconds", "End of caller speech to first LLM token.");
+        if let Some(kv) = kv {
+            gauge(&mut out, "parley_llm_kv_cache_bytes", "Bytes the calls' KV caches and the shared system-prompt caches hold.", kv.bytes_in_use as u64);
+            gauge(&mut out, "parley_llm_kv_cache_budget_bytes", "Limit on parley_llm_kv_cache_bytes (llm.kv_cache_mb).", kv.budget_bytes as u64);
+            gauge(&mut out, "parley_llm_kv_cache_sessions", "Calls holding a KV cache, idle or generating.", kv.sessions_cached as u64);
+            counter(&mut out, "parley_llm_kv_evictions_total", "Idle calls' KV caches dropped to stay within the budget.", kv.evictions);
+        }
         out
     }
 }
@@ -141,5 +149,16 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"0.2\"} 1"), "{s}");
         assert!(s.contains("x_bucket{le=\"1\"} 2"), "{s}");
         assert!(s.contains("x_count 2"), "{s}");
+    }
+
+    #[test]
+    fn kv_cache_metrics_only_for_the_embedded_model() {
+        let m = Metrics::default();
+        assert!(!m.render(0, true, None).contains("parley_llm_kv"));
+        let kv = KvCacheStats { budget_bytes: 100, bytes_in_use: 40, sessions_cached: 2, evictions: 3, ..KvCacheStats::default() };
+        let s = m.render(0, true, Some(kv));
+        for line in ["parley_llm_kv_cache_bytes 40", "parley_llm_kv_cache_budget_bytes 100", "parley_llm_kv_cache_sessions 2", "parley_llm_kv_evictions_total 3"] {
+            assert!(s.contains(line), "{line} missing from {s}");
+        }
     }
 }

@@ -146,6 +146,45 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     parse_response(&buf)
 }
 
+/// An HTTP/1.1 response: status, header lines (lower-cased names) and body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Any HTTP/1.1 request with extra headers and a body (sent with its length).
+pub async fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<HttpResponse> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let (status, body) = parse_response(&buf)?;
+    let head = buf.split_once("\r\n\r\n").map_or(buf.as_str(), |(h, _)| h);
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse { status, headers, body })
+}
+
 /// Reads one metric's value from `/metrics`.
 pub async fn metric(addr: &str, name: &str) -> Result<f64> {
     let (_, body) = http_get(addr, "/metrics").await?;
@@ -272,6 +311,19 @@ impl Client {
             }
         }
         Ok(None)
+    }
+
+    /// Every event already waiting, without blocking.
+    pub async fn drain(&mut self) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(0), self.ws.next()).await {
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(t.as_str())?;
+                self.events.push(v.clone());
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// Event types received so far.

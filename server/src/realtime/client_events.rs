@@ -18,8 +18,10 @@ pub enum ClientEvent {
     Clear,
     /// `conversation.item.create` of a user text message.
     UserText(String),
-    /// `response.create`.
-    ResponseCreate,
+    /// `response.create` (with its `response` options, if any).
+    ResponseCreate(Option<parley_agent::ResponseOptions>),
+    /// `conversation.item.truncate`: playback of an assistant item stopped here.
+    Truncate { item_id: String, audio_end_ms: u64 },
     /// `response.cancel`.
     ResponseCancel,
     /// `output_audio_buffer.clear`: the client wants agent audio to stop.
@@ -136,6 +138,21 @@ pub struct TurnDetectionPatch {
     pub interrupt_response: Option<bool>,
     /// `semantic_vad`: low | medium | high | auto.
     pub eagerness: Option<String>,
+    /// Parley: longest silence before committing a turn that sounds unfinished.
+    pub unfinished_silence_ms: Option<u32>,
+    /// Parley: how often partial transcripts are made (0 = off).
+    pub partial_interval_ms: Option<u32>,
+    /// Parley: how speech during a reply is judged.
+    pub interruption: Option<InterruptionPatch>,
+}
+
+/// Parley's barge-in settings inside `turn_detection.interruption`.
+#[derive(Debug, Default, Deserialize)]
+pub struct InterruptionPatch {
+    pub min_pause_ms: Option<u32>,
+    pub backchannels: Option<Vec<String>>,
+    pub echo_guard: Option<bool>,
+    pub echo_correlation: Option<f32>,
 }
 
 /// Tells "absent" (outer `None`) from "null" (`Some(None)`).
@@ -180,15 +197,38 @@ fn parse_value(mut value: Value) -> Result<ClientEvent, ProtocolError> {
         }
         "input_audio_buffer.commit" => Ok(ClientEvent::Commit),
         "input_audio_buffer.clear" => Ok(ClientEvent::Clear),
-        "response.create" => Ok(ClientEvent::ResponseCreate),
+        "response.create" => Ok(ClientEvent::ResponseCreate(response_options(&value, &kind)?)),
         "response.cancel" => Ok(ClientEvent::ResponseCancel),
         "output_audio_buffer.clear" => Ok(ClientEvent::OutputClear),
         "conversation.item.create" => parse_item_create(&value, &kind),
-        "conversation.item.truncate" | "conversation.item.delete" | "conversation.item.retrieve" | "transcription_session.update" => {
+        "conversation.item.truncate" => {
+            let item_id = value.get("item_id").and_then(Value::as_str).ok_or_else(|| invalid(&kind, "missing `item_id`"))?;
+            let audio_end_ms = value.get("audio_end_ms").and_then(Value::as_u64).ok_or_else(|| invalid(&kind, "`audio_end_ms` must be a non-negative integer"))?;
+            Ok(ClientEvent::Truncate { item_id: item_id.to_string(), audio_end_ms })
+        }
+        "conversation.item.delete" | "conversation.item.retrieve" | "transcription_session.update" => {
             Err(ProtocolError::Unsupported(kind))
         }
         _ => Err(ProtocolError::UnknownType(kind)),
     }
+}
+
+/// The options of `response.create` Parley acts on: `instructions` for this reply,
+/// and `interruptible: false` (a Parley extension) for a reply that must play to the end.
+fn response_options(value: &Value, kind: &str) -> Result<Option<parley_agent::ResponseOptions>, ProtocolError> {
+    let Some(response) = value.get("response").filter(|r| !r.is_null()) else { return Ok(None) };
+    let mut options = parley_agent::ResponseOptions::default();
+    match response.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => options.instructions = Some(s.clone()),
+        Some(_) => return Err(invalid(kind, "`response.instructions` must be a string")),
+    }
+    match response.get("interruptible") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => options.interruptible = *b,
+        Some(_) => return Err(invalid(kind, "`response.interruptible` must be true or false")),
+    }
+    Ok(Some(options))
 }
 
 fn parse_item_create(value: &Value, kind: &str) -> Result<ClientEvent, ProtocolError> {

@@ -122,6 +122,14 @@ impl EventWriter {
                 }
                 events
             }
+            AgentEvent::UserTranscriptDelta { item_id, delta } => vec![json!({
+                "type": "conversation.item.input_audio_transcription.delta",
+                "item_id": item_id, "content_index": 0, "delta": delta,
+            })],
+            AgentEvent::ItemTruncated { item_id, audio_end_ms } => vec![json!({
+                "type": "conversation.item.truncated",
+                "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms,
+            })],
             AgentEvent::UserTranscript { item_id, transcript } => vec![json!({
                 "type": "conversation.item.input_audio_transcription.completed",
                 "item_id": item_id, "content_index": 0, "transcript": transcript,

@@ -76,6 +76,35 @@ fn apply_turn_detection(current: &Option<TurnDetection>, patch: Option<TurnDetec
     if let Some(v) = p.interrupt_response {
         td.interrupt_response = v;
     }
+    if let Some(v) = p.unfinished_silence_ms {
+        if !(100..=10_000).contains(&v) {
+            return Err(invalid(format!("turn_detection.unfinished_silence_ms must be 100..=10000, not {v}")));
+        }
+        td.unfinished_silence_ms = v;
+    }
+    if let Some(v) = p.partial_interval_ms {
+        if v != 0 && v < 200 {
+            return Err(invalid(format!("turn_detection.partial_interval_ms must be 0 (off) or at least 200, not {v}")));
+        }
+        td.partial_interval_ms = v;
+    }
+    if let Some(i) = p.interruption {
+        if let Some(v) = i.min_pause_ms {
+            td.interruption.min_pause_ms = v.min(5_000);
+        }
+        if let Some(v) = i.backchannels {
+            td.interruption.backchannels = v;
+        }
+        if let Some(v) = i.echo_guard {
+            td.interruption.echo_guard = v;
+        }
+        if let Some(v) = i.echo_correlation {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(format!("turn_detection.interruption.echo_correlation must be between 0 and 1, not {v}")));
+            }
+            td.interruption.echo_correlation = v;
+        }
+    }
     Ok(Some(td))
 }
 
@@ -185,6 +214,14 @@ fn turn_detection_json(td: &Option<TurnDetection>) -> Value {
             "silence_duration_ms": t.vad.silence_duration_ms,
             "create_response": t.create_response,
             "interrupt_response": t.interrupt_response,
+            "unfinished_silence_ms": t.unfinished_silence_ms,
+            "partial_interval_ms": t.partial_interval_ms,
+            "interruption": {
+                "min_pause_ms": t.interruption.min_pause_ms,
+                "backchannels": t.interruption.backchannels,
+                "echo_guard": t.interruption.echo_guard,
+                "echo_correlation": t.interruption.echo_correlation,
+            },
         }),
     }
 }

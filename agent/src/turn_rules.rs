@@ -1,0 +1,183 @@
+//! Text rules of turn-taking: does a transcript sound finished, is a sound only a
+//! backchannel ("mm-hm"), and which words of a partial transcript are stable enough
+//! to show.
+//!
+//! These run on Whisper's text, so they are deliberately forgiving about
+//! punctuation and case: Whisper often ends an unfinished phrase with a full stop.
+
+/// Words after which a sentence is not over ("my number is five five five and").
+const DANGLING_WORDS: &[&str] = &[
+    "and", "or", "but", "so", "because", "then", "the", "a", "an", "to", "of", "at", "in", "on", "for", "with", "from", "is",
+    "are", "was", "my", "your", "our", "their", "his", "her", "its", "it's", "that", "which", "who", "dot", "underscore",
+    "dash", "hyphen", "plus", "um", "uh", "er", "erm", "like", "um,", "uh,",
+];
+
+/// Number words: a caller reading digits out pauses between groups.
+const NUMBER_WORDS: &[&str] = &[
+    "zero", "oh", "o", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty", "fifty",
+    "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "double", "triple",
+];
+
+/// Backchannels: sounds that acknowledge the speaker without taking the turn.
+pub const DEFAULT_BACKCHANNELS: &[&str] = &[
+    "mm", "mmm", "mm-hm", "mm-hmm", "mhm", "hm", "hmm", "uh-huh", "uh huh", "uh", "um", "ah", "oh", "yeah", "yes", "yep",
+    "ok", "okay", "right", "sure", "i see", "got it", "alright", "all right",
+];
+
+/// Lower-cased words of `text` without surrounding punctuation.
+pub fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '@' && c != '\'' && c != '-').to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// True when a transcript reads like the caller stopped mid-sentence: it ends in
+/// a digit group or number word, a conjunction, article or preposition, a
+/// half-spelled e-mail address, a comma or a dash. Such a turn gets a longer
+/// silence window (capped; see `TurnDetection::unfinished_silence_ms`).
+pub fn looks_unfinished(text: &str) -> bool {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return false;
+    }
+    if trimmed.ends_with(',') || trimmed.ends_with('-') || trimmed.ends_with("...") || trimmed.ends_with('…') || trimmed.ends_with('@') {
+        return true;
+    }
+    if trimmed.ends_with('?') {
+        return false;
+    }
+    let all = words(trimmed);
+    let Some(last) = all.last() else { return false };
+    if last.chars().any(|c| c.is_ascii_digit()) || NUMBER_WORDS.contains(&last.as_str()) {
+        return true;
+    }
+    if DANGLING_WORDS.contains(&last.as_str()) {
+        return true;
+    }
+    // An address being spelled: "john at example", "john@example".
+    let tail = all.iter().rev().take(3).map(String::as_str).collect::<Vec<_>>();
+    if last.contains('@') && !last.contains('.') {
+        return true;
+    }
+    tail.len() >= 2 && tail[1] == "at" && all.iter().any(|w| w == "email" || w == "e-mail" || w == "address")
+}
+
+/// True when `text` carries no words beyond backchannels (or none at all): a cough,
+/// "mm-hm", "okay". `backchannels` are matched as whole words or phrases.
+pub fn is_backchannel(text: &str, backchannels: &[String]) -> bool {
+    let mut rest = words(text).join(" ");
+    if rest.is_empty() {
+        return true;
+    }
+    // Longest phrases first, so "uh huh" is taken before "uh".
+    let mut phrases: Vec<&str> = backchannels.iter().map(String::as_str).collect();
+    phrases.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    loop {
+        let before = rest.len();
+        for p in &phrases {
+            let p = p.trim().to_lowercase();
+            if p.is_empty() {
+                continue;
+            }
+            if rest == p {
+                return true;
+            }
+            if let Some(after) = rest.strip_prefix(&format!("{p} ")) {
+                rest = after.to_string();
+            }
+        }
+        if rest.len() == before {
+            return false;
+        }
+    }
+}
+
+/// Turns a stream of partial hypotheses into append-only text: a word is shown once
+/// two consecutive hypotheses agree on it (and on everything before it), and shown
+/// text is never taken back. The final transcript replaces it all.
+#[derive(Debug, Default, Clone)]
+pub struct PartialStabilizer {
+    previous: Vec<String>,
+    shown: Vec<String>,
+}
+
+impl PartialStabilizer {
+    /// Feeds one hypothesis; returns the newly stable text to show, if any.
+    pub fn update(&mut self, hypothesis: &str) -> Option<String> {
+        let current: Vec<String> = hypothesis.split_whitespace().map(str::to_string).collect();
+        let agreed = self.previous.iter().zip(&current).take_while(|(a, b)| normalise(a) == normalise(b)).count();
+        self.previous = current.clone();
+        // Only extend text that the hypothesis still agrees with.
+        let consistent = self.shown.len() <= current.len() && self.shown.iter().zip(&current).all(|(a, b)| normalise(a) == normalise(b));
+        if !consistent || agreed <= self.shown.len() {
+            return None;
+        }
+        let new = &current[self.shown.len()..agreed];
+        let delta = if self.shown.is_empty() { new.join(" ") } else { format!(" {}", new.join(" ")) };
+        self.shown.extend(new.iter().cloned());
+        Some(delta)
+    }
+
+    /// Words shown so far.
+    pub fn shown_words(&self) -> usize {
+        self.shown.len()
+    }
+}
+
+fn normalise(word: &str) -> String {
+    word.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backchannels() -> Vec<String> {
+        DEFAULT_BACKCHANNELS.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn numbers_and_dangling_words_are_unfinished() {
+        for t in ["My phone number is 555, 123.", "my number is five five five", "I want to order pizza and", "It's john at", "Send it to the", "Um, my ID is 1001."] {
+            assert!(looks_unfinished(t), "{t}");
+        }
+        for t in ["What is the capital of Germany?", "How many legs does a dog have?", "Thank you.", "", "Is it ready, 1001?"] {
+            assert!(!looks_unfinished(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn backchannels_carry_no_words() {
+        let b = backchannels();
+        for t in ["", "Mm-hm.", "Uh huh", "okay, okay", "Yeah. Right.", "hmm"] {
+            assert!(is_backchannel(t, &b), "{t}");
+        }
+        for t in ["Wait, stop.", "okay but what about tomorrow", "No.", "yeah I need a refill"] {
+            assert!(!is_backchannel(t, &b), "{t}");
+        }
+    }
+
+    #[test]
+    fn partials_show_only_agreed_words_and_never_retract() {
+        let mut s = PartialStabilizer::default();
+        assert_eq!(s.update("My"), None);
+        assert_eq!(s.update("My phone"), Some("My".into()));
+        assert_eq!(s.update("My phone number"), Some(" phone".into()));
+        // A changed hypothesis shows nothing new until it settles.
+        assert_eq!(s.update("My fun number is"), None);
+        assert_eq!(s.update("My fun number is five"), None);
+        assert_eq!(s.shown_words(), 2);
+        assert_eq!(s.update("My fun number is five five"), None);
+        assert_eq!(s.shown_words(), 2);
+    }
+
+    #[test]
+    fn partials_extend_when_hypotheses_agree() {
+        let mut s = PartialStabilizer::default();
+        s.update("What is the");
+        assert_eq!(s.update("What is the capital"), Some("What is the".into()));
+        assert_eq!(s.update("What is the capital of Germany"), Some(" capital".into()));
+    }
+}

@@ -1,0 +1,66 @@
+//! The caller's side of turn-taking inside a call: speech in progress, a finished
+//! stretch that may go on, and speech heard while the agent talks.
+
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use crate::turn_rules::PartialStabilizer;
+
+/// Partial transcripts running at once across all calls. Finals and the other
+/// models come first: a partial is skipped (not queued) when the slot is taken, so
+/// partial decoding never delays anyone's turn by more than one short decode.
+pub(crate) static PARTIAL_SLOTS: Semaphore = Semaphore::const_new(1);
+
+/// Longest audio a partial transcript looks at (Whisper's window is 30 s).
+pub(crate) const PARTIAL_MAX_SAMPLES: usize = 28 * 16_000;
+
+/// Speech the VAD hears now.
+pub(crate) struct Speech {
+    /// The user item this speech will become.
+    pub item_id: String,
+    /// When the VAD reported its start.
+    pub started: Instant,
+    /// Partial transcript shown so far.
+    pub stabilizer: PartialStabilizer,
+    /// When the last partial transcript was started.
+    pub last_partial: Option<Instant>,
+    /// A partial transcript of this speech is being decoded.
+    pub partial_running: bool,
+    /// Set when the speech began during a reply that may be interrupted.
+    pub barge: Option<Barge>,
+}
+
+/// Speech heard during a reply, being judged: interruption, backchannel or echo.
+#[derive(Debug, Clone)]
+pub(crate) struct Barge {
+    /// The reply it is judged against.
+    pub response_id: String,
+    /// When to look at it next (minimum duration, then echo re-checks).
+    pub check_at: Instant,
+    /// The reply is paused while the caller's words are judged.
+    pub paused: bool,
+    /// The last check found it to be the agent's own echo.
+    pub echo: bool,
+}
+
+/// A finished stretch of speech that sounded unfinished, waiting for more.
+pub(crate) struct HeldTurn {
+    pub item_id: String,
+    pub samples: Vec<f32>,
+    pub text: String,
+    pub timer: crate::call::TurnTimer,
+    pub asr_ms: f64,
+    /// Commit it as it is at this time if the caller says nothing more.
+    pub deadline: Instant,
+}
+
+/// Joins earlier and later audio of one turn.
+pub(crate) fn join(prior: Vec<f32>, later: Vec<f32>) -> Vec<f32> {
+    if prior.is_empty() {
+        return later;
+    }
+    let mut all = prior;
+    all.extend(later);
+    all
+}

@@ -1,0 +1,145 @@
+//! The evaluation set file: scripted conversations and what each turn must (and
+//! must not) do, in TOML so people can read and extend it (`bench/eval/*.toml`).
+//!
+//! ```toml
+//! [[conversation]]
+//! name = "order-status"
+//! about = "a member asks about their order"
+//! calls = []   # calls that must happen in any turn
+//!
+//! [[conversation.turn]]
+//! user = "Hi, my member ID is 1001. What's the status of my order?"
+//! calls = [{ tool = "list_orders|get_order_details", args = { member_id = "1001" } }]
+//! forbid = ["request_refill"]
+//! say = ["processing", "amoxicillin"]
+//! not_say = ["ready for pickup"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// A whole evaluation set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSet {
+    /// The conversations, run in file order.
+    #[serde(rename = "conversation")]
+    pub conversations: Vec<Conversation>,
+}
+
+/// One scripted call: user turns sent as text, one response each.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Conversation {
+    /// Unique short name, shown in the report and matched by `--only`.
+    pub name: String,
+    /// What it tests, for people reading the set.
+    #[serde(default)]
+    pub about: String,
+    /// Tool calls that must happen in some turn, whichever: for facts a later turn
+    /// needs that an earlier one may already have looked up.
+    #[serde(default)]
+    pub calls: Vec<ExpectedCall>,
+    #[serde(rename = "turn")]
+    pub turns: Vec<Turn>,
+}
+
+/// One user turn and the expectations on the agent's response to it.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Turn {
+    /// What the caller says.
+    pub user: String,
+    /// Tool calls that must happen in this response (each matched by some call).
+    #[serde(default)]
+    pub calls: Vec<ExpectedCall>,
+    /// Tools that must not be called in this response; `"*"` forbids every tool.
+    #[serde(default)]
+    pub forbid: Vec<String>,
+    /// Case-insensitive regexes the spoken reply must each match.
+    #[serde(default)]
+    pub say: Vec<String>,
+    /// Case-insensitive regexes the spoken reply must not match (invented facts).
+    #[serde(default)]
+    pub not_say: Vec<String>,
+}
+
+/// A tool call that must happen.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedCall {
+    /// The tool's name; `a|b` accepts either.
+    pub tool: String,
+    /// Arguments that must be present with these values (others may be there too).
+    /// Ids compare leniently: case, spaces, dashes and number-vs-string do not matter.
+    #[serde(default)]
+    pub args: BTreeMap<String, toml::Value>,
+}
+
+impl EvalSet {
+    /// Reads and checks a set file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the evaluation set {}", path.display()))?;
+        let set: EvalSet = toml::from_str(&text).with_context(|| format!("{} is not a valid evaluation set", path.display()))?;
+        set.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(set)
+    }
+
+    /// Names must be unique and every conversation must have a turn.
+    pub fn validate(&self) -> Result<()> {
+        if self.conversations.is_empty() {
+            bail!("no [[conversation]] in the set");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.conversations {
+            if c.name.trim().is_empty() {
+                bail!("a conversation has no name");
+            }
+            if !seen.insert(c.name.as_str()) {
+                bail!("two conversations are called `{}`", c.name);
+            }
+            if c.turns.is_empty() {
+                bail!("conversation `{}` has no [[conversation.turn]]", c.name);
+            }
+            if let Some(i) = c.turns.iter().position(|t| t.user.trim().is_empty()) {
+                bail!("conversation `{}` turn {} has no user text", c.name, i + 1);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_form_and_rejects_typos() {
+        let text = r#"
+[[conversation]]
+name = "order-status"
+[[conversation.turn]]
+user = "Hi, my member ID is 1001."
+calls = [{ tool = "list_orders", args = { member_id = 1001 } }]
+say = ["processing"]
+"#;
+        let set: EvalSet = toml::from_str(text).expect("parse");
+        set.validate().expect("valid");
+        assert_eq!(set.conversations[0].turns[0].calls[0].args["member_id"], toml::Value::Integer(1001));
+        let typo = text.replace("say =", "sya =");
+        assert!(toml::from_str::<EvalSet>(&typo).is_err());
+    }
+
+    #[test]
+    fn the_shipped_pharmacy_set_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/eval/pharmacy.toml");
+        let set = EvalSet::load(&path).expect("bench/eval/pharmacy.toml");
+        assert!(set.conversations.len() >= 12);
+        for c in &set.conversations {
+            crate::eval::check::ConversationCheck::new(c).expect("regexes compile");
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Parley with a real external OpenAI-compatible server as its language model:
+//! llama.cpp's `llama-server` (built from source by `scripts/llama-server.sh`, which
+//! `make test` runs first) serving the same GGUF the embedded engine runs, with
+//! `--jinja` so the model's own chat template lays out the tools. A real
+//! `parley serve` thinks with it through `[[llm.replicas]]`; callers talk to that
+//! Parley over the Realtime WebSocket.
+//!
+//! llama-server passes the 0.5B model's untagged tool-call JSON through as plain
+//! `content` (it only parses `<tool_call>`-tagged calls), so these tests also check
+//! that Parley's client finds such calls in the text, runs them and never speaks them.
+//!
+//! The binary is `$PARLEY_LLAMA_SERVER`, else the script's cache
+//! (`~/.cache/parley/llama-server/VERSION/bin/llama-server`); its log goes to a file
+//! that is printed when a test fails.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use parley_tests::{Client, Server, start_server};
+use serde_json::{Value, json};
+
+/// The `llama-cpp-python` release whose vendored llama.cpp the script builds.
+const LLAMA_CPP_PYTHON: &str = "0.3.36";
+/// The GGUF file, under `$PARLEY_MODELS_DIR/llm/`.
+const GGUF: &str = "llm/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+/// Loading a 0.5B model takes seconds; a loaded, busy 2-core machine more.
+const LLAMA_READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// One response: a tool round trip is two or three generations on a CPU.
+const TURN: Duration = Duration::from_secs(240);
+/// The pharmacy's built-in tools.
+const PHARMACY_TOOLS: [&str; 6] = ["lookup_member", "list_orders", "get_order_details", "get_refills_remaining", "get_pickup_time", "request_refill"];
+
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+}
+
+/// The llama-server binary: `$PARLEY_LLAMA_SERVER`, else where the script caches it.
+fn llama_server_bin() -> PathBuf {
+    match std::env::var_os("PARLEY_LLAMA_SERVER") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => home().join(".cache/parley/llama-server").join(LLAMA_CPP_PYTHON).join("bin/llama-server"),
+    }
+}
+
+fn gguf() -> PathBuf {
+    let models = std::env::var_os("PARLEY_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/parley/models"));
+    models.join(GGUF)
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("parley-llama-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A `llama-server` process this test owns, its output in a log file.
+struct LlamaServer {
+    addr: String,
+    pid: i32,
+    log: PathBuf,
+    /// Set by the thread that waits on the process when it exits.
+    exited: Arc<Mutex<Option<String>>>,
+}
+
+impl LlamaServer {
+    /// Starts `llama-server` on a free port and waits until its model is loaded.
+    fn start(dir: &Path) -> Result<Self> {
+        let bin = llama_server_bin();
+        if !bin.is_file() {
+            bail!(
+                "llama.cpp's server is not at {}: build it with `make llama-server` (or `bash scripts/llama-server.sh`; `make test` does it first), \
+                 or point PARLEY_LLAMA_SERVER at a llama-server binary",
+                bin.display()
+            );
+        }
+        let model = gguf();
+        if !model.is_file() {
+            bail!("the model {} is missing: run `parley models install` (`make test` does)", model.display());
+        }
+        // A free port can be taken between finding it and the server binding it:
+        // try a few.
+        let mut last = None;
+        for attempt in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let log = dir.join(format!("llama-server-{port}.log"));
+            let server = Self::spawn(&bin, &model, port, &log)?;
+            match server.wait_ready() {
+                Ok(()) => return Ok(server),
+                Err(e) => {
+                    let tail = server.log_tail(40);
+                    server.kill();
+                    if !tail.contains("bind") || attempt == 2 {
+                        bail!("{e:#}\n--- {} (last lines) ---\n{tail}", log.display());
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("llama-server did not start")))
+    }
+
+    /// Spawns the process from a thread that lives as long as it does: the child
+    /// gets SIGKILL when that thread ends (PDEATHSIG), which is at the latest when
+    /// the test process exits.
+    fn spawn(bin: &Path, model: &Path, port: u16, log: &Path) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("-m")
+            .arg(model)
+            .args(["--jinja", "--host", "127.0.0.1", "--port", &port.to_string(), "-c", "4096", "-t", "2", "--parallel", "1"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let exited = Arc::new(Mutex::new(None));
+        let flag = Arc::clone(&exited);
+        let (tx, rx) = mpsc::channel::<Result<i32>>();
+        let bin = bin.to_path_buf();
+        std::thread::spawn(move || {
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("cannot start {}: {e}", bin.display())));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(child.id() as i32));
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            *flag.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        });
+        let pid = rx.recv().context("the llama-server starter thread died")??;
+        Ok(Self { addr: format!("127.0.0.1:{port}"), pid, log: log.to_path_buf(), exited })
+    }
+
+    /// Polls `GET /health` (503 while the model loads, 200 once it is ready).
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + LLAMA_READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.exit_status() {
+                bail!("llama-server exited before it was ready ({status})");
+            }
+            if let Ok((200, _)) = http_get(&self.addr, "/health") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("llama-server at {} was not ready within {LLAMA_READY_TIMEOUT:?}", self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exit_status(&self) -> Option<String> {
+        self.exited.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// SIGKILL, like a crashed host; a no-op once it has exited.
+    fn kill(&self) {
+        let exited = self.exited.lock().unwrap_or_else(|p| p.into_inner());
+        if exited.is_none() {
+            // SAFETY: plain kill(2) on our own child, not yet reaped (the waiting
+            // thread sets `exited` under this lock after reaping it).
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(f) = File::open(&self.log) else { return String::new() };
+        let all: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// Prints llama-server's log if the test panics while this lives.
+struct LogOnFailure<'a>(&'a LlamaServer);
+
+impl Drop for LogOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- llama-server log {} (last lines) ---\n{}\n---", self.0.log.display(), self.0.log_tail(80));
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET.
+fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    Ok((status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Starts a Parley whose only language model is `base_url`, with the pharmacy
+/// tools on (the default) over a fresh database.
+fn parley_with_replicas(dir: &Path, replicas: &[(&str, String)]) -> Result<Server> {
+    let db = dir.join("pharmacy.sqlite");
+    let _ = std::fs::remove_file(&db);
+    let mut config = String::from("[llm]\n# a CPU replica shared with other tests can be slow to answer\nrequest_timeout_ms = 120000\nhealth_interval_ms = 1000\n");
+    for (name, url) in replicas {
+        config.push_str(&format!("\n[[llm.replicas]]\nname = \"{name}\"\nbase_url = \"{url}\"\nmodel = \"qwen2.5-coder-0.5b-instruct\"\n"));
+    }
+    config.push_str(&format!("\n[tools]\npharmacy_db = \"{}\"\n", db.display()));
+    let path = dir.join("parley.toml");
+    std::fs::write(&path, config)?;
+    start_server(&["--config", path.to_str().context("utf-8 path")?])
+}
+
+/// One llama-server and one Parley thinking with it, shared by the tests here.
+struct Setup {
+    llama: LlamaServer,
+    parley: Server,
+}
+
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let dir = temp_dir("shared");
+        let t = Instant::now();
+        let llama = LlamaServer::start(&dir).unwrap_or_else(|e| panic!("start llama-server: {e:#}"));
+        eprintln!("llama-server ready at {} in {:?}", llama.addr, t.elapsed());
+        let parley = {
+            let _log = LogOnFailure(&llama);
+            parley_with_replicas(&dir, &[("llama-server", llama.base_url())]).unwrap_or_else(|e| panic!("start parley: {e:#}"))
+        };
+        Setup { llama, parley }
+    })
+}
+
+/// The shared llama-server answers one request at a time (`--parallel 1`, the
+/// whole context for it); the tests take turns so neither waits on the other's
+/// reply long enough to look like a dead replica.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn ask_text(c: &mut Client, text: &str) -> Value {
+    c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+        .await
+        .expect("send");
+    c.send(json!({"type": "response.create"})).await.expect("send");
+    c.wait_for("response.done", TURN).await.expect("response.done")
+}
+
+/// Server-side tool calls announced to the caller: (name, arguments).
+fn calls(c: &Client) -> Vec<(String, Value)> {
+    c.events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.done")
+        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), serde_json::from_str(e["arguments"].as_str().unwrap_or("{}")).unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// Everything the agent said, lower-case.
+fn spoken(c: &Client) -> String {
+    c.events
+        .iter()
+        .filter(|e| e["type"] == "response.output_audio_transcript.delta")
+        .map(|e| e["delta"].as_str().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pharmacy_caller_gets_the_order_status_through_llama_server() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let s = tokio::task::spawn_blocking(setup).await.expect("join");
+    let _log = LogOnFailure(&s.llama);
+    let mut c = Client::connect(&s.parley).await.expect("connect");
+    let t = Instant::now();
+    let done = ask_text(&mut c, "Hi, my member ID is 1001. What's the status of my order?").await;
+    eprintln!("pharmacy turn in {:?}: calls {:?}, said {:?}", t.elapsed(), calls(&c), spoken(&c));
+    assert_eq!(done["response"]["status"], "completed", "{done}");
+
+    // The model's calls (untagged JSON in llama-server's text) were found and run
+    // on the server, with the caller's member ID.
+    let calls = calls(&c);
+    assert!(!calls.is_empty(), "no tool was called; events: {:?}", c.types());
+    for (name, _) in &calls {
+        assert!(PHARMACY_TOOLS.contains(&name.as_str()), "called {name}, not a pharmacy tool: {calls:?}");
+    }
+    assert!(calls.iter().any(|(_, args)| args.to_string().contains("1001")), "no call carried member 1001: {calls:?}");
+    let server_side = c.events.iter().filter(|e| e["type"] == "response.output_item.done" && e["item"]["type"] == "function_call").count();
+    assert!(server_side > 0, "no function_call item done: {:?}", c.types());
+    assert!(
+        c.events.iter().filter(|e| e["type"] == "response.output_item.done" && e["item"]["type"] == "function_call").all(|e| e["parley_runs_on"] == "server"),
+        "pharmacy calls must run on the server"
+    );
+    assert!(c.events.iter().any(|e| e["item"]["type"] == "function_call_output"), "no tool result in the conversation: {:?}", c.types());
+    let done_calls = done["response"]["output"].as_array().map(|o| o.iter().filter(|i| i["type"] == "function_call").count()).unwrap_or(0);
+    assert!(done_calls > 0, "response.done lists no function_call: {done}");
+
+    // The agent said the status, and never read the call's JSON aloud.
+    let said = spoken(&c);
+    assert!(said.contains("processing"), "agent said: {said}");
+    assert!(!said.contains("arguments") && !said.contains('{'), "the agent spoke a tool call: {said}");
+    assert!(c.types().iter().any(|t| t == "response.output_audio.delta"), "no audio");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_question_is_answered_with_audio_through_llama_server() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let s = tokio::task::spawn_blocking(setup).await.expect("join");
+    let _log = LogOnFailure(&s.llama);
+    let mut c = Client::connect(&s.parley).await.expect("connect");
+    let t = Instant::now();
+    let done = ask_text(&mut c, "What is the capital of Germany?").await;
+    eprintln!("plain turn in {:?}: said {:?}", t.elapsed(), spoken(&c));
+    assert_eq!(done["response"]["status"], "completed", "{done}");
+    let said = done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_lowercase();
+    assert!(said.contains("berlin"), "agent said {said:?}");
+    assert!(calls(&c).is_empty(), "a plain question made tool calls: {:?}", calls(&c));
+    let response_id = done["response"]["id"].as_str().expect("response id");
+    let audio = c.response_audio(response_id).expect("audio");
+    // At least half a second of speech at the wire rate.
+    assert!(audio.len() > parley_tests::RATE as usize / 2, "only {} audio samples", audio.len());
+    // The front's language model is the remote pool.
+    let (status, models) = parley_tests::http_get(&s.parley.addr, "/v1/models").await.expect("models");
+    assert_eq!(status, 200, "{models}");
+    assert!(models.contains("remote:"), "front server's model list: {models}");
+}
