@@ -200,7 +200,15 @@ async fn think(
     let mut round = 0;
     while round < policy.max_rounds.max(1) {
         round += 1;
-        let (stats, said) = generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await?;
+        let (stats, said) = match generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await {
+            Ok(done) => done,
+            Err(GenerateError::Llm(parley_llm::LlmError::Unavailable(why))) => {
+                // The caller hears why the line went quiet; the client gets the error.
+                let _ = text.send(UNAVAILABLE_APOLOGY.to_string()).await;
+                return Err(why);
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         if stats.tool_calls.is_empty() && !retried && round > 1 && !is_speech(&said) {
             // After a tool result the small model sometimes echoes JSON instead of
             // speaking (the guard keeps that from being spoken); ask once more, plainly.
@@ -284,6 +292,9 @@ async fn think(
 /// Marks the end of one generation in the text stream.
 const SEGMENT_END: &str = "\u{0}";
 
+/// Said when no language model can answer (every replica down).
+const UNAVAILABLE_APOLOGY: &str = "I'm sorry, I can't answer right now because of a technical problem on our side. Please try again in a moment.";
+
 /// Said when a reply after a tool result was not speech.
 const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
 
@@ -336,6 +347,15 @@ async fn run_tool(registry: ToolRegistry, call: ToolCall, timeout_ms: u64, repor
     (call.id, output)
 }
 
+/// Why a generation failed.
+#[derive(Debug, thiserror::Error)]
+enum GenerateError {
+    #[error("{0}")]
+    Llm(parley_llm::LlmError),
+    #[error("the model thread failed: {0}")]
+    Thread(String),
+}
+
 /// One generation on a blocking thread, streaming its text into `text`.
 async fn generate(
     session: &SharedSession,
@@ -344,7 +364,7 @@ async fn generate(
     text: mpsc::Sender<String>,
     cancel: CancellationToken,
     first: Arc<OnceLock<Instant>>,
-) -> Result<(GenerationStats, String), String> {
+) -> Result<(GenerationStats, String), GenerateError> {
     let session = session.clone();
     let span = tracing::Span::current();
     let run = tokio::task::spawn_blocking(move || {
@@ -370,8 +390,8 @@ async fn generate(
     });
     match run.await {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("the model thread failed: {e}")),
+        Ok(Err(e)) => Err(GenerateError::Llm(e)),
+        Err(e) => Err(GenerateError::Thread(e.to_string())),
     }
 }
 

@@ -71,6 +71,10 @@ pub enum LlmError {
     /// The conversation no longer fits in the model's context window.
     #[error("the conversation is {tokens} tokens, over the model's context of {limit}")]
     ContextFull { tokens: usize, limit: usize },
+    /// No model can take the request now (every remote replica is down); the caller
+    /// should hear an apology and may try again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Who said a message in the conversation.

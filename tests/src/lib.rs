@@ -206,6 +206,23 @@ pub fn speech(text: &str) -> Result<Vec<f32>> {
     resample(&samples, rate, RATE)
 }
 
+/// A cough-like sound at the wire rate: a burst of noise with a fast attack and a
+/// 120 ms decay, 350 ms long, deterministic.
+pub fn cough() -> Vec<f32> {
+    let mut seed = 0x2545_f491_u32;
+    (0..(RATE as usize * 350 / 1000))
+        .map(|i| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let noise = (seed as f32 / u32::MAX as f32) * 2.0 - 1.0;
+            let t = i as f32 / RATE as f32;
+            let env = (t / 0.01).min(1.0) * (-t / 0.12).exp();
+            0.6 * noise * env
+        })
+        .collect()
+}
+
 /// Resamples a whole clip.
 pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>> {
     let mut r = parley_audio::resample::StreamResampler::new(from, to)?;

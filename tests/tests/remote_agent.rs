@@ -39,3 +39,32 @@ async fn a_call_can_think_with_a_remote_replica() {
     assert!(models.contains("remote:"), "front server's model list: {models}");
     drop(replica);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_healthy_replica_the_caller_hears_an_apology_and_the_call_stays_up() {
+    let front = tokio::task::spawn_blocking(|| {
+        let dir = std::env::temp_dir().join(format!("parley-noreplica-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("parley.toml");
+        // Nothing listens on port 9 (discard): the only replica is down from the start.
+        std::fs::write(&config, "[llm]\nconnect_timeout_ms = 300\n[[llm.replicas]]\nname = \"gone\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"x\"\n\n[tools]\npharmacy = false\n").expect("write config");
+        start_server(&["--config", config.to_str().expect("utf-8")]).expect("start the server")
+    })
+    .await
+    .expect("join");
+    let mut c = Client::connect(&front).await.expect("connect");
+    for round in 0..2 {
+        c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Are you there?"}]}}))
+            .await
+            .expect("send");
+        c.send(json!({"type": "response.create"})).await.expect("send");
+        let done = c.wait_for("response.done", Duration::from_secs(60)).await.expect("response.done");
+        assert_eq!(done["response"]["status"], "failed", "round {round}: {done}");
+    }
+    let errors: Vec<String> = c.events.iter().filter(|e| e["type"] == "error").map(|e| e["error"]["message"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().all(|m| m.contains("no healthy LLM replica")), "{errors:?}");
+    let said: String = c.events.iter().filter(|e| e["type"] == "response.output_audio_transcript.delta").map(|e| e["delta"].as_str().unwrap_or("")).collect();
+    assert!(said.contains("technical problem"), "the caller heard {said:?}");
+    assert!(c.types().iter().any(|t| t == "response.output_audio.delta"), "the apology is spoken");
+}

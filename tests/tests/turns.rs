@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use parley_tests::{Client, RATE, shared_server, speech};
+use parley_tests::{Client, RATE, cough, shared_server, speech};
 use serde_json::{Value, json};
 
 const TURN: Duration = Duration::from_secs(180);
@@ -45,22 +45,6 @@ fn done_of<'a>(c: &'a Client, response_id: &str) -> Option<&'a Value> {
 
 fn transcript_of_done(done: &Value) -> String {
     done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_string()
-}
-
-/// A cough: a burst of noise with a fast attack and a 120 ms decay, 350 ms long.
-fn cough() -> Vec<f32> {
-    let mut seed = 0x2545_f491_u32;
-    (0..(RATE as usize * 350 / 1000))
-        .map(|i| {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            let noise = (seed as f32 / u32::MAX as f32) * 2.0 - 1.0;
-            let t = i as f32 / RATE as f32;
-            let env = (t / 0.01).min(1.0) * (-t / 0.12).exp();
-            0.6 * noise * env
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,7 +376,7 @@ impl Inner {
             .iter()
             .map(|r| format!("{}: {}", r.name, r.last_error().unwrap_or_else(|| "busy".into())))
             .collect();
-        LlmError::Model(format!(
+        LlmError::Unavailable(format!(
             "no healthy LLM replica ({}); check that the servers in the LLM replica list are running and reachable",
             why.join("; ")
         ))
@@ -516,15 +516,19 @@ impl Inner {
             if let Some(reason) = choice.finish_reason {
                 finish_reason = Some(reason);
             }
+            let call_fragments = !choice.delta.tool_calls.is_empty();
             if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
                 content_chunks += 1;
                 let speakable = match filter.as_mut() {
                     Some(f) => f.push(&text),
                     None => text,
                 };
+                // Empty while the filter holds a possible call: still handed over.
                 if out.emit(&speakable).is_break() {
                     break true;
                 }
+            } else if call_fragments && out.emit("").is_break() {
+                break true;
             }
         };
 
@@ -582,12 +586,16 @@ struct Output<'a> {
 }
 
 impl Output<'_> {
+    /// Hands `text` to the caller. Empty text (a chunk the tool-call filter holds, or
+    /// a tool-call fragment) goes through too, as with the embedded engine: the
+    /// callback is where the caller stops a generation, and a reply that is all tool
+    /// call (llama.cpp streams the 0.5B model's call as dozens of content chunks)
+    /// must stop on a barge-in as well, not keep the replica and the session busy.
     fn emit(&mut self, text: &str) -> ControlFlow<()> {
-        if text.is_empty() {
-            return ControlFlow::Continue(());
+        if !text.is_empty() {
+            self.emitted = true;
+            self.first_text_ms.get_or_insert_with(|| ms_since(self.started));
         }
-        self.emitted = true;
-        self.first_text_ms.get_or_insert_with(|| ms_since(self.started));
         (self.on_text)(text)
     }
 }

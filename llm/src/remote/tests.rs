@@ -565,3 +565,51 @@ fn untagged_call_json_in_the_content_is_a_call_not_speech() {
     let (text, stats) = pool.complete(&[ChatMessage::new(Role::User, "x")], &GenerateOptions::default()).expect("reply");
     assert!(text.contains("\"member_id\"") && stats.tool_calls.is_empty());
 }
+
+#[test]
+fn a_reply_that_is_all_tool_call_can_still_be_cancelled() {
+    // llama.cpp's server streams the 0.5B model's untagged call as many content
+    // chunks, which the filter holds (nothing speakable): the callback must still
+    // run for each, so a barge-in stops the request instead of waiting it out.
+    let pieces: Vec<String> = ["```json\n", "{\n", "  \"name\": ", "\"lookup_", "member\",\n", "  \"arguments\": ", "{\"member_id\": ", "\"1001\"}", "\n}", "\n```"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let a = Fake::start(Behave::SlowWords(pieces.clone(), Duration::from_millis(100)));
+    let pool = pool(&[&a], |_| {});
+    let options = GenerateOptions {
+        tools: vec![ToolSpec { name: "lookup_member".into(), description: "Find a member".into(), parameters: json!({"type": "object"}) }],
+        ..GenerateOptions::default()
+    };
+    let mut calls = 0;
+    let mut spoken = String::new();
+    let started = Instant::now();
+    let stats = pool
+        .new_session()
+        .generate(&[ChatMessage::new(Role::User, "member 1001")], &options, &mut |p| {
+            calls += 1;
+            spoken.push_str(p);
+            if calls == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })
+        .expect("cancelled is not an error");
+    assert_eq!(stats.finish, FinishReason::Cancelled, "{stats:?}");
+    assert_eq!(spoken, "", "held call text was spoken");
+    assert!(stats.tool_calls.is_empty(), "a cancelled reply runs no calls: {stats:?}");
+    assert!(started.elapsed() < Duration::from_millis(700), "the whole call was waited out: {:?}", started.elapsed());
+    assert!(stat(&pool, "a").healthy, "a cancel is not a failure");
+
+    // Not cancelled, the same stream is one call and no speech.
+    a.set(Behave::Words(pieces));
+    let mut spoken = String::new();
+    let stats = pool
+        .new_session()
+        .generate(&[ChatMessage::new(Role::User, "member 1001")], &options, &mut |p| {
+            spoken.push_str(p);
+            ControlFlow::Continue(())
+        })
+        .expect("reply");
+    assert_eq!(spoken.trim(), "");
+    assert_eq!(stats.tool_calls.len(), 1, "{stats:?}");
+    assert_eq!(stats.tool_calls[0].name, "lookup_member");
+    assert_eq!(stats.tool_calls[0].arguments, json!({"member_id": "1001"}));
+}

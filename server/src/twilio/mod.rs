@@ -375,8 +375,7 @@ mod tests {
 
     #[test]
     fn calls_run_on_g711_with_server_vad() {
-        let mut defaults = SessionSettings::default();
-        defaults.turn_detection = None;
+        let mut defaults = SessionSettings { turn_detection: None, ..SessionSettings::default() };
         defaults.pacing.frame_ms = 40;
         let s = call_settings(&defaults, &start(&[]));
         assert_eq!(s.input_format, AudioFormat::Pcmu);
