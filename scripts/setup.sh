@@ -3,7 +3,7 @@
 # Idempotent and quiet: does nothing when everything is already there.
 set -euo pipefail
 
-APT_PACKAGES=(cmake clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox)
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

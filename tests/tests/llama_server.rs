@@ -25,7 +25,8 @@ use anyhow::{Context, Result, bail};
 use parley_tests::{Client, Server, start_server};
 use serde_json::{Value, json};
 
-/// The `llama-cpp-python` release whose vendored llama.cpp the script builds.
+/// The `llama-cpp-python` release whose vendored llama.cpp the script builds (keep
+/// in step with `scripts/llama-server.sh`; `make test` passes the path anyway).
 const LLAMA_CPP_PYTHON: &str = "0.3.36";
 /// The GGUF file, under `$PARLEY_MODELS_DIR/llm/`.
 const GGUF: &str = "llm/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -249,7 +250,7 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     Ok((status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
-/// Starts a Parley whose only language model is `base_url`, with the pharmacy
+/// Starts a Parley that thinks with these `(name, base_url)` replicas, the pharmacy
 /// tools on (the default) over a fresh database.
 fn parley_with_replicas(dir: &Path, replicas: &[(&str, String)]) -> Result<Server> {
     let db = dir.join("pharmacy.sqlite");
@@ -286,8 +287,9 @@ fn setup() -> &'static Setup {
 }
 
 /// The shared llama-server answers one request at a time (`--parallel 1`, the
-/// whole context for it); the tests take turns so neither waits on the other's
-/// reply long enough to look like a dead replica.
+/// whole context for it), and two cores are little for two conversations: the
+/// tests take turns, so none waits on another's reply long enough to look like a
+/// dead replica.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn ask_text(c: &mut Client, text: &str) -> Value {
