@@ -330,6 +330,32 @@ impl Client {
         Ok(None)
     }
 
+    /// Adds a typed user message and asks for a reply.
+    pub async fn say_text(&mut self, text: &str) -> Result<()> {
+        self.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})).await?;
+        self.send(json!({"type": "response.create"})).await
+    }
+
+    /// Tool calls announced so far: (name, arguments).
+    pub fn tool_calls(&self) -> Vec<(String, Value)> {
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "response.function_call_arguments.done")
+            .map(|e| (e["name"].as_str().unwrap_or("").to_string(), serde_json::from_str(e["arguments"].as_str().unwrap_or("{}")).unwrap_or(Value::Null)))
+            .collect()
+    }
+
+    /// Everything the agent said so far, lower-case.
+    pub fn spoken(&self) -> String {
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "response.output_audio_transcript.delta")
+            .map(|e| e["delta"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    }
+
     /// Every event already waiting, without blocking.
     pub async fn drain(&mut self) -> Result<Vec<Value>> {
         let mut out = Vec::new();

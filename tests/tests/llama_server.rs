@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use parley_tests::{Client, Server, start_server};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The `llama-cpp-python` release whose vendored llama.cpp the script builds (keep
 /// in step with `scripts/llama-server.sh`; `make test` passes the path anyway).
@@ -293,31 +293,8 @@ fn setup() -> &'static Setup {
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn ask_text(c: &mut Client, text: &str) -> Value {
-    c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
-        .await
-        .expect("send");
-    c.send(json!({"type": "response.create"})).await.expect("send");
+    c.say_text(text).await.expect("send");
     c.wait_for("response.done", TURN).await.expect("response.done")
-}
-
-/// Server-side tool calls announced to the caller: (name, arguments).
-fn calls(c: &Client) -> Vec<(String, Value)> {
-    c.events
-        .iter()
-        .filter(|e| e["type"] == "response.function_call_arguments.done")
-        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), serde_json::from_str(e["arguments"].as_str().unwrap_or("{}")).unwrap_or(Value::Null)))
-        .collect()
-}
-
-/// Everything the agent said, lower-case.
-fn spoken(c: &Client) -> String {
-    c.events
-        .iter()
-        .filter(|e| e["type"] == "response.output_audio_transcript.delta")
-        .map(|e| e["delta"].as_str().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,12 +305,12 @@ async fn a_pharmacy_caller_gets_the_order_status_through_llama_server() {
     let mut c = Client::connect(&s.parley).await.expect("connect");
     let t = Instant::now();
     let done = ask_text(&mut c, "Hi, my member ID is 1001. What's the status of my order?").await;
-    eprintln!("pharmacy turn in {:?}: calls {:?}, said {:?}", t.elapsed(), calls(&c), spoken(&c));
+    eprintln!("pharmacy turn in {:?}: calls {:?}, said {:?}", t.elapsed(), c.tool_calls(), c.spoken());
     assert_eq!(done["response"]["status"], "completed", "{done}");
 
     // The model's calls (untagged JSON in llama-server's text) were found and run
     // on the server, with the caller's member ID.
-    let calls = calls(&c);
+    let calls = c.tool_calls();
     assert!(!calls.is_empty(), "no tool was called; events: {:?}", c.types());
     for (name, _) in &calls {
         assert!(PHARMACY_TOOLS.contains(&name.as_str()), "called {name}, not a pharmacy tool: {calls:?}");
@@ -355,7 +332,7 @@ async fn a_pharmacy_caller_gets_the_order_status_through_llama_server() {
     assert!(done_calls > 0, "response.done lists no function_call: {done}");
 
     // The agent said the status, and never read the call's JSON aloud.
-    let said = spoken(&c);
+    let said = c.spoken();
     assert!(said.contains("processing"), "agent said: {said}");
     assert!(!said.contains("arguments") && !said.contains('{'), "the agent spoke a tool call: {said}");
     assert!(c.types().iter().any(|t| t == "response.output_audio.delta"), "no audio");
@@ -369,11 +346,11 @@ async fn a_plain_question_is_answered_with_audio_through_llama_server() {
     let mut c = Client::connect(&s.parley).await.expect("connect");
     let t = Instant::now();
     let done = ask_text(&mut c, "What is the capital of Germany?").await;
-    eprintln!("plain turn in {:?}: said {:?}", t.elapsed(), spoken(&c));
+    eprintln!("plain turn in {:?}: said {:?}", t.elapsed(), c.spoken());
     assert_eq!(done["response"]["status"], "completed", "{done}");
     let said = done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_lowercase();
     assert!(said.contains("berlin"), "agent said {said:?}");
-    assert!(calls(&c).is_empty(), "a plain question made tool calls: {:?}", calls(&c));
+    assert!(c.tool_calls().is_empty(), "a plain question made tool calls: {:?}", c.tool_calls());
     let response_id = done["response"]["id"].as_str().expect("response id");
     let audio = c.response_audio(response_id).expect("audio");
     // At least half a second of speech at the wire rate.
@@ -407,7 +384,7 @@ async fn a_call_moves_to_the_other_llama_server_when_its_own_is_killed() {
     // Turn 1 runs on one of them.
     let done = ask_text(&mut c, "What is the capital of Germany?").await;
     assert_eq!(done["response"]["status"], "completed", "{done}");
-    let said = spoken(&c);
+    let said = c.spoken();
     assert!(said.contains("berlin"), "turn 1 said {said:?}");
     let (on_a, on_b) = (a.prompt_tokens().expect("a's metrics"), b.prompt_tokens().expect("b's metrics"));
     assert!((on_a > 0) != (on_b > 0), "turn 1 should run on exactly one llama-server (prompt tokens: a {on_a}, b {on_b})");

@@ -12,29 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TURN: Duration = Duration::from_secs(180);
 
 async fn ask_text(c: &mut Client, text: &str) -> Value {
-    c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
-        .await
-        .expect("send");
-    c.send(json!({"type": "response.create"})).await.expect("send");
+    c.say_text(text).await.expect("send");
     c.wait_for("response.done", TURN).await.expect("response.done")
-}
-
-fn calls(c: &Client) -> Vec<(String, Value)> {
-    c.events
-        .iter()
-        .filter(|e| e["type"] == "response.function_call_arguments.done")
-        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), serde_json::from_str(e["arguments"].as_str().unwrap_or("{}")).unwrap_or(Value::Null)))
-        .collect()
-}
-
-fn spoken(c: &Client) -> String {
-    c.events
-        .iter()
-        .filter(|e| e["type"] == "response.output_audio_transcript.delta")
-        .map(|e| e["delta"].as_str().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
 }
 
 fn server_with_config(config: &str) -> Server {
@@ -55,14 +34,14 @@ async fn pharmacy_caller_gets_the_order_status_from_the_built_in_tools() {
     let mut c = Client::connect(&server).await.expect("connect");
     let done = ask_text(&mut c, "My member ID is 1001. What orders do I have and what is their status?").await;
     assert_eq!(done["response"]["status"], "completed", "{done}");
-    let calls = calls(&c);
+    let calls = c.tool_calls();
     assert!(!calls.is_empty(), "no tool was called; events: {:?}", c.types());
     let (name, args) = &calls[0];
     assert!(["list_orders", "lookup_member", "get_order_details"].contains(&name.as_str()), "first call {name} {args}");
     assert!(args.to_string().contains("1001") || args.to_string().to_lowercase().contains("ord001"), "arguments {args}");
     // The result went into the conversation, and the agent said the status.
     assert!(c.types().iter().any(|t| t == "conversation.item.added") && c.events.iter().any(|e| e["item"]["type"] == "function_call_output"));
-    assert!(spoken(&c).contains("processing"), "agent said: {}", spoken(&c));
+    assert!(c.spoken().contains("processing"), "agent said: {}", c.spoken());
 }
 
 /// A one-route HTTP server that records request bodies and answers after `delay`.
@@ -130,12 +109,12 @@ async fn an_http_tool_is_posted_the_arguments_and_its_answer_is_spoken() {
     let done = ask_text(&mut c, "What are the opening hours of the Main Street store?").await;
     assert_eq!(done["response"]["status"], "completed", "{done}");
     let requests = seen.lock().expect("lock").clone();
-    assert!(!requests.is_empty(), "the HTTP tool was never called; tool calls: {:?}", calls(&c));
+    assert!(!requests.is_empty(), "the HTTP tool was never called; tool calls: {:?}", c.tool_calls());
     let (content_type, body) = &requests[0];
     assert!(content_type.to_lowercase().contains("application/json"), "{content_type}");
     let body: Value = serde_json::from_str(body).expect("the tool got JSON");
     assert!(body["store"].as_str().unwrap_or("").to_lowercase().contains("main"), "{body}");
-    let said = spoken(&c);
+    let said = c.spoken();
     assert!(said.contains('9') || said.contains("nine"), "agent said: {said}");
 }
 
@@ -149,7 +128,7 @@ async fn a_tool_that_times_out_is_explained_and_the_call_goes_on() {
     assert_eq!(done["response"]["status"], "completed", "{done}");
     let output = c.events.iter().find(|e| e["item"]["type"] == "function_call_output").expect("a tool result in the conversation");
     assert!(output["item"]["output"].as_str().unwrap_or("").contains("did not answer"), "{output}");
-    assert!(!spoken(&c).is_empty(), "the agent said nothing after the timeout");
+    assert!(!c.spoken().is_empty(), "the agent said nothing after the timeout");
     // The call still works.
     let done = ask_text(&mut c, "Thanks. Say goodbye.").await;
     assert_eq!(done["response"]["status"], "completed");

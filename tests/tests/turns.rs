@@ -16,10 +16,7 @@ const TURN: Duration = Duration::from_secs(180);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn ask_text(c: &mut Client, text: &str) {
-    c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
-        .await
-        .expect("send");
-    c.send(json!({"type": "response.create"})).await.expect("send");
+    c.say_text(text).await.expect("send");
 }
 
 /// Waits until `n` audio deltas of the first response arrived; returns its id.
