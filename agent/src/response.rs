@@ -455,13 +455,11 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
                 false
             }
         };
-        if ended {
-            if let Segment::Held(held) = std::mem::replace(&mut segment, Segment::Start(String::new())) {
-                if looks_like_json(&held) {
-                    debug!(chars = held.len(), "dropped a JSON reply instead of speaking it");
-                } else {
-                    ready.extend(chunker.push(&held));
-                }
+        if ended && let Segment::Held(held) = std::mem::replace(&mut segment, Segment::Start(String::new())) {
+            if looks_like_json(&held) {
+                debug!(chars = held.len(), "dropped a JSON reply instead of speaking it");
+            } else {
+                ready.extend(chunker.push(&held));
             }
         }
         if piece.is_none() {

@@ -235,8 +235,7 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
 
 #[tokio::test]
 async fn bad_audio_and_bad_requests_get_errors_and_the_call_goes_on() {
-    let mut settings = SessionSettings::default();
-    settings.turn_detection = None;
+    let settings = SessionSettings { turn_detection: None, ..SessionSettings::default() };
     let (call, mut rx) = start(settings).await;
     call.send(CallInput::Audio(vec![1, 2, 3])).await.expect("send");
     assert!(matches!(next(&mut rx).await, AgentEvent::Error { code: ErrorCode::InvalidAudio, .. }));
@@ -252,8 +251,7 @@ async fn bad_audio_and_bad_requests_get_errors_and_the_call_goes_on() {
 
 #[tokio::test]
 async fn cancel_stops_the_response_and_format_changes_apply() {
-    let mut settings = SessionSettings::default();
-    settings.output_format = AudioFormat::Pcmu;
+    let settings = SessionSettings { output_format: AudioFormat::Pcmu, ..SessionSettings::default() };
     let (call, mut rx) = start(settings).await;
     call.send(CallInput::UserText("hi".into())).await.expect("send");
     call.send(CallInput::CreateResponse).await.expect("send");
@@ -561,8 +559,7 @@ async fn speech_during_a_part_that_may_not_be_interrupted_is_answered_after_it()
 
 #[tokio::test]
 async fn truncate_cuts_a_reply_to_what_the_client_played() {
-    let mut settings = SessionSettings::default();
-    settings.turn_detection = None;
+    let settings = SessionSettings { turn_detection: None, ..SessionSettings::default() };
     let (call, mut rx) = start(settings).await;
     call.send(CallInput::UserText("where is my order".into())).await.expect("send");
     call.send(CallInput::CreateResponse).await.expect("send");

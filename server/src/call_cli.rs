@@ -60,7 +60,7 @@ pub fn run(args: CallArgs) -> Result<()> {
     runtime.block_on(async move { tokio::time::timeout(Duration::from_secs(args.timeout), call(&args)).await.context("the call timed out")? })
 }
 
-fn load_audio(path: &PathBuf) -> Result<Vec<f32>> {
+fn load_audio(path: &std::path::Path) -> Result<Vec<f32>> {
     let (samples, rate) = parley_audio::wav::read_wav(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut resampler = StreamResampler::new(rate, RATE)?;
     let mut out = resampler.process(&samples);

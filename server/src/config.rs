@@ -10,7 +10,7 @@ use parley_audio::vad::TurnSettings;
 use serde::Deserialize;
 
 /// The whole configuration file. `parley config` prints the defaults.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -290,21 +290,6 @@ impl Default for TtsConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            models: ModelsConfig::default(),
-            agent: AgentConfig::default(),
-            asr: AsrConfig::default(),
-            llm: LlmConfig::default(),
-            tts: TtsConfig::default(),
-            tools: ToolsConfig::default(),
-            twilio: TwilioConfig::default(),
-        }
-    }
-}
-
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -319,7 +304,7 @@ impl Config {
         self.listen_addr()?;
         self.models.validate()?;
         let url = &self.twilio.public_url;
-        if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+        if !url.is_empty() && !url.starts_with("https://") && !url.starts_with("http://") {
             bail!("twilio.public_url must start with https:// (or http://), not `{url}`");
         }
         let t = &self.agent.turn_detection;

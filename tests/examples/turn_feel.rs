@@ -121,7 +121,7 @@ async fn barge_in(c: &mut Client) -> Result<f64> {
     let question = speech("Stop. What is the capital of Germany?")?;
     let (sent, got) = stream_timed(c, &question, 1_000).await?;
     let onset = sent[onset_chunk(&question)];
-    let last = got.iter().filter(|(_, e)| e["type"] == "response.output_audio.delta" && e["response_id"] == first.as_str()).map(|(t, _)| *t).last();
+    let last = got.iter().filter(|(_, e)| e["type"] == "response.output_audio.delta" && e["response_id"] == first.as_str()).map(|(t, _)| *t).next_back();
     let reaction = last.map_or(0.0, |t| t.saturating_duration_since(onset).as_secs_f64() * 1000.0);
     c.wait_for("response.done", TURN).await?;
     Ok(reaction)

@@ -9,7 +9,7 @@ use serde_json::Value;
 #[derive(Debug)]
 pub enum ClientEvent {
     /// `session.update`.
-    SessionUpdate(SessionPatch),
+    SessionUpdate(Box<SessionPatch>),
     /// `input_audio_buffer.append`: base64 audio, decoded.
     Append(Vec<u8>),
     /// `input_audio_buffer.commit`.
@@ -185,7 +185,7 @@ fn parse_value(mut value: Value) -> Result<ClientEvent, ProtocolError> {
         "session.update" => {
             let session = value.get_mut("session").map(Value::take).unwrap_or(Value::Object(Default::default()));
             let patch: SessionPatch = serde_json::from_value(session).map_err(|e| invalid(&kind, e))?;
-            Ok(ClientEvent::SessionUpdate(patch))
+            Ok(ClientEvent::SessionUpdate(Box::new(patch)))
         }
         "input_audio_buffer.append" => {
             let audio = value.get("audio").and_then(Value::as_str).ok_or_else(|| invalid(&kind, "`audio` must be a base64 string"))?;

@@ -113,7 +113,7 @@ async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot, dialect: Dialec
         }
         let (event_id, parsed) = client_events::parse(text.as_str());
         let input = match parsed {
-            Ok(ClientEvent::SessionUpdate(patch)) => match session_config::apply(&settings, patch, &defaults) {
+            Ok(ClientEvent::SessionUpdate(patch)) => match session_config::apply(&settings, *patch, &defaults) {
                 Ok(s) => {
                     settings = s.clone();
                     Ok(CallInput::Update(Box::new(s)))

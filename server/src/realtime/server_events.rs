@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn session_created_once_then_updated() {
         let mut w = EventWriter::new(Dialect::Ga, "sess_x".into());
-        let ev = AgentEvent::SessionUpdated(Box::new(SessionSettings::default()));
+        let ev = AgentEvent::SessionUpdated(Box::default());
         assert_eq!(w.render(&ev)[0]["type"], "session.created");
         assert_eq!(w.render(&ev)[0]["type"], "session.updated");
         let ids: Vec<_> = [w.render(&ev), w.render(&ev)].concat().iter().map(|e| e["event_id"].clone()).collect();

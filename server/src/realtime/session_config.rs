@@ -278,7 +278,7 @@ mod tests {
 
     fn patch(json: &str) -> SessionPatch {
         match parse(json).1 {
-            Ok(ClientEvent::SessionUpdate(p)) => p,
+            Ok(ClientEvent::SessionUpdate(p)) => *p,
             other => panic!("not a session.update: {other:?}"),
         }
     }
