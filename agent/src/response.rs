@@ -455,6 +455,10 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
                 false
             }
         };
+        if ended && matches!(segment, Segment::Speech) {
+            // The next generation (after a tool round) starts a new sentence.
+            ready.extend(chunker.push(" "));
+        }
         if ended && let Segment::Held(held) = std::mem::replace(&mut segment, Segment::Start(String::new())) {
             if looks_like_json(&held) {
                 debug!(chars = held.len(), "dropped a JSON reply instead of speaking it");

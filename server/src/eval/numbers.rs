@@ -49,7 +49,7 @@ impl Reading {
             return false;
         }
         if let Some((v, ordinal)) = small(word) {
-            let fits = !self.started || (self.after_tens && (1..10).contains(&v)) || (!self.has_units && !self.after_tens && self.current % 100 == 0);
+            let fits = !self.started || (self.after_tens && (1..10).contains(&v)) || (!self.has_units && !self.after_tens && self.current.is_multiple_of(100));
             if !fits {
                 return false;
             }
@@ -58,7 +58,7 @@ impl Reading {
             self.after_tens = false;
             self.done = ordinal;
         } else if let Some((v, ordinal)) = tens(word) {
-            if self.started && (self.has_units || self.after_tens || self.current % 100 != 0) {
+            if self.started && (self.has_units || self.after_tens || !self.current.is_multiple_of(100)) {
                 return false;
             }
             self.current += v;
@@ -125,11 +125,7 @@ pub fn digits(text: &str) -> String {
         reading.take(&lower);
         let mut end = i + 1;
         // Extend over "<sep> word" pairs while the word continues this number.
-        loop {
-            let Some(&(false, sep)) = pieces.get(end) else { break };
-            if !matches!(sep, " " | "-") {
-                break;
-            }
+        while let Some(&(false, " " | "-")) = pieces.get(end) {
             let mut next = end + 1;
             if pieces.get(next).is_some_and(|(w, p)| *w && p.eq_ignore_ascii_case("and"))
                 && pieces.get(next + 1).is_some_and(|(w, p)| !*w && *p == " ")
