@@ -20,7 +20,7 @@ use crate::pacing::PlayClock;
 use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
 use crate::settings::{ResponseOptions, SessionSettings};
 use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
-use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, PARTIAL_SLOTS, Speech, join};
+use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots, join};
 use crate::{AgentError, Engines};
 
 /// Inputs queued for a call before the transport has to wait (backpressure).
@@ -413,7 +413,7 @@ impl CallState {
         if speech.barge.as_ref().is_some_and(|b| b.echo && !b.paused) {
             return;
         }
-        let Ok(permit) = PARTIAL_SLOTS.try_acquire() else { return };
+        let Ok(permit) = asr_slots().try_acquire() else { return };
         speech.partial_running = true;
         speech.last_partial = Some(Instant::now());
         let mut samples = self.input.current();
@@ -495,7 +495,9 @@ impl CallState {
         tokio::spawn(
             async move {
                 let started = Instant::now();
+                let permit = asr_slots().acquire().await.ok();
                 let result = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
                     let result = transcriber.transcribe(&samples);
                     (result, samples)
                 })

@@ -1,16 +1,22 @@
 //! The caller's side of turn-taking inside a call: speech in progress, a finished
 //! stretch that may go on, and speech heard while the agent talks.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
 use crate::turn_rules::PartialStabilizer;
 
-/// Partial transcripts running at once across all calls. Finals and the other
-/// models come first: a partial is skipped (not queued) when the slot is taken, so
-/// partial decoding never delays anyone's turn by more than one short decode.
-pub(crate) static PARTIAL_SLOTS: Semaphore = Semaphore::const_new(1);
+/// Speech-to-text decodes that may run at once across all calls: one per two cores
+/// (a decode uses two threads). Measured on 2 cores: two 2.7 s clips decoded side by
+/// side took 7 s each instead of 0.25 s one after the other, so decodes queue here.
+/// Finals wait for a slot; partials only take a free one and are skipped otherwise,
+/// so partial decoding never delays anyone's turn by more than one short decode.
+pub(crate) fn asr_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| Semaphore::new((std::thread::available_parallelism().map_or(2, usize::from) / 2).max(1)))
+}
 
 /// Longest audio a partial transcript looks at (Whisper's window is 30 s).
 pub(crate) const PARTIAL_MAX_SAMPLES: usize = 28 * 16_000;
