@@ -27,7 +27,7 @@ async fn main() -> Result<()> {
         let mut c = Client::connect(&server).await?;
         reactions.push(barge_in(&mut c).await.context("barge-in trial")?);
         let mut c = Client::connect(&server).await?;
-        ended_by_noise += usize::from(noise_ends_reply(&mut c).await.context("noise trial")?);
+        ended_by_noise += usize::from(noise_ends_reply(&mut c, t).await.context("noise trial")?);
         let mut c = Client::connect(&server).await?;
         let pause_ms = 600 + 200 * (t as u64 % 4);
         let (cut, delay) = digits(&mut c, pause_ms).await.context("digit trial")?;
@@ -42,7 +42,7 @@ async fn main() -> Result<()> {
     println!("| measure | median | min | max | rate |");
     println!("|---|---|---|---|---|");
     row("barge-in reaction: caller speech onset → last agent audio frame (ms)", &reactions, None);
-    println!("| false interruptions: replies ended by a 350 ms noise burst | | | | {ended_by_noise}/{trials} ({:.0} %) |", 100.0 * ended_by_noise as f64 / n);
+    println!("| false interruptions: replies ended by a noise burst (cough, double cough, soft cough) | | | | {ended_by_noise}/{trials} ({:.0} %) |", 100.0 * ended_by_noise as f64 / n);
     println!("| premature cut-off: digit strings split by 0.6–1.2 s pauses | | | | {cut_off}/{trials} ({:.0} %) |", 100.0 * cut_off as f64 / n);
     row("end-of-turn delay, finished question: end of speech → committed (ms)", &question_delays, None);
     row("end-of-turn delay, digit string: end of last digit → committed (ms)", &digit_delays, None);
@@ -127,10 +127,16 @@ async fn barge_in(c: &mut Client) -> Result<f64> {
     Ok(reaction)
 }
 
-async fn noise_ends_reply(c: &mut Client) -> Result<bool> {
+/// A noise burst mid-reply: a cough, a double cough, or a softer cough by turns.
+async fn noise_ends_reply(c: &mut Client, trial: usize) -> Result<bool> {
     ask_text(c, STORY).await?;
     let first = until_audio(c, 40).await?;
-    stream_timed(c, &cough(), 1_200).await?;
+    let burst = match trial % 3 {
+        0 => cough(),
+        1 => [cough(), vec![0.0; RATE as usize * 150 / 1000], cough()].concat(),
+        _ => cough().iter().map(|s| s * 0.4).collect(),
+    };
+    stream_timed(c, &burst, 1_200).await?;
     loop {
         if let Some(done) = c.events.iter().find(|e| e["type"] == "response.done" && e["response"]["id"] == first.as_str()) {
             return Ok(done["response"]["status"] != "completed");
