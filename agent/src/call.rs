@@ -339,6 +339,13 @@ impl CallState {
                 InputEvent::SpeechStarted { at_ms } => self.on_speech_started(at_ms).await,
                 InputEvent::SpeechStopped { at_ms, samples, ended_at } => self.on_speech_stopped(at_ms, samples, ended_at).await,
                 InputEvent::Overflow => {
+                    // The speech in progress is gone with the buffer; a reply it paused goes on.
+                    if let Some(speech) = self.speech.take()
+                        && speech.barge.is_some_and(|b| b.paused)
+                        && let Some(active) = self.response.as_ref()
+                    {
+                        let _ = active.pause.send(false);
+                    }
                     self.error(ErrorCode::BufferFull, format!("over {} ms of audio without a commit; the buffer was cleared", self.settings.max_buffer_ms)).await;
                 }
             }
