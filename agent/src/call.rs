@@ -20,7 +20,7 @@ use crate::pacing::PlayClock;
 use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
 use crate::settings::{ResponseOptions, SessionSettings};
 use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
-use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots, join};
+use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots};
 use crate::{AgentError, Engines};
 
 /// Inputs queued for a call before the transport has to wait (backpressure).
@@ -107,7 +107,6 @@ enum TranscribeKind {
     /// The VAD ended a stretch of speech; the turn is committed (or held) when the
     /// text is known.
     Segment {
-        samples: Vec<f32>,
         /// The reply this speech may have interrupted, still to be decided.
         barge: Option<String>,
         ended_at: Instant,
@@ -479,7 +478,7 @@ impl CallState {
         }
         let timer = TurnTimer { speech_end: Some(ended_at), committed: Some(Instant::now()), transcript: None };
         dump_turn(&speech.item_id, &samples);
-        let kind = TranscribeKind::Segment { samples: Vec::new(), barge: barge.map(|b| b.response_id), ended_at };
+        let kind = TranscribeKind::Segment { barge: barge.map(|b| b.response_id), ended_at };
         self.segments.push_back((speech.item_id.clone(), None));
         self.transcribe(speech.item_id, samples, timer, kind);
     }
@@ -505,21 +504,13 @@ impl CallState {
                 let permit = asr_slots().acquire().await.ok();
                 let result = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
-                    let result = transcriber.transcribe(&samples);
-                    (result, samples)
+                    transcriber.transcribe(&samples)
                 })
-                .await;
-                let (result, samples) = match result {
-                    Ok(done) => done,
-                    Err(e) => (Err(AsrError::Decode(format!("the transcription thread failed: {e}"))), Vec::new()),
-                };
+                .await
+                .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
                 let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let mut timer = timer;
                 timer.transcript = Some(Instant::now());
-                let kind = match kind {
-                    TranscribeKind::Segment { barge, ended_at, .. } => TranscribeKind::Segment { samples, barge, ended_at },
-                    manual => manual,
-                };
                 let _ = tx.send(Transcribed { item_id, result, asr_ms, timer, kind }).await;
             }
             .instrument(span),
@@ -570,7 +561,7 @@ impl CallState {
     async fn resolve_segment(&mut self, done: Transcribed) {
         let text = self.transcript_text(&done).await;
         info!(item_id = %done.item_id, chars = text.len(), asr_ms = done.asr_ms, "transcript");
-        let TranscribeKind::Segment { samples, barge, ended_at } = done.kind else { return };
+        let TranscribeKind::Segment { barge, ended_at } = done.kind else { return };
         let Some(td) = self.settings.turn_detection.clone() else {
             self.commit_turn(done.item_id, text, done.timer, done.asr_ms).await;
             return;
@@ -589,19 +580,19 @@ impl CallState {
             self.interrupt().await;
         }
         // A stretch after an unfinished one continues the same turn.
-        let (item_id, text, samples) = match self.held.take() {
+        let (item_id, text) = match self.held.take() {
             Some(held) if !text.trim().is_empty() => {
                 info!(item_id = %held.item_id, "the caller went on after a pause; same turn");
-                (held.item_id, format!("{} {}", held.text.trim(), text.trim()), join(held.samples, samples))
+                (held.item_id, format!("{} {}", held.text.trim(), text.trim()))
             }
-            Some(held) => (held.item_id, held.text, held.samples),
-            None => (done.item_id, text, samples),
+            Some(held) => (held.item_id, held.text),
+            None => (done.item_id, text),
         };
         if td.unfinished_silence_ms > td.vad.silence_duration_ms && looks_unfinished(&text) {
             let deadline = ended_at + Duration::from_millis(u64::from(td.unfinished_silence_ms));
             if Instant::now() < deadline || self.speech.is_some() || !self.segments.is_empty() {
                 info!(heard = %text, "the turn sounds unfinished: waiting for more");
-                self.held = Some(HeldTurn { item_id, samples, text, timer: done.timer, asr_ms: done.asr_ms, deadline });
+                self.held = Some(HeldTurn { item_id, text, timer: done.timer, asr_ms: done.asr_ms, deadline });
                 return;
             }
         }

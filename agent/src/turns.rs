@@ -53,20 +53,9 @@ pub(crate) struct Barge {
 /// A finished stretch of speech that sounded unfinished, waiting for more.
 pub(crate) struct HeldTurn {
     pub item_id: String,
-    pub samples: Vec<f32>,
     pub text: String,
     pub timer: crate::call::TurnTimer,
     pub asr_ms: f64,
     /// Commit it as it is at this time if the caller says nothing more.
     pub deadline: Instant,
-}
-
-/// Joins earlier and later audio of one turn.
-pub(crate) fn join(prior: Vec<f32>, later: Vec<f32>) -> Vec<f32> {
-    if prior.is_empty() {
-        return later;
-    }
-    let mut all = prior;
-    all.extend(later);
-    all
 }
