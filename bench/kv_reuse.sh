@@ -20,6 +20,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/parley/target}
 make -s build models >/dev/null
 PARLEY=$CARGO_TARGET_DIR/release/parley
 work=$(mktemp -d)
+source bench/lib.sh
 server_pid=
 trap 'if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 
@@ -37,17 +38,9 @@ for t in "${turns[@]}"; do text_args+=(--text "$t"); done
 # run MODE KV_REUSE: one server with that setting (and a fresh pharmacy database),
 # the whole conversation in one call, metrics to $work/MODE.jsonl.
 run() {
-  local mode=$1 reuse=$2 addr=
+  local mode=$1 reuse=$2
   printf '[llm]\nkv_reuse = %s\n\n[tools]\npharmacy_db = "%s"\n' "$reuse" "$work/pharmacy-$mode.sqlite" >"$work/$mode.toml"
-  PARLEY_LOG=warn $PARLEY serve --config "$work/$mode.toml" --listen 127.0.0.1:0 \
-    >"$work/server-$mode.out" 2>"$work/server-$mode.err" &
-  server_pid=$!
-  for _ in $(seq 600); do
-    addr=$(sed -n 's#^parley listening on http://##p' "$work/server-$mode.out")
-    [ -n "$addr" ] && curl -sf "http://$addr/readyz" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  [ -n "$addr" ] || { echo "server did not start"; cat "$work/server-$mode.err"; exit 1; }
+  start_server "$mode" --config "$work/$mode.toml"
   echo "kv_reuse = $reuse:"
   $PARLEY call "${text_args[@]}" --url "ws://$addr/v1/realtime" --out "$work/$mode.wav" \
     --timeout 1800 --metrics-out "$work/$mode.jsonl" >"$work/call-$mode.out"

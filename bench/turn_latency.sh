@@ -13,14 +13,8 @@ ROUNDS=${ROUNDS:-1}
 work=$(mktemp -d)
 trap 'kill $server_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 
-PARLEY_LOG=warn $PARLEY serve --listen 127.0.0.1:0 >"$work/server.out" 2>"$work/server.err" &
-server_pid=$!
-for _ in $(seq 600); do
-  addr=$(sed -n 's#^parley listening on http://##p' "$work/server.out")
-  [ -n "$addr" ] && curl -sf "http://$addr/readyz" >/dev/null 2>&1 && break
-  sleep 0.2
-done
-[ -n "${addr:-}" ] || { echo "server did not start"; cat "$work/server.err"; exit 1; }
+source bench/lib.sh
+start_server main
 
 questions=(
   "What is the capital of France?"

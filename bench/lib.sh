@@ -1,0 +1,18 @@
+# Shared by the bench scripts (sourced, not run): start a release `parley serve`.
+# start_server NAME [serve args...]: logs go to $work/server-NAME.{out,err}; sets
+# $server_pid and $addr (host:port) once /readyz answers, or exits with the log.
+start_server() {
+  local name=$1
+  shift
+  PARLEY_LOG=warn $PARLEY serve --listen 127.0.0.1:0 "$@" >"$work/server-$name.out" 2>"$work/server-$name.err" &
+  server_pid=$!
+  addr=
+  for _ in $(seq 600); do
+    addr=$(sed -n 's#^parley listening on http://##p' "$work/server-$name.out")
+    [ -n "$addr" ] && curl -sf "http://$addr/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "server did not start"
+  cat "$work/server-$name.err"
+  exit 1
+}
