@@ -39,10 +39,9 @@ pub enum LlmDevice {
 /// How to load the embedded engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CandleOptions {
-    /// Dequantize the weights to f32 at load. On CPU, candle's quantized kernels are
-    /// an order of magnitude slower for this model (its Q5_0 matrices have no SIMD
-    /// kernel in candle): about 20x on prefill, 8x on decode. The price is RAM: about
-    /// 1.9 GB resident for the 0.5B model instead of about 0.8 GB.
+    /// Dequantize the weights to f32 at load, for comparison only: it reads four times
+    /// the bytes per decoded token and holds about 1.9 GB for the 0.5B model. Off,
+    /// matrices stay quantized, in formats with a SIMD kernel ([`crate::requant`]).
     pub dequantize: bool,
     /// Most tokens a session may hold (prompt plus reply); a longer conversation
     /// fails with [`LlmError::ContextFull`]. Each session's KV cache grows up to this
@@ -56,6 +55,9 @@ pub struct CandleOptions {
     /// is never evicted. The shared system-prompt caches count against it too, within
     /// an eighth of it (see [`crate::kv_budget`]).
     pub kv_budget_bytes: usize,
+    /// Prefills of at least this many new tokens run on dequantized weights with a
+    /// dense GEMM ([`crate::qwen2::Qwen2LoadOptions::dense_prefill_min_tokens`]).
+    pub dense_prefill_min_tokens: usize,
     /// Keep each session's KV cache between generations and share system-prompt
     /// caches between sessions. Off, every generation prefills its whole prompt from
     /// an empty cache: only for measuring what reuse saves.
@@ -69,10 +71,11 @@ pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
 impl Default for CandleOptions {
     fn default() -> Self {
         Self {
-            dequantize: true,
+            dequantize: false,
             max_context: 4096,
             device: LlmDevice::Cpu,
             kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES,
+            dense_prefill_min_tokens: crate::qwen2::DEFAULT_DENSE_PREFILL_MIN_TOKENS,
             kv_reuse: true,
         }
     }
@@ -216,6 +219,7 @@ impl CandleEngine {
             &Qwen2LoadOptions {
                 dequantize: options.dequantize,
                 max_context: options.max_context,
+                dense_prefill_min_tokens: options.dense_prefill_min_tokens,
             },
         )?;
 
@@ -251,6 +255,9 @@ impl CandleEngine {
         tracing::info!(
             name,
             load_ms = started.elapsed().as_millis() as u64,
+            simd = crate::cpu::simd_path(),
+            threads = crate::cpu::model_threads(),
+            weights = %weights.summary(),
             dequantize = options.dequantize,
             max_context = weights.max_context(),
             kv_budget_bytes = options.kv_budget_bytes,

@@ -46,9 +46,12 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 pub mod chat;
+pub mod cpu;
+pub mod dequant;
 pub mod engine;
 pub mod kv_budget;
 pub mod qwen2;
+pub mod requant;
 pub mod remote;
 pub mod tokenizer;
 pub mod toolcall;

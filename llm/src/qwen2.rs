@@ -14,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::LlmError;
+use crate::requant::{Conversion, WeightSummary, to_fast_cpu_format};
 
 /// Shape and numerics of a Qwen2 model, read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,23 +42,69 @@ pub struct Qwen2Config {
 /// How to load the weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2LoadOptions {
-    /// Dequantize every matrix to f32 at load. Candle has no SIMD kernel for the Q5_0
-    /// matrices of Qwen2.5-0.5B Q4_K_M, so on a 2-core CPU a 164-token prefill took
-    /// 19.7 s quantized against 1.1 s dequantized (MODELS.md), and decoding is about
-    /// 8x slower; the price is RAM (about 1.9 GB resident for the 0.5B model instead
-    /// of about 0.8 GB). An output head stored as Q8_0 stays quantized either way: it
-    /// only ever multiplies one row, where candle's Q8_0 kernel beats f32.
+    /// Dequantize every matrix to f32 at load (about 1.9 GB resident for the 0.5B
+    /// model instead of about 0.5 GB, and decode reads four times the bytes per
+    /// token). Off (the default), matrices stay quantized and any format without a
+    /// SIMD kernel is converted to Q8_0 at load ([`crate::requant`]); kept for
+    /// comparison. An output head stored as Q8_0 stays quantized either way.
     pub dequantize: bool,
     /// Longest sequence a session may hold (prompt plus reply). Sizes the RoPE
     /// tables; capped at the model's trained context.
     pub max_context: usize,
+    /// A forward pass over at least this many tokens (a prefill) multiplies by
+    /// dequantized f32 copies of the quantized matrices, made one matrix at a time and
+    /// dropped at once, with a dense GEMM: past a few dozen rows that is about twice as
+    /// fast as candle's quantized kernels, which are built for one row at a time.
+    /// Fewer tokens (decoding, a short turn) use the quantized kernels. 0 never
+    /// dequantizes.
+    pub dense_prefill_min_tokens: usize,
+}
+
+/// Default for [`Qwen2LoadOptions::dense_prefill_min_tokens`]. Measured with the
+/// `llm_speed` example on 2 cores (0.5B model): the quantized kernels prefill about
+/// 50 tok/s, the dense GEMM about 80 tok/s plus about 0.5 s to dequantize the
+/// matrices (memory-bound), so dense pays off from about 70 tokens. A turn's new
+/// tokens (tens) stay quantized; a system prompt with tools (hundreds) goes dense.
+pub const DEFAULT_DENSE_PREFILL_MIN_TOKENS: usize = 96;
+
+/// How one forward pass multiplies by the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// Quantized kernels straight on the stored weights (one activation row at a
+    /// time, the weights read once per tile of rows).
+    Quantized,
+    /// Dequantize each matrix to f32 and run a dense GEMM (many rows).
+    Dense,
+}
+
+impl MatmulPath {
+    /// The path for a forward pass over `tokens` tokens.
+    pub fn for_tokens(tokens: usize, dense_min_tokens: usize) -> Self {
+        if dense_min_tokens > 0 && tokens >= dense_min_tokens {
+            Self::Dense
+        } else {
+            Self::Quantized
+        }
+    }
+}
+
+/// Multiplies `x` by a weight matrix along the chosen path.
+fn linear(w: &QMatMul, x: &Tensor, path: MatmulPath) -> candle_core::Result<Tensor> {
+    match (path, w) {
+        (MatmulPath::Dense, QMatMul::QTensor(q)) => {
+            let dense = crate::dequant::dequantize(q, x.device())?;
+            x.broadcast_matmul(&dense.t()?)
+        }
+        _ => w.forward(x),
+    }
 }
 
 impl Default for Qwen2LoadOptions {
     fn default() -> Self {
         Self {
-            dequantize: true,
+            dequantize: false,
             max_context: 4096,
+            dense_prefill_min_tokens: DEFAULT_DENSE_PREFILL_MIN_TOKENS,
         }
     }
 }
@@ -78,13 +125,33 @@ struct Block {
     w_down: QMatMul,
 }
 
+/// The token embedding table. Quantized, it is the output head's own tensor when the
+/// model ties them (Qwen2.5's small models do): one copy, 145 MB in Q8_0 for the 0.5B
+/// model instead of another 272 MB in f16.
+enum Embedding {
+    Dense(Tensor),
+    Quantized(std::sync::Arc<QTensor>),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
+            Self::Quantized(q) => q.embedding(ids)?.to_dtype(DType::F32),
+        }
+    }
+}
+
 /// The immutable weights of a Qwen2 model, loaded once and shared by every session.
 pub struct Qwen2Weights {
     config: Qwen2Config,
     max_context: usize,
+    dense_prefill_min_tokens: usize,
     device: Device,
-    /// Token embeddings, `(vocab, hidden)`, f16.
-    embed: Tensor,
+    /// Token embeddings, `(vocab, hidden)`: looked up row by row.
+    embed: Embedding,
+    /// Matrices per storage format, as loaded (for the startup log).
+    summary: WeightSummary,
     blocks: Vec<Block>,
     final_norm: Tensor,
     output: QMatMul,
@@ -119,7 +186,9 @@ impl Qwen2Weights {
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| load_err(format!("not a readable GGUF file: {e}")))?;
-        Self::from_gguf(&content, &mut reader, device, options).map_err(load_err)
+        let weights = Self::from_gguf(&content, &mut reader, device, options).map_err(load_err)?;
+        release_freed_memory();
+        Ok(weights)
     }
 
     fn from_gguf<R: std::io::Read + std::io::Seek>(
@@ -181,38 +250,63 @@ impl Qwen2Weights {
             q.dequantize(device)
                 .map_err(|e| format!("dequantizing `{name}`: {e}"))
         };
+        let summary = std::cell::RefCell::new(WeightSummary::default());
         let matmul = |q: QTensor, name: &str| -> Result<QMatMul, String> {
             let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
             if options.dequantize || float {
-                Ok(QMatMul::Tensor(dense(q, name)?))
+                let t = dense(q, name)?;
+                let bytes = t.elem_count() * t.dtype().size_in_bytes();
+                summary
+                    .borrow_mut()
+                    .add(&format!("{:?}", t.dtype()), bytes, Conversion::Kept);
+                Ok(QMatMul::Tensor(t))
             } else {
+                let (q, conversion) = to_fast_cpu_format(q, device)
+                    .map_err(|e| format!("converting `{name}`: {e}"))?;
+                summary.borrow_mut().add(
+                    &format!("{:?}", q.dtype()),
+                    q.storage_size_in_bytes(),
+                    conversion,
+                );
                 Ok(QMatMul::QTensor(std::sync::Arc::new(q)))
             }
         };
         let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
 
-        let embed_q = tensor(reader, "token_embd.weight")?;
-        let vocab_size = embed_q.shape().dims().first().copied().unwrap_or(0);
         // Tied embeddings: without `output.weight` the head is the embedding matrix.
         let head_name = match content.tensor_infos.contains_key("output.weight") {
             true => "output.weight",
             false => "token_embd.weight",
         };
         let head = tensor(reader, head_name)?;
+        let tied = head_name == "token_embd.weight";
+        let vocab_size = match content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None => return Err("the file has no `token_embd.weight`".into()),
+        };
         // The head only ever multiplies one row (the last position), where memory
         // traffic is the whole cost: stored as Q8_0 (as in this model) it is kept
         // quantized, a quarter of f32's bytes and read about twice as fast by candle's
         // AVX2 kernel. Other formats follow `dequantize`.
         let output = if head.dtype() == GgmlDType::Q8_0 {
+            summary
+                .borrow_mut()
+                .add("Q8_0", head.storage_size_in_bytes(), Conversion::Kept);
             QMatMul::QTensor(std::sync::Arc::new(head))
         } else {
             matmul(head, head_name)?
         };
-        // The embedding is only looked up, never multiplied: f16 halves its 545 MB
-        // (0.5B model) at no speed cost; looked-up rows are widened to f32.
-        let embed = dense(embed_q, "token_embd.weight")?
-            .to_dtype(DType::F16)
-            .map_err(|e| format!("token_embd.weight to f16: {e}"))?;
+        let embed = match (&output, tied && !options.dequantize) {
+            // Tied and quantized: rows are dequantized from the head as they are looked up.
+            (QMatMul::QTensor(q), true) => Embedding::Quantized(q.clone()),
+            // Otherwise f16 halves the table (545 MB as f32 for the 0.5B model) at no
+            // speed cost; looked-up rows are widened to f32.
+            _ => Embedding::Dense(
+                load_dense(reader, "token_embd.weight")?
+                    .to_dtype(DType::F16)
+                    .map_err(|e| format!("token_embd.weight to f16: {e}"))?,
+            ),
+        };
         let final_norm = load_dense(reader, "output_norm.weight")?;
 
         let mut blocks = Vec::with_capacity(n_layer);
@@ -253,8 +347,10 @@ impl Qwen2Weights {
                 vocab_size,
             },
             max_context,
+            dense_prefill_min_tokens: options.dense_prefill_min_tokens,
             device: device.clone(),
             embed,
+            summary: summary.into_inner(),
             blocks,
             final_norm,
             output,
@@ -271,6 +367,11 @@ impl Qwen2Weights {
     /// The longest sequence a [`KvCache`] of this model may hold.
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// Matrices per storage format as loaded, and what was converted (for the log).
+    pub fn summary(&self) -> &WeightSummary {
+        &self.summary
     }
 
     /// The device the weights live on.
@@ -325,23 +426,20 @@ impl Qwen2Weights {
         let seq = tokens.len();
         let eps = self.config.rms_eps as f32;
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(0)?;
+        let mut x = self.embed.lookup(&ids)?.unsqueeze(0)?;
         let mask = causal_mask(seq, pos, &self.device)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
+        let path = MatmulPath::for_tokens(seq, self.dense_prefill_min_tokens);
 
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let attn = self.attention(block, &h, kv, pos, &cos, &sin, mask.as_ref())?;
+            let attn = self.attention(block, &h, kv, pos, &cos, &sin, mask.as_ref(), path)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            let gate = block.w_gate.forward(&h)?.silu()?;
-            let up = block.w_up.forward(&h)?;
-            x = (x + block.w_down.forward(&(gate * up)?)?)?;
+            let gate = linear(&block.w_gate, &h, path)?.silu()?;
+            let up = linear(&block.w_up, &h, path)?;
+            x = (x + linear(&block.w_down, &(gate * up)?, path)?)?;
         }
         cache.len = pos + seq;
 
@@ -364,6 +462,7 @@ impl Qwen2Weights {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
+        path: MatmulPath,
     ) -> candle_core::Result<Tensor> {
         let Qwen2Config {
             n_head,
@@ -375,9 +474,9 @@ impl Qwen2Weights {
         let (b, seq, _) = x.dims3()?;
         let group = n_head / n_kv_head;
 
-        let q = block.wq.forward(x)?.broadcast_add(&block.bq)?;
-        let k = block.wk.forward(x)?.broadcast_add(&block.bk)?;
-        let v = block.wv.forward(x)?.broadcast_add(&block.bv)?;
+        let q = linear(&block.wq, x, path)?.broadcast_add(&block.bq)?;
+        let k = linear(&block.wk, x, path)?.broadcast_add(&block.bk)?;
+        let v = linear(&block.wv, x, path)?.broadcast_add(&block.bv)?;
         // (b, seq, heads * dim) -> (b, heads, seq, dim)
         let q = q
             .reshape((b, seq, n_head, head_dim))?
@@ -416,7 +515,19 @@ impl Qwen2Weights {
             .reshape((b, n_head, seq, head_dim))?
             .transpose(1, 2)?
             .reshape((b, seq, hidden))?;
-        block.wo.forward(&out)
+        linear(&block.wo, &out, path)
+    }
+}
+
+/// Hands the heap memory freed while loading (each tensor's raw bytes, and the Q5_0
+/// originals of converted matrices) back to the OS: glibc keeps freed blocks below its
+/// mmap threshold in the process, which would count a few hundred MB of garbage in the
+/// server's resident memory for its whole life.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -669,6 +780,33 @@ mod tests {
             .context("v")?
             .unwrap_or_default();
         assert_eq!(orig, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn prefills_go_dense_and_decoding_stays_quantized() {
+        let min = DEFAULT_DENSE_PREFILL_MIN_TOKENS;
+        assert_eq!(MatmulPath::for_tokens(1, min), MatmulPath::Quantized);
+        assert_eq!(MatmulPath::for_tokens(min - 1, min), MatmulPath::Quantized);
+        assert_eq!(MatmulPath::for_tokens(min, min), MatmulPath::Dense);
+        assert_eq!(MatmulPath::for_tokens(4000, 0), MatmulPath::Quantized, "0 = never");
+    }
+
+    #[test]
+    fn both_paths_compute_the_same_product() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..64 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let w = Tensor::from_vec(w, (64, 256), &dev)?;
+        let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        let x: Vec<f32> = (0..40 * 256).map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0).collect();
+        let x = Tensor::from_vec(x, (1, 40, 256), &dev)?;
+        let a = linear(&q, &x, MatmulPath::Quantized)?;
+        let b = linear(&q, &x, MatmulPath::Dense)?;
+        assert_eq!(a.dims(), b.dims());
+        let err = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        // Only the quantized path's 8-bit activations differ.
+        assert!(err <= 0.02 * scale, "error {err} against {scale}");
         Ok(())
     }
 

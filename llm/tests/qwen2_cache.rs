@@ -35,8 +35,18 @@ fn batched_split_and_truncated_prefills_agree() {
         return;
     };
     let tok = tokenizer_from_json(&tokenizer_json_from_gguf(&gguf).expect("json")).expect("tok");
-    let weights =
-        Qwen2Weights::load(&gguf, &Device::Cpu, &Qwen2LoadOptions::default()).expect("weights");
+    // f32 weights: every path computes the same sums, so the logits must agree to
+    // rounding. Quantized weights: one row and many rows run different kernels (a
+    // 1-row GEMV and a tiled GEMM, summing in another order through 24 layers), so
+    // single steps are held to the same top token and a looser bound.
+    for (dequantize, step_tolerance) in [(true, 1e-3), (false, 1.0)] {
+        let options = Qwen2LoadOptions { dequantize, ..Qwen2LoadOptions::default() };
+        let weights = Qwen2Weights::load(&gguf, &Device::Cpu, &options).expect("weights");
+        check_cache_paths(&weights, &tok, step_tolerance);
+    }
+}
+
+fn check_cache_paths(weights: &Qwen2Weights, tok: &tokenizers::Tokenizer, step_tolerance: f32) {
     let text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
                 Name three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n";
     let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
@@ -70,8 +80,10 @@ fn batched_split_and_truncated_prefills_agree() {
     for id in &ids[ids.len() - tail..] {
         last = Some(weights.forward(&[*id], &mut steps).expect("step"));
     }
-    let d = max_abs_diff(&full, &last.expect("ran steps"));
-    assert!(d < 1e-3, "one batch vs single steps differ by {d}");
+    let d = max_abs_diff(&full, last.as_ref().expect("ran steps"));
+    eprintln!("one batch vs single steps: max |diff| = {d:e}");
+    assert!(d < step_tolerance, "one batch vs single steps differ by {d}");
+    assert_eq!(argmax(&full), argmax(last.as_ref().expect("ran steps")));
 
     // Truncation: fill the cache with something else after the split, cut back, redo.
     let mut reused = weights.new_cache();
@@ -105,8 +117,8 @@ fn context_limit_is_enforced() {
         &gguf,
         &Device::Cpu,
         &Qwen2LoadOptions {
-            dequantize: false,
             max_context: 8,
+            ..Qwen2LoadOptions::default()
         },
     )
     .expect("weights");

@@ -182,9 +182,14 @@ pub struct AsrConfig {
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
-    /// Dequantize weights to f32 at load: about 2 GB of RAM for a much faster
-    /// prefill on CPUs (candle's quantized CPU kernels are slow).
+    /// Dequantize weights to f32 at load: about 2 GB of RAM and a slower decode
+    /// (four times the bytes read per token); only for comparison. Off, the weights
+    /// stay quantized and formats without a SIMD kernel become Q8_0 at load.
     pub dequantize: bool,
+    /// Threads the embedded model's matrix products use, 0 for one per core. They
+    /// form one fixed pool that calls take turns on (`CANDLE_NUM_THREADS` and
+    /// `RAYON_NUM_THREADS`, when set, win).
+    pub threads: usize,
     /// Context window used per call, in tokens.
     pub context: usize,
     /// Memory, in MiB, that all calls' KV caches (embedded model) may hold together;
@@ -272,7 +277,8 @@ impl Default for LlmConfig {
     fn default() -> Self {
         use parley_llm::remote::config::{DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_REQUEST_TIMEOUT_MS};
         Self {
-            dequantize: true,
+            dequantize: false,
+            threads: 0,
             context: 4096,
             kv_cache_mb: parley_llm::engine::DEFAULT_KV_BUDGET_BYTES >> 20,
             kv_reuse: true,

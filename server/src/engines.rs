@@ -1,24 +1,24 @@
 //! Loading the models a server shares between calls.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use parley_agent::Engines;
+use parley_agent::{Engines, SessionSettings};
 use parley_agent::tools::ToolRegistry;
 use parley_agent::tools::http::HttpTool;
 use parley_agent::tools::pharmacy::{PharmacyDb, pharmacy_tools};
 use parley_asr::{WhisperOptions, WhisperTranscriber};
 use parley_llm::remote::RemotePool;
-use parley_llm::{CandleEngine, CandleOptions, LlmEngine};
+use parley_llm::{CandleEngine, CandleOptions, ChatMessage, LlmEngine, Role};
 use parley_tts::PiperVoice;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::models;
 
-/// Checks the model files and loads all three models (several seconds: the LLM
-/// dequantizes its weights).
+/// Checks the model files, loads all three models and warms them up ([`warm_up`]).
 pub fn load(config: &Config) -> Result<Engines> {
     let dir = config.models_dir();
     let paths = models::check(&dir)?;
@@ -54,7 +54,48 @@ pub fn load(config: &Config) -> Result<Engines> {
         }
     };
 
-    Ok(Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools: tools(config)? })
+    let engines = Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools: tools(config)? };
+    warm_up(&engines, &config.session_defaults(), config.remote_llm().is_none());
+    Ok(engines)
+}
+
+/// Runs each model once before the server says it is ready, so the first call is as
+/// fast as the tenth: the language model prefills the default system prompt with the
+/// server's tools (every call with those instructions starts from that shared KV
+/// cache), and Whisper and Piper run once (their first run allocates buffers and
+/// thread pools). Remote replicas (`warm_llm` false) warm their own caches. A failure
+/// here is only logged: the call that meets it reports it.
+pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool) {
+    let t = Instant::now();
+    if let Err(e) = engines.transcriber.transcribe(&vec![0.0f32; 16_000]) {
+        warn!(error = %e, "speech-to-text warm-up failed");
+    }
+    if let Err(e) = engines.tts.synthesize("Hello.") {
+        warn!(error = %e, "voice warm-up failed");
+    }
+    let audio_ms = t.elapsed().as_millis() as u64;
+    if !warm_llm {
+        info!(audio_ms, "warmed up speech-to-text and the voice");
+        return;
+    }
+
+    let t = Instant::now();
+    let mut options = defaults.generate.clone();
+    if defaults.tools_enabled {
+        options.tools = engines.tools.specs();
+    }
+    options.max_tokens = 1;
+    let messages = [ChatMessage::new(Role::System, defaults.instructions.as_str()), ChatMessage::new(Role::User, "Hello.")];
+    let mut session = engines.llm.new_session();
+    match session.generate(&messages, &options, &mut |_| ControlFlow::Break(())) {
+        Ok(stats) => info!(
+            audio_ms,
+            llm_ms = t.elapsed().as_millis() as u64,
+            prompt_tokens = stats.prompt_tokens,
+            "warmed up: the default system prompt is prefilled and shared"
+        ),
+        Err(e) => warn!(error = %e, "language model warm-up failed"),
+    }
 }
 
 /// The embedded model `[models]` chooses: a GGUF file given by path, else an

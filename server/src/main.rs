@@ -66,6 +66,11 @@ enum ModelsAction {
 }
 
 fn main() -> ExitCode {
+    // Before anything runs an instruction this CPU may lack.
+    if let Err(e) = parley_llm::cpu::check_cpu() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,6 +58,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         config.server.max_calls = n;
     }
     config.validate()?;
+    // Before the async runtime starts any thread (this sets environment variables).
+    // SAFETY: only this thread exists yet.
+    let threads = unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
+    info!(simd = parley_llm::cpu::simd_path(), model_threads = threads, asr_threads = config.asr.threads, "CPU");
     // Fail fast, before binding, when the models are missing.
     crate::models::check(&config.models_dir())?;
 

@@ -68,6 +68,8 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     init_logging();
     let config = config(&args)?;
+    // SAFETY: no other thread exists yet (this sets environment variables).
+    unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
     let set = EvalSet::load(&args.set)?;
     let conversations: Vec<&Conversation> =
         set.conversations.iter().filter(|c| args.only.is_empty() || args.only.iter().any(|o| c.name.contains(o.as_str()))).collect();

@@ -1,0 +1,127 @@
+//! What the CPU offers the model, and how many threads the model may use.
+//!
+//! The workspace is built for x86-64-v3 (AVX2, FMA, F16C: `.cargo/config.toml`), so the
+//! compiler vectorises the f32 code around the quantized kernels too. A binary built
+//! that way must not start on an older CPU: [`check_cpu`] says so in words instead of
+//! dying on an illegal instruction somewhere in the first matrix product.
+//!
+//! Model work runs on candle's one fixed pool (`CANDLE_NUM_THREADS` threads, the
+//! caller included; calls take turns on it) and on rayon's global pool for f32
+//! products (`RAYON_NUM_THREADS`). [`set_model_threads`] sets both before either
+//! exists, so the model never has more threads than the machine has cores and Whisper
+//! and Piper are not starved by oversubscription.
+
+use std::sync::OnceLock;
+
+/// The SIMD instruction sets this build was compiled to require, as a short name for
+/// the startup log ("avx2+fma+f16c", "neon", or "baseline" when none).
+pub fn simd_path() -> &'static str {
+    if cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        "avx2+fma+f16c"
+    } else if cfg!(all(target_arch = "aarch64", target_feature = "neon")) {
+        "neon"
+    } else {
+        "baseline"
+    }
+}
+
+/// The instruction sets this build requires that the running CPU lacks, empty when it
+/// has them all.
+pub fn missing_cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut missing = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(target_feature = "avx2") && !std::arch::is_x86_feature_detected!("avx2") {
+            missing.push("avx2");
+        }
+        if cfg!(target_feature = "fma") && !std::arch::is_x86_feature_detected!("fma") {
+            missing.push("fma");
+        }
+        if cfg!(target_feature = "f16c") && !std::arch::is_x86_feature_detected!("f16c") {
+            missing.push("f16c");
+        }
+    }
+    missing
+}
+
+/// Fails with a readable message when this build needs instructions the CPU lacks
+/// (call it first thing in `main`).
+pub fn check_cpu() -> Result<(), String> {
+    let missing = missing_cpu_features();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "this parley binary was built for CPUs with {} but this CPU lacks {}; rebuild \
+         for it with RUSTFLAGS=\"-C target-cpu=native\" (or x86-64 for any x86-64 CPU)",
+        simd_path(),
+        missing.join(", ")
+    ))
+}
+
+static MODEL_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Cores available to this process (its affinity mask, cgroup quota aside).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets how many threads the model's matrix products use (0: one per available core),
+/// by setting `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS` unless the operator set
+/// them. Returns the number in force.
+///
+/// # Safety
+/// Changes the process environment: call it before any other thread exists (first
+/// thing in `main`, before the async runtime starts).
+pub unsafe fn set_model_threads(threads: usize) -> usize {
+    let n = if threads == 0 { available_cores() } else { threads };
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: the caller guarantees no other thread reads the environment.
+            unsafe { std::env::set_var(var, n.to_string()) };
+        }
+    }
+    let in_force = model_threads_from_env().unwrap_or(n);
+    let _ = MODEL_THREADS.set(in_force);
+    in_force
+}
+
+fn model_threads_from_env() -> Option<usize> {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+}
+
+/// Threads the model's products use (for the log and metrics).
+pub fn model_threads() -> usize {
+    *MODEL_THREADS.get_or_init(|| model_threads_from_env().unwrap_or_else(available_cores))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machine_runs_this_build() {
+        assert_eq!(check_cpu(), Ok(()));
+        assert!(missing_cpu_features().is_empty());
+    }
+
+    #[test]
+    fn the_simd_path_matches_the_build_target() {
+        let path = simd_path();
+        if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+            assert_eq!(path, "avx2+fma+f16c");
+        } else {
+            assert!(["neon", "baseline"].contains(&path), "{path}");
+        }
+        assert!(model_threads() >= 1);
+    }
+}
