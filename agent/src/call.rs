@@ -20,7 +20,7 @@ use crate::pacing::PlayClock;
 use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
 use crate::settings::{ResponseOptions, SessionSettings};
 use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
-use crate::turns::{Barge, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots};
+use crate::turns::{Barge, EarlyTranscript, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots};
 use crate::{AgentError, Engines};
 
 /// Inputs queued for a call before the transport has to wait (backpressure).
@@ -117,6 +117,27 @@ enum TranscribeKind {
 struct Partial {
     item_id: String,
     text: Option<String>,
+}
+
+/// Prefills the language model with the conversation plus the caller's words as an
+/// early transcript has them, while the VAD's silence window runs: if the turn ends
+/// there, the reply's own prefill finds these tokens in the call's KV cache and only
+/// starts generating. If the caller goes on, the next prefill keeps the common prefix
+/// and overwrites the rest (the cache is cut to what the prompts share).
+async fn speculative_prefill(mut messages: Vec<parley_llm::ChatMessage>, text: String, options: parley_llm::GenerateOptions, session: SharedSession) {
+    messages.push(parley_llm::ChatMessage::new(parley_llm::Role::User, text));
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        // A reply that starts meanwhile waits for this lock, then reuses what it wrote.
+        let Ok(mut session) = session.try_lock() else { return None };
+        Some(session.prefill(&messages, &options))
+    })
+    .await;
+    match result {
+        Ok(Some(Ok(Some(tokens)))) => debug!(prompt_tokens = tokens, ms = started.elapsed().as_millis() as u64, "speculative prefill"),
+        Ok(Some(Err(e))) => debug!(error = %e, "speculative prefill failed"),
+        _ => {}
+    }
 }
 
 /// Wall-clock marks of one turn, from the end of the caller's speech.
@@ -337,6 +358,7 @@ impl CallState {
             match event {
                 InputEvent::SpeechStarted { at_ms } => self.on_speech_started(at_ms).await,
                 InputEvent::SpeechStopped { at_ms, samples, ended_at } => self.on_speech_stopped(at_ms, samples, ended_at).await,
+                InputEvent::SpeechPaused { at_ms, samples } => self.on_speech_paused(at_ms, samples),
                 InputEvent::Overflow => {
                     // The speech in progress is gone with the buffer; a reply it paused goes on.
                     if let Some(speech) = self.speech.take()
@@ -367,7 +389,7 @@ impl CallState {
                 info!("the caller spoke during a part that may not be interrupted; kept for the next turn");
             }
         }
-        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial_running: false, barge });
+        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial_running: false, barge, early: None });
         self.emit(AgentEvent::SpeechStarted { item_id, audio_start_ms: at_ms }).await;
     }
 
@@ -412,6 +434,15 @@ impl CallState {
     fn start_partial(&mut self) {
         let Some(interval) = self.settings.turn_detection.as_ref().map(|t| t.partial_interval_ms) else { return };
         let Some(speech) = self.speech.as_mut() else { return };
+        // Speech again after a pause: the early transcript of that pause is stale.
+        if speech.early.as_ref().is_some_and(|e| self.input.last_speech_end_ms().is_some_and(|end| end > e.end_ms))
+            && let Some(early) = speech.early.take()
+        {
+            early.drop_stale();
+        }
+        if speech.early.is_some() {
+            return; // paused: the early transcript is running, a partial would only wait
+        }
         let since = speech.last_partial.unwrap_or(speech.started);
         if interval == 0 || speech.partial_running || since.elapsed() < Duration::from_millis(u64::from(interval)) {
             return;
@@ -480,7 +511,96 @@ impl CallState {
         dump_turn(&speech.item_id, &samples);
         let kind = TranscribeKind::Segment { barge: barge.map(|b| b.response_id), ended_at };
         self.segments.push_back((speech.item_id.clone(), None));
-        self.transcribe(speech.item_id, samples, timer, kind);
+        match speech.early {
+            Some(early) if early.end_ms == at_ms => self.transcribe_early(speech.item_id, samples, timer, kind, early),
+            other => {
+                if let Some(early) = other {
+                    early.drop_stale();
+                }
+                self.transcribe(speech.item_id, samples, timer, kind);
+            }
+        }
+    }
+
+    /// The caller paused: transcribe the turn now, in case the pause is its end, and
+    /// let the language model read the conversation so far with that text meanwhile
+    /// ([`speculative_prefill`]). Not for speech over a reply (judged separately).
+    fn on_speech_paused(&mut self, at_ms: u64, samples: Vec<f32>) {
+        let Some(speech) = self.speech.as_mut() else { return };
+        if speech.barge.is_some() {
+            return;
+        }
+        if let Some(old) = speech.early.take() {
+            old.drop_stale();
+        }
+        let stale = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        speech.early = Some(EarlyTranscript { end_ms: at_ms, result: rx, stale: stale.clone() });
+        let prefill = (self.response.is_none() && self.held.is_none() && self.segments.is_empty()).then(|| {
+            let mut options = self.settings.generate.clone();
+            if self.settings.tools_enabled {
+                options.tools = self.engines.tools.specs();
+                options.tools.extend(self.settings.client_tools.iter().cloned());
+            }
+            (self.conversation.to_messages(&self.settings.instructions), options, self.session.clone())
+        });
+        let transcriber = self.engines.transcriber.clone();
+        let span = info_span!("early_transcript", audio_ms = samples.len() / 16);
+        tokio::spawn(
+            async move {
+                let permit = asr_slots().acquire().await.ok();
+                if stale.load(Ordering::SeqCst) {
+                    return; // the caller went on: never decoded
+                }
+                let started = Instant::now();
+                let result = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    transcriber.transcribe(&samples)
+                })
+                .await
+                .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
+                let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let text = result.as_ref().ok().map(|t| t.text.trim().to_string()).filter(|t| !t.is_empty());
+                let _ = tx.send((result, asr_ms));
+                if let (Some(text), Some((messages, options, session))) = (text, prefill)
+                    && !stale.load(Ordering::SeqCst)
+                {
+                    speculative_prefill(messages, text, options, session).await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Uses the early transcript of this stretch of speech (see [`on_speech_paused`]);
+    /// transcribes it anew if the early decode did not run.
+    fn transcribe_early(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer, kind: TranscribeKind, early: EarlyTranscript) {
+        self.pending_transcripts += 1;
+        let transcriber = self.engines.transcriber.clone();
+        let tx = self.transcribed_tx.clone();
+        let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16, early = true);
+        tokio::spawn(
+            async move {
+                let (result, asr_ms) = match early.result.await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        let started = Instant::now();
+                        let permit = asr_slots().acquire().await.ok();
+                        let result = tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            transcriber.transcribe(&samples)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
+                        (result, started.elapsed().as_secs_f64() * 1000.0)
+                    }
+                };
+                let mut timer = timer;
+                timer.transcript = Some(Instant::now());
+                let _ = tx.send(Transcribed { item_id, result, asr_ms, timer, kind }).await;
+            }
+            .instrument(span),
+        );
     }
 
     /// Adds a user audio item (a manual commit) and transcribes it off the runtime.

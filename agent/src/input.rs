@@ -15,6 +15,11 @@ const SAMPLES_PER_MS: u64 = (ASR_RATE / 1000) as u64;
 /// with some silence after it (measured: "of France" became "and friends" at 150 ms).
 const END_MARGIN_MS: u64 = 400;
 
+/// Silence after speech at which the turn is probably over and its transcription may
+/// start early, before the VAD's `silence_duration_ms` confirms it (earshot's score
+/// trails speech by about 100 ms, so this is about a quarter second of real silence).
+pub const EARLY_PAUSE_MS: u64 = 160;
+
 /// What happened to the input after a chunk was pushed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InputEvent {
@@ -23,6 +28,12 @@ pub enum InputEvent {
     /// Speech ended; `samples` is the turn (with prefix padding) to transcribe,
     /// `ended_at` the wall-clock time the last speech sample arrived.
     SpeechStopped { at_ms: u64, samples: Vec<f32>, ended_at: Instant },
+    /// The caller has been silent for [`EARLY_PAUSE_MS`] after speech that ended at
+    /// `at_ms`: the turn will probably stop there. `samples` is the turn as a stop now
+    /// would cut it (the missing end margin filled with silence), to transcribe early.
+    /// If the stop later carries the same `at_ms`, nobody spoke in between and the
+    /// early transcript is the turn's.
+    SpeechPaused { at_ms: u64, samples: Vec<f32> },
     /// The buffer hit its limit without a commit and was cut.
     Overflow,
 }
@@ -42,6 +53,8 @@ pub struct InputAudio {
     total: u64,
     /// When the newest samples arrived.
     last_arrival: Instant,
+    /// The speech end (ms) the last `SpeechPaused` was reported for.
+    paused_at: Option<u64>,
 }
 
 impl InputAudio {
@@ -58,6 +71,7 @@ impl InputAudio {
             buffer_start: 0,
             total: 0,
             last_arrival: Instant::now(),
+            paused_at: None,
         })
     }
 
@@ -75,6 +89,11 @@ impl InputAudio {
         }
         self.max_buffer_ms = u64::from(max_buffer_ms);
         Ok(())
+    }
+
+    /// Stream time (ms) where the VAD last heard speech, with server VAD.
+    pub fn last_speech_end_ms(&self) -> Option<u64> {
+        self.detector.as_ref().map(TurnDetector::last_speech_end_ms)
     }
 
     /// True while the VAD hears speech.
@@ -115,6 +134,9 @@ impl InputAudio {
                 }
             }
         }
+        if let Some(paused) = self.early_pause() {
+            out.push(paused);
+        }
         if self.detector.is_some() && !self.in_speech() {
             self.trim_to_padding();
         } else if self.buffer.len() as u64 > self.max_buffer_ms * SAMPLES_PER_MS {
@@ -122,6 +144,28 @@ impl InputAudio {
             out.push(InputEvent::Overflow);
         }
         Ok(out)
+    }
+
+    /// A `SpeechPaused` when the caller has just been silent for [`EARLY_PAUSE_MS`]
+    /// mid-turn (once per end of speech), if the stop is further away than that.
+    fn early_pause(&mut self) -> Option<InputEvent> {
+        let d = self.detector.as_ref()?;
+        let silence_ms = u64::from(d.settings().silence_duration_ms);
+        if !d.in_speech() || d.silence_ms() < EARLY_PAUSE_MS || silence_ms <= EARLY_PAUSE_MS + 100 {
+            return None;
+        }
+        let at_ms = d.last_speech_end_ms();
+        if self.paused_at == Some(at_ms) {
+            return None;
+        }
+        self.paused_at = Some(at_ms);
+        let end = (at_ms * SAMPLES_PER_MS).min(self.total);
+        let cut = end + END_MARGIN_MS * SAMPLES_PER_MS;
+        let have = usize::try_from(cut.min(self.total).saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.buffer.len());
+        let mut samples = self.buffer[..have].to_vec();
+        // The margin not heard yet is (near) silence by definition: pad with zeros.
+        samples.resize(usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(have).max(have), 0.0);
+        Some(InputEvent::SpeechPaused { at_ms, samples })
     }
 
     /// Outside speech only the prefix padding is worth keeping.
@@ -162,5 +206,39 @@ impl InputAudio {
     /// Milliseconds of audio waiting for a commit.
     pub fn buffered_ms(&self) -> u64 {
         self.buffer.len() as u64 / SAMPLES_PER_MS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_speech() -> Vec<f32> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+        let (samples, _) = parley_audio::wav::read_wav(&path).expect("fixture");
+        samples[14_400..46_400].to_vec()
+    }
+
+    #[test]
+    fn a_pause_comes_before_the_stop_with_the_same_end_and_the_turns_audio() {
+        let vad = TurnSettings::default();
+        let mut input = InputAudio::new(AudioFormat::Pcm16 { rate: 16_000 }, Some(vad), 60_000).expect("input");
+        let mut audio = fixture_speech();
+        audio.extend(vec![0.0; 16 * 1500]);
+        let mut events = Vec::new();
+        for chunk in audio.chunks(320) {
+            events.extend(input.push(&parley_audio::pcm::encode_pcm16le(chunk)).expect("push"));
+        }
+        let paused: Vec<_> = events.iter().filter_map(|e| match e { InputEvent::SpeechPaused { at_ms, samples } => Some((*at_ms, samples.len())), _ => None }).collect();
+        let stopped: Vec<_> = events.iter().filter_map(|e| match e { InputEvent::SpeechStopped { at_ms, samples, .. } => Some((*at_ms, samples.len())), _ => None }).collect();
+        assert_eq!(stopped.len(), 1, "{events:?}");
+        let (stop_at, stop_len) = stopped[0];
+        // The last pause before the stop covers the same end of speech and the same audio.
+        let Some(&(pause_at, pause_len)) = paused.last() else { panic!("no pause before the stop") };
+        assert_eq!(pause_at, stop_at);
+        assert_eq!(pause_len, stop_len, "the early turn is cut (and padded) like the stop's");
+        let pause_index = events.iter().position(|e| matches!(e, InputEvent::SpeechPaused { at_ms, .. } if *at_ms == stop_at));
+        let stop_index = events.iter().position(|e| matches!(e, InputEvent::SpeechStopped { .. }));
+        assert!(pause_index < stop_index, "the pause is reported first");
     }
 }

@@ -35,6 +35,28 @@ pub(crate) struct Speech {
     pub partial_running: bool,
     /// Set when the speech began during a reply that may be interrupted.
     pub barge: Option<Barge>,
+    /// The transcript started when the caller paused (see [`EarlyTranscript`]).
+    pub early: Option<EarlyTranscript>,
+}
+
+/// A transcript of the turn started at the caller's first pause, before the VAD's
+/// silence window confirms the turn is over: when the stop comes for the same end of
+/// speech, this is the turn's transcript and the window was not spent waiting. If the
+/// caller went on speaking it is dropped (a decode not begun yet is skipped).
+pub(crate) struct EarlyTranscript {
+    /// The end of speech (stream ms) it covers.
+    pub end_ms: u64,
+    /// The decode's result and its duration in ms; closed if it was skipped.
+    pub result: tokio::sync::oneshot::Receiver<(Result<parley_asr::Transcript, parley_asr::AsrError>, f64)>,
+    /// Set once the caller spoke again: the decode, if still waiting, is not run.
+    pub stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EarlyTranscript {
+    /// Marks it unwanted.
+    pub fn drop_stale(self) {
+        self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Speech heard during a reply, being judged: interruption, backchannel or echo.

@@ -513,6 +513,15 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 impl LlmSession for CandleSession {
+    fn prefill(&mut self, messages: &[ChatMessage], options: &GenerateOptions) -> Result<Option<usize>, LlmError> {
+        let options = GenerateOptions {
+            max_tokens: 0,
+            ..options.clone()
+        };
+        let stats = self.generate(messages, &options, &mut |_| ControlFlow::Break(()))?;
+        Ok(Some(stats.prompt_tokens))
+    }
+
     fn generate(
         &mut self,
         messages: &[ChatMessage],

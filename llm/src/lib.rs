@@ -226,4 +226,14 @@ pub trait LlmSession: Send {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<GenerationStats, LlmError>;
+
+    /// Reads `messages` into the session's cache without generating, so a
+    /// [`generate`](Self::generate) with the same prompt soon after only has to
+    /// decode (the agent calls it while it waits to be sure the caller has finished).
+    /// Returns the prompt's token count, or `None` where the engine keeps no cache of
+    /// its own (remote replicas), which do nothing.
+    fn prefill(&mut self, messages: &[ChatMessage], options: &GenerateOptions) -> Result<Option<usize>, LlmError> {
+        let _ = (messages, options);
+        Ok(None)
+    }
 }

@@ -253,6 +253,25 @@ impl TurnDetector {
         self.last_probability = 0.0;
     }
 
+    /// While the caller is mid-turn: how long the frames since the last speech frame
+    /// have been silent, in milliseconds (0 outside a turn). The turn stops when this
+    /// reaches `silence_duration_ms`; a caller can start work on the likely end of the
+    /// turn before that (an early transcript) and check [`Self::last_speech_end_ms`]
+    /// when the stop comes to know whether the caller spoke again meanwhile.
+    pub fn silence_ms(&self) -> u64 {
+        if self.in_speech {
+            u64::from(self.silent_frames) * FRAME_MS
+        } else {
+            0
+        }
+    }
+
+    /// Stream time (ms) where the last speech frame ended: the `at_ms` a
+    /// `SpeechStopped` would carry now.
+    pub fn last_speech_end_ms(&self) -> u64 {
+        samples_to_ms(self.last_speech_end)
+    }
+
     /// Speech probability of the most recent frame, for metrics and the demo page.
     pub fn last_probability(&self) -> f32 {
         self.last_probability
