@@ -46,7 +46,7 @@ llama_once() { # prints one key=value line per prompt
       -d "{\"prompt\": $ids, \"n_predict\": $DECODE, \"ignore_eos\": true, \"cache_prompt\": false,
            \"temperature\": 0, \"top_k\": 1}" |
       python3 -c 'import json,sys; t=json.load(sys.stdin)["timings"]
-print(f"engine=llama.cpp prompt_tokens={t[\"prompt_n\"]} prefill_ms={t[\"prompt_ms\"]:.0f} prefill_tok_s={t[\"prompt_per_second\"]:.1f} decode_tokens={t[\"predicted_n\"]} decode_ms={t[\"predicted_ms\"]:.0f} decode_tok_s={t[\"predicted_per_second\"]:.2f}")'
+print("engine=llama.cpp prompt_tokens=%d prefill_ms=%.0f prefill_tok_s=%.1f decode_tokens=%d decode_ms=%.0f decode_tok_s=%.2f" % (t["prompt_n"], t["prompt_ms"], t["prompt_per_second"], t["predicted_n"], t["predicted_ms"], t["predicted_per_second"]))'
   done <"$work/ids.jsonl"
 }
 

@@ -132,9 +132,10 @@ fn main() -> BoxResult<()> {
     let t = Instant::now();
     let w = Qwen2Weights::load(&gguf, &Device::Cpu, &options)?;
     println!(
-        "engine=parley load_ms={:.0} rss_after_tokenizer_mb={rss_tok:.0} rss_after_load_mb={:.0} simd={} threads={} weights=\"{}\"",
+        "engine=parley load_ms={:.0} rss_after_tokenizer_mb={rss_tok:.0} rss_after_load_mb={:.0} peak_rss_after_load_mb={:.0} simd={} threads={} weights=\"{}\"",
         t.elapsed().as_secs_f64() * 1e3,
         status_mb("VmRSS:"),
+        status_mb("VmHWM:"),
         parley_llm::cpu::simd_path(),
         parley_llm::cpu::model_threads(),
         w.summary()

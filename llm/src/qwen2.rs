@@ -242,6 +242,12 @@ impl Qwen2Weights {
         let max_context = options.max_context.clamp(1, trained_context.max(1));
 
         let tensor = |reader: &mut R, name: &str| -> Result<QTensor, String> {
+            if device.is_cpu()
+                && let Some(q) = read_q8_0_in_place(content, reader, name)
+                    .map_err(|e| format!("tensor `{name}`: {e}"))?
+            {
+                return Ok(q);
+            }
             content
                 .tensor(reader, name, device)
                 .map_err(|e| format!("tensor `{name}`: {e}"))
@@ -330,6 +336,9 @@ impl Qwen2Weights {
                 bk: load_dense(reader, &name("attn_k.bias"))?,
                 bv: load_dense(reader, &name("attn_v.bias"))?,
             });
+            // Each block's raw and converted copies are garbage now: give them back as
+            // we go, so the load's peak stays near the weights' own size.
+            release_freed_memory();
         }
 
         let (cos, sin) = rope_tables(head_dim, rope_theta, max_context, device)
@@ -517,6 +526,41 @@ impl Qwen2Weights {
             .reshape((b, seq, hidden))?;
         linear(&block.wo, &out, path)
     }
+}
+
+/// Reads a Q8_0 tensor straight into its final blocks. candle's reader reads the bytes
+/// and then copies them into blocks, so the output head (145 MB for the 0.5B model)
+/// would briefly take twice its size; this keeps the load's peak memory near the
+/// weights' own size. `None` for other formats.
+fn read_q8_0_in_place<R: std::io::Read + std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    name: &str,
+) -> candle_core::Result<Option<QTensor>> {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    let Some(info) = content.tensor_infos.get(name) else {
+        return Ok(None);
+    };
+    if info.ggml_dtype != GgmlDType::Q8_0 {
+        return Ok(None);
+    }
+    let elems = info.shape.elem_count();
+    if elems % BlockQ8_0::BLCK_SIZE != 0 {
+        return Ok(None);
+    }
+    let mut blocks = vec![BlockQ8_0::zeros(); elems / BlockQ8_0::BLCK_SIZE];
+    // SAFETY: BlockQ8_0 is `repr(C)` plain old data (an f16 and 32 i8, 34 bytes, no
+    // padding), laid out exactly as GGUF stores it; every byte is overwritten below.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            blocks.len() * std::mem::size_of::<BlockQ8_0>(),
+        )
+    };
+    reader.seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset))?;
+    reader.read_exact(bytes)?;
+    let storage = candle_core::quantized::QStorage::Cpu(Box::new(blocks));
+    QTensor::new(storage, info.shape.clone()).map(Some)
 }
 
 /// Hands the heap memory freed while loading (each tensor's raw bytes, and the Q5_0
