@@ -7,7 +7,8 @@ use crate::tools::spoken;
 
 /// Words that only text written for the model uses; a phrase containing one is not
 /// for the caller's ears.
-const MODEL_DIRECTED: &[&str] = &["the caller", "caller's", "tool result", "tool call", "json", "function call", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
+const MODEL_DIRECTED: &[&str] =
+    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
 
 /// The phrase as it should be spoken, or `None` when it must not be spoken at all.
 pub fn speakable(phrase: &str) -> Option<String> {
@@ -57,7 +58,8 @@ mod tests {
     fn text_for_the_model_is_not_spoken() {
         assert_eq!(speakable("Ask the caller to check the order ID or list the member's orders."), None);
         assert_eq!(speakable("I will call verify_member now."), None);
-        assert_eq!(speakable("Do not show JSON."), None);
+        assert_eq!(speakable("Now answer the caller in one to three short spoken sentences."), None);
+        assert!(speakable("JSON is a data format.").is_some(), "a caller may ask about anything");
         assert!(speakable("Thank you, Maria, you're verified.").is_some());
     }
 }
