@@ -45,13 +45,21 @@ fn standing(order: &Order) -> String {
 /// One order in a sentence: "Order O R D zero zero one, Amoxicillin five hundred
 /// milligrams, quantity twenty-one, is still being processed; …".
 pub(super) fn order_sentence(order: &Order) -> String {
-    format!(
-        "Order {}, {}, quantity {}, {}.",
+    sentence(format!(
+        "Order {}, {}, quantity {}, {}",
         spoken::id(&order.order_id),
         medication(&order.medication, &order.strength),
         quantity(order.quantity),
         standing(order)
-    )
+    ))
+}
+
+/// Ends a sentence with a period, unless it already ends with one ("ten a.m.").
+fn sentence(mut text: String) -> String {
+    if !text.ends_with('.') {
+        text.push('.');
+    }
+    text
 }
 
 fn quantity(n: i64) -> String {
@@ -94,9 +102,9 @@ pub(super) fn order_details(order: &Order) -> Value {
 /// `get_pickup_time`.
 pub(super) fn pickup_time(order: &Order) -> Value {
     let say = match (order.status.as_str(), pickup(order)) {
-        ("shipped", _) | (_, None) => format!("Order {} {}.", spoken::id(&order.order_id), standing(order)),
-        ("picked up", Some(_)) => format!("Order {} {}.", spoken::id(&order.order_id), standing(order)),
-        (_, Some(when)) => format!("You can pick up order {} on {when}.", spoken::id(&order.order_id)),
+        ("shipped", _) | (_, None) => sentence(format!("Order {} {}", spoken::id(&order.order_id), standing(order))),
+        ("picked up", Some(_)) => sentence(format!("Order {} {}", spoken::id(&order.order_id), standing(order))),
+        (_, Some(when)) => sentence(format!("You can pick up order {} on {when}", spoken::id(&order.order_id))),
     };
     json!({ "order_id": order.order_id, "status": order.status, "pickup": pickup(order), "say": say })
 }
