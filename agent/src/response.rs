@@ -785,7 +785,7 @@ mod tests {
             TextPiece::SegmentEnd,
             text("Let me check."),
             TextPiece::SegmentEnd,
-            text("Ask the caller to check the order ID. "),
+            text("Ask the caller to check the number. "),
             text("Your order ORD001 is at the pharmacy.The pickup is Monday."),
             TextPiece::SegmentEnd,
         ])
