@@ -205,9 +205,6 @@ struct CallState {
     /// Tool calls and results reported by responses, committed in order.
     reports_tx: mpsc::Sender<ToolReport>,
     reports_rx: mpsc::Receiver<ToolReport>,
-    /// The call's tool memory: what its tools keep between turns (who the caller
-    /// proved to be).
-    tool_scope: crate::tools::CallScope,
 }
 
 impl CallState {
@@ -248,7 +245,6 @@ impl CallState {
             pending_transcripts: 0,
             reports_tx,
             reports_rx,
-            tool_scope: crate::tools::CallScope::default(),
         })
     }
 
@@ -789,27 +785,19 @@ impl CallState {
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::Assistant, text: None }).await;
         self.emit(AgentEvent::OutputItemAdded { response_id: response_id.clone(), item_id: item_id.clone() }).await;
         let mut options = self.settings.generate.clone();
-        let mut instructions = request.instructions.clone().unwrap_or_else(|| self.settings.instructions.clone());
         if self.settings.tools_enabled {
-            // Tools speak to the model in its family's words (prompt files per family).
-            let model = self.engines.llm.name();
-            options.tools = self.engines.tools.specs_for(model);
+            options.tools = self.engines.tools.specs();
             options.tools.extend(self.settings.client_tools.iter().cloned());
-            if let Some(guidance) = self.engines.tools.guidance(model) {
-                instructions = format!("{}\n\n{guidance}", instructions.trim_end());
-            }
         }
-        self.tool_scope.next_response();
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
-            messages: self.conversation.to_messages(&instructions),
+            messages: self.conversation.to_messages(request.instructions.as_deref().unwrap_or(&self.settings.instructions)),
             options,
             output_format: self.settings.output_format,
             pacing: self.settings.pacing,
             tool_policy: self.settings.tool_policy.clone(),
             interruptible: request.interruptible,
-            scope: self.tool_scope.clone(),
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));

@@ -27,7 +27,6 @@ mod events;
 mod ids;
 mod input;
 mod pacing;
-mod reply_text;
 mod response;
 mod settings;
 pub mod tools;
