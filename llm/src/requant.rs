@@ -81,7 +81,7 @@ pub fn to_fast_cpu_format(q: QTensor, device: &Device) -> Result<(QTensor, Conve
 /// nibble `i mod 16` of `qs` (low nibbles for `i < 16`, high for the rest) and the fifth
 /// bit is bit `i` of the little-endian `qh`. Q8_0 stores `d` and `q_i − 16` directly.
 pub fn q5_0_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
-    if src.len() % Q5_0_BLOCK_BYTES != 0 {
+    if !src.len().is_multiple_of(Q5_0_BLOCK_BYTES) {
         candle_core::bail!(
             "Q5_0 data of {} bytes is not a whole number of {Q5_0_BLOCK_BYTES}-byte blocks",
             src.len()

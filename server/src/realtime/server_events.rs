@@ -220,7 +220,6 @@ impl EventWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parley_agent::SessionSettings;
 
     #[test]
     fn audio_names_follow_the_dialect() {
