@@ -119,6 +119,17 @@ struct Partial {
     text: Option<String>,
 }
 
+/// Decodes `samples` on a blocking thread, holding `permit` (a slot of
+/// [`asr_slots`]) until the decode is over.
+async fn decode(transcriber: Arc<dyn parley_asr::Transcriber>, samples: Vec<f32>, permit: Option<tokio::sync::SemaphorePermit<'static>>) -> Result<Transcript, AsrError> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        transcriber.transcribe(&samples)
+    })
+    .await
+    .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))))
+}
+
 /// Prefills the language model with the conversation plus the caller's words as an
 /// early transcript has them, while the VAD's silence window runs: if the turn ends
 /// there, the reply's own prefill finds these tokens in the call's KV cache and only
@@ -462,14 +473,7 @@ impl CallState {
         let tx = self.partials_tx.clone();
         tokio::spawn(
             async move {
-                let text = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    transcriber.transcribe(&samples)
-                })
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|t| t.text);
+                let text = decode(transcriber, samples, Some(permit)).await.ok().map(|t| t.text);
                 let _ = tx.send(Partial { item_id, text }).await;
             }
             .in_current_span(),
@@ -512,12 +516,12 @@ impl CallState {
         let kind = TranscribeKind::Segment { barge: barge.map(|b| b.response_id), ended_at };
         self.segments.push_back((speech.item_id.clone(), None));
         match speech.early {
-            Some(early) if early.end_ms == at_ms => self.transcribe_early(speech.item_id, samples, timer, kind, early),
+            Some(early) if early.end_ms == at_ms => self.transcribe(speech.item_id, samples, timer, kind, Some(early)),
             other => {
                 if let Some(early) = other {
                     early.drop_stale();
                 }
-                self.transcribe(speech.item_id, samples, timer, kind);
+                self.transcribe(speech.item_id, samples, timer, kind, None);
             }
         }
     }
@@ -536,14 +540,8 @@ impl CallState {
         let stale = Arc::new(AtomicBool::new(false));
         let (tx, rx) = tokio::sync::oneshot::channel();
         speech.early = Some(EarlyTranscript { end_ms: at_ms, result: rx, stale: stale.clone() });
-        let prefill = (self.response.is_none() && self.held.is_none() && self.segments.is_empty()).then(|| {
-            let mut options = self.settings.generate.clone();
-            if self.settings.tools_enabled {
-                options.tools = self.engines.tools.specs();
-                options.tools.extend(self.settings.client_tools.iter().cloned());
-            }
-            (self.conversation.to_messages(&self.settings.instructions), options, self.session.clone())
-        });
+        let prefill = (self.response.is_none() && self.held.is_none() && self.segments.is_empty())
+            .then(|| (self.conversation.to_messages(&self.settings.instructions), self.generate_options(), self.session.clone()));
         let transcriber = self.engines.transcriber.clone();
         let span = info_span!("early_transcript", audio_ms = samples.len() / 16);
         tokio::spawn(
@@ -553,12 +551,7 @@ impl CallState {
                     return; // the caller went on: never decoded
                 }
                 let started = Instant::now();
-                let result = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    transcriber.transcribe(&samples)
-                })
-                .await
-                .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
+                let result = decode(transcriber, samples, permit).await;
                 let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let text = result.as_ref().ok().map(|t| t.text.trim().to_string()).filter(|t| !t.is_empty());
                 let _ = tx.send((result, asr_ms));
@@ -572,63 +565,39 @@ impl CallState {
         );
     }
 
-    /// Uses the early transcript of this stretch of speech (see [`on_speech_paused`]);
-    /// transcribes it anew if the early decode did not run.
-    fn transcribe_early(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer, kind: TranscribeKind, early: EarlyTranscript) {
-        self.pending_transcripts += 1;
-        let transcriber = self.engines.transcriber.clone();
-        let tx = self.transcribed_tx.clone();
-        let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16, early = true);
-        tokio::spawn(
-            async move {
-                let (result, asr_ms) = match early.result.await {
-                    Ok(done) => done,
-                    Err(_) => {
-                        let started = Instant::now();
-                        let permit = asr_slots().acquire().await.ok();
-                        let result = tokio::task::spawn_blocking(move || {
-                            let _permit = permit;
-                            transcriber.transcribe(&samples)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
-                        (result, started.elapsed().as_secs_f64() * 1000.0)
-                    }
-                };
-                let mut timer = timer;
-                timer.transcript = Some(Instant::now());
-                let _ = tx.send(Transcribed { item_id, result, asr_ms, timer, kind }).await;
-            }
-            .instrument(span),
-        );
-    }
-
     /// Adds a user audio item (a manual commit) and transcribes it off the runtime.
     async fn commit_audio(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer) {
         let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::User, None));
         self.emit(AgentEvent::InputCommitted { item_id: item_id.clone(), previous_item_id: previous.clone() }).await;
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::User, text: None }).await;
         dump_turn(&item_id, &samples);
-        self.transcribe(item_id, samples, timer, TranscribeKind::Manual);
+        self.transcribe(item_id, samples, timer, TranscribeKind::Manual, None);
     }
 
     /// Transcribes audio on a blocking thread; the result comes back as `Transcribed`.
-    fn transcribe(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer, kind: TranscribeKind) {
+    /// With the early transcript of the same stretch of speech (see
+    /// [`Self::on_speech_paused`]) that is the result, and the audio is decoded only if
+    /// the early decode did not run.
+    fn transcribe(&mut self, item_id: String, samples: Vec<f32>, timer: TurnTimer, kind: TranscribeKind, early: Option<EarlyTranscript>) {
         self.pending_transcripts += 1;
         let transcriber = self.engines.transcriber.clone();
         let tx = self.transcribed_tx.clone();
-        let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16);
+        let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16, early = early.is_some());
         tokio::spawn(
             async move {
-                let started = Instant::now();
-                let permit = asr_slots().acquire().await.ok();
-                let result = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    transcriber.transcribe(&samples)
-                })
-                .await
-                .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
-                let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let early = match early {
+                    Some(early) => early.result.await.ok(),
+                    None => None,
+                };
+                let (result, asr_ms) = match early {
+                    Some(done) => done,
+                    None => {
+                        let started = Instant::now();
+                        let permit = asr_slots().acquire().await.ok();
+                        let result = decode(transcriber, samples, permit).await;
+                        (result, started.elapsed().as_secs_f64() * 1000.0)
+                    }
+                };
                 let mut timer = timer;
                 timer.transcript = Some(Instant::now());
                 let _ = tx.send(Transcribed { item_id, result, asr_ms, timer, kind }).await;
@@ -776,6 +745,16 @@ impl CallState {
         self.emit(AgentEvent::ItemTruncated { item_id, audio_end_ms }).await;
     }
 
+    /// The sampling settings of this call's replies, with the tools it offers.
+    fn generate_options(&self) -> parley_llm::GenerateOptions {
+        let mut options = self.settings.generate.clone();
+        if self.settings.tools_enabled {
+            options.tools = self.engines.tools.specs();
+            options.tools.extend(self.settings.client_tools.iter().cloned());
+        }
+        options
+    }
+
     async fn start_response(&mut self, timer: TurnTimer, asr_ms: Option<f64>, request: ResponseOptions) {
         let response_id = new_id("resp");
         let item_id = new_id("item");
@@ -784,11 +763,7 @@ impl CallState {
         let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::Assistant, None));
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::Assistant, text: None }).await;
         self.emit(AgentEvent::OutputItemAdded { response_id: response_id.clone(), item_id: item_id.clone() }).await;
-        let mut options = self.settings.generate.clone();
-        if self.settings.tools_enabled {
-            options.tools = self.engines.tools.specs();
-            options.tools.extend(self.settings.client_tools.iter().cloned());
-        }
+        let options = self.generate_options();
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
