@@ -47,7 +47,6 @@ use std::path::PathBuf;
 
 pub mod chat;
 pub mod cpu;
-pub mod dequant;
 pub mod engine;
 pub mod kv_budget;
 pub mod qwen2;

@@ -53,8 +53,8 @@ pub struct Qwen2LoadOptions {
     pub max_context: usize,
     /// A forward pass over at least this many tokens (a prefill) multiplies by
     /// dequantized f32 copies of the quantized matrices, made one matrix at a time and
-    /// dropped at once, with a dense GEMM: past a few dozen rows that is about twice as
-    /// fast as candle's quantized kernels, which are built for one row at a time.
+    /// dropped at once, with a dense GEMM: past a few dozen rows that is faster than
+    /// candle's quantized kernels, even counting the dequantization.
     /// Fewer tokens (decoding, a short turn) use the quantized kernels. 0 never
     /// dequantizes.
     pub dense_prefill_min_tokens: usize,
@@ -63,7 +63,9 @@ pub struct Qwen2LoadOptions {
 /// Default for [`Qwen2LoadOptions::dense_prefill_min_tokens`]. Measured with the
 /// `llm_speed` example on 2 cores (0.5B model): the quantized kernels prefill about
 /// 50 tok/s, the dense GEMM about 80 tok/s plus about 0.5 s to dequantize the
-/// matrices (memory-bound), so dense pays off from about 70 tokens. A turn's new
+/// matrices (memory-bound: converting on both cores measured no faster than candle's
+/// one-thread conversion, so that is what runs), so dense pays off from about 70
+/// tokens. A turn's new
 /// tokens (tens) stay quantized; a system prompt with tools (hundreds) goes dense.
 pub const DEFAULT_DENSE_PREFILL_MIN_TOKENS: usize = 96;
 
@@ -92,7 +94,7 @@ impl MatmulPath {
 fn linear(w: &QMatMul, x: &Tensor, path: MatmulPath) -> candle_core::Result<Tensor> {
     match (path, w) {
         (MatmulPath::Dense, QMatMul::QTensor(q)) => {
-            let dense = crate::dequant::dequantize(q, x.device())?;
+            let dense = q.dequantize(x.device())?;
             x.broadcast_matmul(&dense.t()?)
         }
         _ => w.forward(x),
@@ -242,12 +244,6 @@ impl Qwen2Weights {
         let max_context = options.max_context.clamp(1, trained_context.max(1));
 
         let tensor = |reader: &mut R, name: &str| -> Result<QTensor, String> {
-            if device.is_cpu()
-                && let Some(q) = read_q8_0_in_place(content, reader, name)
-                    .map_err(|e| format!("tensor `{name}`: {e}"))?
-            {
-                return Ok(q);
-            }
             content
                 .tensor(reader, name, device)
                 .map_err(|e| format!("tensor `{name}`: {e}"))
@@ -336,9 +332,6 @@ impl Qwen2Weights {
                 bk: load_dense(reader, &name("attn_k.bias"))?,
                 bv: load_dense(reader, &name("attn_v.bias"))?,
             });
-            // Each block's raw and converted copies are garbage now: give them back as
-            // we go, so the load's peak stays near the weights' own size.
-            release_freed_memory();
         }
 
         let (cos, sin) = rope_tables(head_dim, rope_theta, max_context, device)
@@ -526,41 +519,6 @@ impl Qwen2Weights {
             .reshape((b, seq, hidden))?;
         linear(&block.wo, &out, path)
     }
-}
-
-/// Reads a Q8_0 tensor straight into its final blocks. candle's reader reads the bytes
-/// and then copies them into blocks, so the output head (145 MB for the 0.5B model)
-/// would briefly take twice its size; this keeps the load's peak memory near the
-/// weights' own size. `None` for other formats.
-fn read_q8_0_in_place<R: std::io::Read + std::io::Seek>(
-    content: &gguf_file::Content,
-    reader: &mut R,
-    name: &str,
-) -> candle_core::Result<Option<QTensor>> {
-    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
-    let Some(info) = content.tensor_infos.get(name) else {
-        return Ok(None);
-    };
-    if info.ggml_dtype != GgmlDType::Q8_0 {
-        return Ok(None);
-    }
-    let elems = info.shape.elem_count();
-    if elems % BlockQ8_0::BLCK_SIZE != 0 {
-        return Ok(None);
-    }
-    let mut blocks = vec![BlockQ8_0::zeros(); elems / BlockQ8_0::BLCK_SIZE];
-    // SAFETY: BlockQ8_0 is `repr(C)` plain old data (an f16 and 32 i8, 34 bytes, no
-    // padding), laid out exactly as GGUF stores it; every byte is overwritten below.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(
-            blocks.as_mut_ptr().cast::<u8>(),
-            blocks.len() * std::mem::size_of::<BlockQ8_0>(),
-        )
-    };
-    reader.seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset))?;
-    reader.read_exact(bytes)?;
-    let storage = candle_core::quantized::QStorage::Cpu(Box::new(blocks));
-    QTensor::new(storage, info.shape.clone()).map(Some)
 }
 
 /// Hands the heap memory freed while loading (each tensor's raw bytes, and the Q5_0
