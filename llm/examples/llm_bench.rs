@@ -8,22 +8,14 @@
 //! then `/tmp/llm/qwen.gguf`. A `tokenizer.json` next to it (installer name) is used if
 //! present, else the tokenizer is built from the GGUF.
 
+mod common;
+use common::status_mb;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use parley_llm::engine::{DEFAULT_GGUF_FILE, DEFAULT_TOKENIZER_FILE};
 use parley_llm::{CandleEngine, CandleOptions, ChatMessage, GenerateOptions, LlmEngine, Role};
-
-fn rss_mb(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut gguf = None;
@@ -70,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             "built from GGUF"
         },
-        rss_mb("VmRSS:")
+        status_mb("VmRSS:")
     );
 
     let system = "You are the voice assistant of a neighbourhood pharmacy. You answer callers \
@@ -151,8 +143,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "memory: RSS {:.0} MB, peak {:.0} MB",
-        rss_mb("VmRSS:"),
-        rss_mb("VmHWM:")
+        status_mb("VmRSS:"),
+        status_mb("VmHWM:")
     );
     println!("engine: {}", engine.name());
     Ok(())

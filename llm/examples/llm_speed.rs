@@ -16,6 +16,8 @@
 //! quantized path (the default) and f32 dequantized weights (the old default), and
 //! prints how many agree token for token, and where the first difference falls.
 
+mod common;
+use common::status_mb;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,16 +27,6 @@ use parley_llm::qwen2::{Qwen2LoadOptions, Qwen2Weights};
 use parley_llm::tokenizer::{tokenizer_from_json, tokenizer_json_from_gguf};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-fn status_mb(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn argmax(t: &Tensor) -> BoxResult<u32> {
     let v: Vec<f32> = t.to_vec1()?;
