@@ -216,6 +216,9 @@ struct CallState {
     /// Tool calls and results reported by responses, committed in order.
     reports_tx: mpsc::Sender<ToolReport>,
     reports_rx: mpsc::Receiver<ToolReport>,
+    /// The call's tool memory: what its tools keep between turns (who the caller
+    /// proved to be).
+    tool_scope: crate::tools::CallScope,
 }
 
 impl CallState {
@@ -256,6 +259,7 @@ impl CallState {
             pending_transcripts: 0,
             reports_tx,
             reports_rx,
+            tool_scope: crate::tools::CallScope::default(),
         })
     }
 
@@ -541,7 +545,10 @@ impl CallState {
         let (tx, rx) = tokio::sync::oneshot::channel();
         speech.early = Some(EarlyTranscript { end_ms: at_ms, result: rx, stale: stale.clone() });
         let prefill = (self.response.is_none() && self.held.is_none() && self.segments.is_empty())
-            .then(|| (self.conversation.to_messages(&self.settings.instructions), self.generate_options(), self.session.clone()));
+            .then(|| {
+                let (instructions, options) = self.reply_setup(&self.settings.instructions);
+                (self.conversation.to_messages(&instructions), options, self.session.clone())
+            });
         let transcriber = self.engines.transcriber.clone();
         let span = info_span!("early_transcript", audio_ms = samples.len() / 16);
         tokio::spawn(
@@ -745,14 +752,19 @@ impl CallState {
         self.emit(AgentEvent::ItemTruncated { item_id, audio_end_ms }).await;
     }
 
-    /// The sampling settings of this call's replies, with the tools it offers.
-    fn generate_options(&self) -> parley_llm::GenerateOptions {
+    /// The system prompt and sampling settings of this call's replies: the tools it
+    /// offers in the words of the model's family, and their guidance after the
+    /// instructions. One place, so the speculative prefill and the reply see the same
+    /// prompt (and the warm-up's shared prefix, built by the same registry call).
+    fn reply_setup(&self, instructions: &str) -> (String, parley_llm::GenerateOptions) {
         let mut options = self.settings.generate.clone();
-        if self.settings.tools_enabled {
-            options.tools = self.engines.tools.specs();
-            options.tools.extend(self.settings.client_tools.iter().cloned());
+        if !self.settings.tools_enabled {
+            return (instructions.to_string(), options);
         }
-        options
+        let (instructions, tools) = self.engines.tools.prompt_for(self.engines.llm.name(), instructions);
+        options.tools = tools;
+        options.tools.extend(self.settings.client_tools.iter().cloned());
+        (instructions, options)
     }
 
     async fn start_response(&mut self, timer: TurnTimer, asr_ms: Option<f64>, request: ResponseOptions) {
@@ -763,16 +775,19 @@ impl CallState {
         let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::Assistant, None));
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::Assistant, text: None }).await;
         self.emit(AgentEvent::OutputItemAdded { response_id: response_id.clone(), item_id: item_id.clone() }).await;
-        let options = self.generate_options();
+        let instructions = request.instructions.as_deref().unwrap_or(&self.settings.instructions);
+        let (instructions, options) = self.reply_setup(instructions);
+        self.tool_scope.next_response();
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
-            messages: self.conversation.to_messages(request.instructions.as_deref().unwrap_or(&self.settings.instructions)),
+            messages: self.conversation.to_messages(&instructions),
             options,
             output_format: self.settings.output_format,
             pacing: self.settings.pacing,
             tool_policy: self.settings.tool_policy.clone(),
             interruptible: request.interruptible,
+            scope: self.tool_scope.clone(),
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));

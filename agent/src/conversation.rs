@@ -52,7 +52,7 @@ impl Item {
 /// Appended after a tool result: the 0.5B model otherwise tends to echo the result's
 /// JSON instead of speaking (MODELS.md: 6 of 6 trials without it).
 pub const AFTER_TOOL_NUDGE: &str =
-    "Now answer the caller in one or two short spoken sentences using the tool result. Do not show JSON.";
+    "Now answer the caller in one to three short spoken sentences from the tool result (its \"say\" sentence, when it has one). Do not show JSON.";
 
 /// The ordered items of one call. Only the call's own task touches it.
 #[derive(Debug, Default)]

@@ -27,6 +27,7 @@ mod events;
 mod ids;
 mod input;
 mod pacing;
+mod reply_text;
 mod response;
 mod settings;
 pub mod tools;

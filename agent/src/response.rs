@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, warn};
 use crate::events::{AgentEvent, ErrorCode, ResponseStatus};
 use crate::pacing::PlayClock;
 use crate::settings::{PacingSettings, ToolPolicy};
-use crate::tools::{ToolError, ToolRegistry};
+use crate::tools::{CallScope, ToolError, ToolRegistry};
 use crate::Engines;
 
 /// LLM text pieces in flight between the model thread and the chunker.
@@ -49,6 +49,8 @@ pub struct ResponseJob {
     pub tool_policy: ToolPolicy,
     /// `false`: the whole reply plays even if the caller speaks.
     pub interruptible: bool,
+    /// The call's tool memory (who the caller proved to be, …).
+    pub scope: CallScope,
 }
 
 /// The call's hold on a response's playback: pause and resume it, know whether the
@@ -109,9 +111,27 @@ impl Frame {
     }
 }
 
-/// In the text stream: what follows may not be interrupted (a tool result asked
-/// for it, e.g. a legal notice).
-const UNINTERRUPTIBLE: &str = "\u{1}";
+/// What the model's side sends the chunker. Control marks are variants, not text,
+/// so nothing a model or a replica writes can end a segment or switch off barge-in.
+#[derive(Debug, Clone, PartialEq)]
+enum TextPiece {
+    /// Text the model wrote.
+    Text(String),
+    /// One generation ended (each is its own segment for the JSON guard).
+    SegmentEnd,
+    /// What follows may not be interrupted (a tool result asked for it, e.g. a
+    /// legal notice).
+    Uninterruptible,
+}
+
+/// What the chunker sends synthesis.
+#[derive(Debug, Clone, PartialEq)]
+enum PhrasePiece {
+    /// A phrase to say.
+    Phrase(String),
+    /// From here on the reply may not be interrupted.
+    Uninterruptible,
+}
 
 /// Runs a response to its end or until `cancel` fires. Audio and transcript deltas
 /// go to `events`; the play clock is shared so the call can read what was heard.
@@ -126,13 +146,24 @@ pub async fn run(
 ) -> ResponseOutcome {
     playback.interruptible.store(job.interruptible, Ordering::SeqCst);
     let first_token_at = Arc::new(OnceLock::new());
-    let (text_tx, text_rx) = mpsc::channel::<String>(TEXT_QUEUE);
-    let (phrase_tx, phrase_rx) = mpsc::channel::<String>(PHRASE_QUEUE);
+    let (text_tx, text_rx) = mpsc::channel::<TextPiece>(TEXT_QUEUE);
+    let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
 
     let think = tokio::spawn(
-        think(job.messages.clone(), job.options.clone(), job.tool_policy.clone(), job.response_id.clone(), engines.tools.clone(), session, text_tx, reports, cancel.clone(), first_token_at.clone())
-            .in_current_span(),
+        think(
+            job.messages.clone(),
+            job.options.clone(),
+            job.tool_policy.clone(),
+            job.response_id.clone(),
+            Tools { registry: engines.tools.clone(), scope: job.scope.clone() },
+            session,
+            text_tx,
+            reports,
+            cancel.clone(),
+            first_token_at.clone(),
+        )
+        .in_current_span(),
     );
 
     let chunker = tokio::spawn(chunk_phrases(text_rx, phrase_tx, cancel.clone()).in_current_span());
@@ -187,14 +218,17 @@ async fn think(
     options: GenerateOptions,
     policy: ToolPolicy,
     response_id: String,
-    registry: ToolRegistry,
+    tools: Tools,
     session: SharedSession,
-    text: mpsc::Sender<String>,
+    text: mpsc::Sender<TextPiece>,
     reports: mpsc::Sender<ToolReport>,
     cancel: CancellationToken,
     first_token: Arc<OnceLock<Instant>>,
 ) -> Result<GenerationStats, String> {
     let mut total = GenerationStats::default();
+    let registry = &tools.registry;
+    // Calls run in this response and their results: a repeat is answered from here.
+    let mut answered: Vec<(ToolCall, String)> = Vec::new();
     let mut held = false;
     let mut retried = false;
     let mut round = 0;
@@ -204,7 +238,7 @@ async fn think(
             Ok(done) => done,
             Err(GenerateError::Llm(parley_llm::LlmError::Unavailable(why))) => {
                 // The caller hears why the line went quiet; the client gets the error.
-                let _ = text.send(UNAVAILABLE_APOLOGY.to_string()).await;
+                let _ = text.send(TextPiece::Text(UNAVAILABLE_APOLOGY.to_string())).await;
                 return Err(why);
             }
             Err(e) => return Err(e.to_string()),
@@ -228,8 +262,16 @@ async fn think(
         }
         // A call to a tool nobody offered (the 0.5B model invents `say_hello`) is
         // dropped, not answered with an error it would read out.
-        let (known, invented): (Vec<ToolCall>, Vec<ToolCall>) =
+        let (mut known, invented): (Vec<ToolCall>, Vec<ToolCall>) =
             stats.tool_calls.iter().cloned().partition(|c| options.tools.iter().any(|t| t.name == c.name));
+        // The same call twice in one generation is one call.
+        let mut seen: Vec<(String, serde_json::Value)> = Vec::new();
+        known.retain(|c| {
+            let key = (c.name.clone(), c.arguments.clone());
+            let first = !seen.contains(&key);
+            seen.push(key);
+            first
+        });
         if known.is_empty() {
             if retried {
                 return Ok(total);
@@ -240,9 +282,16 @@ async fn think(
             messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
             continue;
         }
+        // A call repeated with the same arguments in this response is answered from
+        // the first result: not run again, not committed again.
+        let repeats: Vec<Option<String>> = known.iter().map(|c| earlier_result(&answered, c)).collect();
         let mut server_calls = Vec::new();
         let mut any_client_call = false;
-        for call in &known {
+        for (call, repeat) in known.iter().zip(&repeats) {
+            if repeat.is_some() {
+                debug!(tool = %call.name, "repeated tool call answered from its first result");
+                continue;
+            }
             let client = registry.get(&call.name).is_none() && options.tools.iter().any(|t| t.name == call.name);
             any_client_call |= client;
             if reports.send(ToolReport::Call { response_id: response_id.clone(), call: call.clone(), client }).await.is_err() {
@@ -257,40 +306,49 @@ async fn think(
             // The client runs its tools and asks for the next response itself.
             return Ok(total);
         }
-        // Each tool runs in a task of its own that commits its result even if the
-        // caller interrupts meanwhile: a completed call is never lost or re-run.
-        let runs: Vec<_> = server_calls
-            .into_iter()
-            .map(|call| tokio::spawn(run_tool(registry.clone(), call, policy.timeout_ms, reports.clone()).in_current_span()))
-            .collect();
-        let all = futures_join(runs);
-        tokio::pin!(all);
+        // The calls run one after another (a check of identity must be done before
+        // the look-up the model asked for next), in a task of their own that commits
+        // each result even if the caller interrupts meanwhile: a completed call is
+        // never lost or re-run.
+        let run = tokio::spawn(run_tools(tools.clone(), server_calls, policy.timeout_ms, reports.clone()).in_current_span());
+        tokio::pin!(run);
         let results = loop {
             let holding = tokio::time::sleep(std::time::Duration::from_millis(policy.holding_after_ms));
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(total),
-                r = &mut all => break r,
+                r = &mut run => break r.unwrap_or_else(|e| {
+                    warn!(error = %e, "tool task failed");
+                    Vec::new()
+                }),
                 _ = holding, if !held && !policy.holding_phrase.is_empty() => {
                     held = true;
-                    let _ = text.send(format!("{} ", policy.holding_phrase.trim())).await;
+                    let _ = text.send(TextPiece::Text(format!("{} ", policy.holding_phrase.trim()))).await;
                 }
             }
         };
         let mut hold_the_floor = false;
-        for (call_id, output) in results {
+        let mut fresh = results.into_iter();
+        for (call, repeat) in known.iter().zip(repeats) {
+            let output = match repeat {
+                Some(output) => output,
+                None => match fresh.next() {
+                    Some((_, output)) => {
+                        answered.push((call.clone(), output.clone()));
+                        output
+                    }
+                    None => serde_json::json!({ "error": "the tool did not finish" }).to_string(),
+                },
+            };
             hold_the_floor |= asks_uninterruptible(&output);
-            messages.push(ChatMessage::tool_result(call_id, output));
+            messages.push(ChatMessage::tool_result(call.id.clone(), output));
         }
         if hold_the_floor {
-            let _ = text.send(UNINTERRUPTIBLE.to_string()).await;
+            let _ = text.send(TextPiece::Uninterruptible).await;
         }
         messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
     }
     Ok(total)
 }
-
-/// Marks the end of one generation in the text stream.
-const SEGMENT_END: &str = "\u{0}";
 
 /// Said when no language model can answer (every replica down).
 const UNAVAILABLE_APOLOGY: &str = "I'm sorry, I can't answer right now because of a technical problem on our side. Please try again in a moment.";
@@ -316,23 +374,33 @@ fn looks_like_json(text: &str) -> bool {
     (t.starts_with('{') || t.starts_with('[')) && serde_json::from_str::<serde_json::Value>(t).is_ok()
 }
 
-/// Waits for every tool task; a task that died yields an error result.
-async fn futures_join(runs: Vec<tokio::task::JoinHandle<(String, String)>>) -> Vec<(String, String)> {
-    let mut out = Vec::with_capacity(runs.len());
-    for run in runs {
-        match run.await {
-            Ok(r) => out.push(r),
-            Err(e) => warn!(error = %e, "tool task failed"),
-        }
+/// The server's tools and the call's memory they share.
+#[derive(Clone)]
+struct Tools {
+    registry: ToolRegistry,
+    scope: CallScope,
+}
+
+/// The result of an earlier call in this response with the same tool and arguments.
+fn earlier_result(answered: &[(ToolCall, String)], call: &ToolCall) -> Option<String> {
+    answered.iter().find(|(c, _)| c.name == call.name && c.arguments == call.arguments).map(|(_, output)| output.clone())
+}
+
+/// Runs server tools one after another, each with its timeout; returns each call's
+/// id and result, in order.
+async fn run_tools(tools: Tools, calls: Vec<ToolCall>, timeout_ms: u64, reports: mpsc::Sender<ToolReport>) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(calls.len());
+    for call in calls {
+        out.push(run_tool(&tools, call, timeout_ms, &reports).await);
     }
     out
 }
 
 /// Runs one server tool with its timeout, commits the result, and returns it.
-async fn run_tool(registry: ToolRegistry, call: ToolCall, timeout_ms: u64, reports: mpsc::Sender<ToolReport>) -> (String, String) {
+async fn run_tool(tools: &Tools, call: ToolCall, timeout_ms: u64, reports: &mpsc::Sender<ToolReport>) -> (String, String) {
     let started = Instant::now();
-    let result = match registry.get(&call.name) {
-        Some(tool) => match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), tool.call(call.arguments.clone())).await {
+    let result = match tools.registry.get(&call.name) {
+        Some(tool) => match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), tool.call(call.arguments.clone(), &tools.scope)).await {
             Ok(r) => r,
             Err(_) => Err(ToolError::Timeout(timeout_ms)),
         },
@@ -361,7 +429,7 @@ async fn generate(
     session: &SharedSession,
     messages: Vec<ChatMessage>,
     options: GenerateOptions,
-    text: mpsc::Sender<String>,
+    text: mpsc::Sender<TextPiece>,
     cancel: CancellationToken,
     first: Arc<OnceLock<Instant>>,
 ) -> Result<(GenerationStats, String), GenerateError> {
@@ -379,13 +447,13 @@ async fn generate(
                 let _ = first.set(Instant::now());
             }
             said.push_str(piece);
-            match text.blocking_send(piece.to_string()) {
+            match text.blocking_send(TextPiece::Text(piece.to_string())) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
         });
         // Each generation is its own segment for the JSON guard downstream.
-        let _ = text.blocking_send(SEGMENT_END.to_string());
+        let _ = text.blocking_send(TextPiece::SegmentEnd);
         result.map(|stats| (stats, said))
     });
     match run.await {
@@ -397,8 +465,10 @@ async fn generate(
 
 /// Cuts the model's text stream into phrases worth synthesizing on their own. A
 /// generation whose text starts like JSON is held to its end and dropped if it is
-/// JSON: data is never read out to a caller.
-async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<String>, cancel: CancellationToken) {
+/// JSON: data is never read out to a caller. Each phrase gets a last look
+/// ([`crate::reply_text::speakable`]): glued sentences mended, codes spelled out,
+/// text addressed to the model dropped.
+async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sender<PhrasePiece>, cancel: CancellationToken) {
     /// Where the current generation's text stands.
     enum Segment {
         /// Only whitespace so far.
@@ -416,20 +486,20 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
             piece = text.recv() => piece,
         };
         let mut ready = Vec::new();
-        if piece.as_deref() == Some(UNINTERRUPTIBLE) {
+        if piece == Some(TextPiece::Uninterruptible) {
             // What was said before the mark keeps its own phrase.
-            ready.extend(chunker.finish());
-            ready.push(UNINTERRUPTIBLE.to_string());
-            for phrase in ready {
-                if phrases.send(phrase).await.is_err() {
+            let mut out: Vec<PhrasePiece> = chunker.finish().and_then(|p| crate::reply_text::speakable(&p)).map(PhrasePiece::Phrase).into_iter().collect();
+            out.push(PhrasePiece::Uninterruptible);
+            for piece in out {
+                if phrases.send(piece).await.is_err() {
                     return;
                 }
             }
             continue;
         }
-        let ended = match piece.as_deref() {
-            Some(SEGMENT_END) | None => true,
-            Some(piece) => {
+        let ended = match &piece {
+            Some(TextPiece::SegmentEnd | TextPiece::Uninterruptible) | None => true,
+            Some(TextPiece::Text(piece)) => {
                 segment = match segment {
                     Segment::Speech => {
                         ready.extend(chunker.push(piece));
@@ -469,8 +539,8 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
         if piece.is_none() {
             ready.extend(chunker.finish());
         }
-        for phrase in ready {
-            if phrases.send(phrase).await.is_err() {
+        for phrase in ready.iter().filter_map(|p| crate::reply_text::speakable(p)) {
+            if phrases.send(PhrasePiece::Phrase(phrase)).await.is_err() {
                 return;
             }
         }
@@ -483,7 +553,7 @@ async fn chunk_phrases(mut text: mpsc::Receiver<String>, phrases: mpsc::Sender<S
 /// Synthesizes each phrase, converts it to the caller's format and queues frames.
 /// Returns how long the first phrase took.
 async fn synthesize_phrases(
-    mut phrases: mpsc::Receiver<String>,
+    mut phrases: mpsc::Receiver<PhrasePiece>,
     frames: mpsc::Sender<Frame>,
     engines: Engines,
     format: AudioFormat,
@@ -509,14 +579,17 @@ async fn synthesize_phrases(
             _ = cancel.cancelled() => return first_tts_ms,
             p = phrases.recv() => p,
         };
-        let Some(phrase) = phrase else { break };
-        if phrase == UNINTERRUPTIBLE {
-            let mark = Frame { uninterruptible: true, ..Frame::audio(Vec::new(), 0.0, None) };
-            if frames.send(mark).await.is_err() {
-                return first_tts_ms;
+        let phrase = match phrase {
+            None => break,
+            Some(PhrasePiece::Phrase(phrase)) => phrase,
+            Some(PhrasePiece::Uninterruptible) => {
+                let mark = Frame { uninterruptible: true, ..Frame::audio(Vec::new(), 0.0, None) };
+                if frames.send(mark).await.is_err() {
+                    return first_tts_ms;
+                }
+                continue;
             }
-            continue;
-        }
+        };
         let started = Instant::now();
         let tts = engines.tts.clone();
         let text = phrase.clone();
@@ -661,4 +734,70 @@ async fn wait_while_paused(paused: &mut watch::Receiver<bool>, clock: &Mutex<Pla
 /// Locks the play clock; a poisoned lock still holds a usable clock.
 pub fn lock(clock: &Mutex<PlayClock>) -> std::sync::MutexGuard<'_, PlayClock> {
     clock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn phrases_of(pieces: Vec<TextPiece>) -> Vec<PhrasePiece> {
+        let (text_tx, text_rx) = mpsc::channel(64);
+        let (phrase_tx, mut phrase_rx) = mpsc::channel(64);
+        for piece in pieces {
+            text_tx.send(piece).await.expect("queue");
+        }
+        drop(text_tx);
+        chunk_phrases(text_rx, phrase_tx, CancellationToken::new()).await;
+        let mut out = Vec::new();
+        while let Ok(piece) = phrase_rx.try_recv() {
+            out.push(piece);
+        }
+        out
+    }
+
+    fn text(t: &str) -> TextPiece {
+        TextPiece::Text(t.to_string())
+    }
+
+    fn phrase(t: &str) -> PhrasePiece {
+        PhrasePiece::Phrase(t.to_string())
+    }
+
+    #[tokio::test]
+    async fn control_characters_a_model_writes_are_only_text() {
+        // Issue 9: the old in-band marks were "\u{0}" and "\u{1}"; a model writing
+        // them must neither end the segment nor switch off barge-in.
+        let out = phrases_of(vec![text("Hello \u{1}"), text("\u{0} there. Bye now."), TextPiece::SegmentEnd]).await;
+        assert!(!out.contains(&PhrasePiece::Uninterruptible), "{out:?}");
+        assert_eq!(out.len(), 2, "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn the_typed_mark_switches_off_interruption_between_phrases() {
+        let out = phrases_of(vec![text("First part"), TextPiece::SegmentEnd, TextPiece::Uninterruptible, text("The notice."), TextPiece::SegmentEnd]).await;
+        assert_eq!(out, [phrase("First part"), PhrasePiece::Uninterruptible, phrase("The notice.")]);
+    }
+
+    #[tokio::test]
+    async fn json_and_text_for_the_model_are_not_spoken_and_generations_join_as_sentences() {
+        let out = phrases_of(vec![
+            text("{\"status\": \"processing\"}"),
+            TextPiece::SegmentEnd,
+            text("Let me check."),
+            TextPiece::SegmentEnd,
+            text("Ask the caller to check the number. "),
+            text("Your order ORD001 is at the pharmacy.The pickup is Monday."),
+            TextPiece::SegmentEnd,
+        ])
+        .await;
+        assert_eq!(out, [phrase("Let me check."), phrase("Your order O R D zero zero one is at the pharmacy. The pickup is Monday.")]);
+    }
+
+    #[test]
+    fn a_repeated_call_finds_its_first_result() {
+        let call = |id: &str, order: &str| ToolCall { id: id.into(), name: "get_order_details".into(), arguments: serde_json::json!({"order_id": order}) };
+        let answered = vec![(call("a", "ORD001"), "first".to_string())];
+        assert_eq!(earlier_result(&answered, &call("b", "ORD001")).as_deref(), Some("first"));
+        assert_eq!(earlier_result(&answered, &call("c", "ORD002")), None);
+    }
 }

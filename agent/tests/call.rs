@@ -88,7 +88,7 @@ impl Tool for CountingTool {
     fn spec(&self) -> ToolSpec {
         ToolSpec { name: "list_orders".into(), description: "orders of a member".into(), parameters: serde_json::json!({"type": "object"}) }
     }
-    fn call(&self, arguments: serde_json::Value) -> ToolFuture<'_> {
+    fn call(&self, arguments: serde_json::Value, _scope: &parley_agent::tools::CallScope) -> ToolFuture<'_> {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
             self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -265,6 +265,48 @@ async fn cancel_stops_the_response_and_format_changes_apply() {
     let events = until(&mut rx, is_done).await;
     let Some(AgentEvent::ResponseDone { status, .. }) = events.last() else { panic!() };
     assert_eq!(*status, ResponseStatus::Cancelled);
+    call.close().await;
+}
+
+/// Calls the first tool with the same arguments on every generation (a small model
+/// looping), up to three times, then speaks.
+struct RepeatingLlm;
+struct RepeatingSession;
+impl LlmEngine for RepeatingLlm {
+    fn name(&self) -> &str {
+        "fake-repeating"
+    }
+    fn new_session(&self) -> Box<dyn LlmSession> {
+        Box::new(RepeatingSession)
+    }
+}
+impl LlmSession for RepeatingSession {
+    fn generate(&mut self, messages: &[ChatMessage], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<GenerationStats, LlmError> {
+        let mut stats = GenerationStats::default();
+        let calls = messages.iter().map(|m| m.tool_calls.len()).sum::<usize>();
+        if let Some(tool) = options.tools.first().filter(|_| calls < 3) {
+            stats.tool_calls.push(ToolCall { id: format!("call_{calls}"), name: tool.name.clone(), arguments: serde_json::json!({"member_id": "1001"}) });
+            return Ok(stats);
+        }
+        let _ = on_text("Your order is processing.");
+        Ok(stats)
+    }
+}
+
+#[tokio::test]
+async fn a_call_repeated_with_the_same_arguments_runs_once() {
+    let (registry, runs) = counting_tool(5);
+    let engines = Arc::new(Engines { llm: Arc::new(RepeatingLlm), ..(*engines_with(registry)).clone() });
+    let (call, mut rx) = start_with(engines, SessionSettings::default()).await;
+    call.send(CallInput::UserText("where is my order".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let events = until(&mut rx, is_done).await;
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "run once");
+    assert_eq!(events.iter().filter(|e| matches!(e, AgentEvent::FunctionCall { .. })).count(), 1, "committed once");
+    assert_eq!(events.iter().filter(|e| matches!(e, AgentEvent::FunctionOutput { .. })).count(), 1);
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = events.last() else { panic!() };
+    assert_eq!(*status, ResponseStatus::Completed);
+    assert_eq!(transcript, "Your order is processing.");
     call.close().await;
 }
 

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use parley_agent::tools::http::{HttpTool, HttpToolConfig, MAX_RESPONSE_BYTES};
-use parley_agent::tools::{Tool, ToolError};
+use parley_agent::tools::{CallScope, Tool, ToolError};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -93,14 +93,14 @@ async fn posts_the_arguments_as_json_with_the_configured_headers() {
     let addr = start_server().await;
     let tool = tool(addr, "/echo", 2_000);
     let arguments = json!({"day": "Friday", "count": 2, "nested": {"ok": true}});
-    let answer = tool.call(arguments.clone()).await.expect("answer");
+    let answer = tool.call(arguments.clone(), &CallScope::default()).await.expect("answer");
     assert_eq!(answer["received"], arguments);
     assert_eq!(answer["content_type"], "application/json");
     assert_eq!(answer["token"], "secret-123");
 
     // Arguments the model wrote as a JSON string are sent as the object; the pooled
     // connection is reused for the second call.
-    let answer = tool.call(json!("{\"day\": \"Monday\"}")).await.expect("answer");
+    let answer = tool.call(json!("{\"day\": \"Monday\"}"), &CallScope::default()).await.expect("answer");
     assert_eq!(answer["received"], json!({"day": "Monday"}));
 }
 
@@ -109,7 +109,7 @@ async fn a_slow_service_times_out_at_the_configured_limit() {
     let addr = start_server().await;
     let tool = tool(addr, "/slow", 200);
     let started = Instant::now();
-    assert_eq!(tool.call(json!({"day": "Friday"})).await, Err(ToolError::Timeout(200)));
+    assert_eq!(tool.call(json!({"day": "Friday"}), &CallScope::default()).await, Err(ToolError::Timeout(200)));
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(3), "{elapsed:?}");
 }
@@ -117,29 +117,29 @@ async fn a_slow_service_times_out_at_the_configured_limit() {
 #[tokio::test]
 async fn an_error_status_fails_with_the_start_of_the_body() {
     let addr = start_server().await;
-    let message = failed(tool(addr, "/broken", 2_000).call(json!({"day": "Friday"})).await);
+    let message = failed(tool(addr, "/broken", 2_000).call(json!({"day": "Friday"}), &CallScope::default()).await);
     assert!(message.starts_with("the service answered HTTP 500: database exploded"), "{message}");
     assert_eq!(message.len(), "the service answered HTTP 500: ".len() + 200, "{message}");
 
-    let message = failed(tool(addr, "/missing", 2_000).call(json!({})).await);
+    let message = failed(tool(addr, "/missing", 2_000).call(json!({}), &CallScope::default()).await);
     assert!(message.starts_with("the service answered HTTP 404"), "{message}");
 }
 
 #[tokio::test]
 async fn a_text_answer_is_wrapped_as_result() {
     let addr = start_server().await;
-    let answer = tool(addr, "/text", 2_000).call(json!({"day": "Friday"})).await.expect("answer");
+    let answer = tool(addr, "/text", 2_000).call(json!({"day": "Friday"}), &CallScope::default()).await.expect("answer");
     assert_eq!(answer, json!({"result": "Open 9 to 5 today"}));
-    let answer = tool(addr, "/mislabelled", 2_000).call(json!({})).await.expect("answer");
+    let answer = tool(addr, "/mislabelled", 2_000).call(json!({}), &CallScope::default()).await.expect("answer");
     assert_eq!(answer, json!({"result": "not json at all"}));
 }
 
 #[tokio::test]
 async fn an_oversized_answer_is_refused() {
     let addr = start_server().await;
-    let message = failed(tool(addr, "/huge", 2_000).call(json!({})).await);
+    let message = failed(tool(addr, "/huge", 2_000).call(json!({}), &CallScope::default()).await);
     assert!(message.contains("larger than 64 KiB"), "{message}");
-    let message = failed(tool(addr, "/huge-chunked", 2_000).call(json!({})).await);
+    let message = failed(tool(addr, "/huge-chunked", 2_000).call(json!({}), &CallScope::default()).await);
     assert!(message.contains("larger than 64 KiB"), "{message}");
 }
 
@@ -149,12 +149,12 @@ async fn an_unreachable_service_fails_quickly() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     drop(listener);
-    let message = failed(tool(addr, "/echo", 2_000).call(json!({})).await);
+    let message = failed(tool(addr, "/echo", 2_000).call(json!({}), &CallScope::default()).await);
     assert!(message.contains("could not be reached"), "{message}");
 }
 
 #[tokio::test]
 async fn arguments_that_are_not_an_object_are_invalid() {
     let addr = start_server().await;
-    assert!(matches!(tool(addr, "/echo", 2_000).call(json!([1, 2])).await, Err(ToolError::InvalidArguments(_))));
+    assert!(matches!(tool(addr, "/echo", 2_000).call(json!([1, 2]), &CallScope::default()).await, Err(ToolError::InvalidArguments(_))));
 }

@@ -81,11 +81,12 @@ pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool) {
 
     let t = Instant::now();
     let mut options = defaults.generate.clone();
+    let mut instructions = defaults.instructions.clone();
     if defaults.tools_enabled {
-        options.tools = engines.tools.specs();
+        (instructions, options.tools) = engines.tools.prompt_for(engines.llm.name(), &instructions);
     }
     options.max_tokens = 1;
-    let messages = [ChatMessage::new(Role::System, defaults.instructions.as_str()), ChatMessage::new(Role::User, "Hello.")];
+    let messages = [ChatMessage::new(Role::System, instructions.as_str()), ChatMessage::new(Role::User, "Hello.")];
     let mut session = engines.llm.new_session();
     match session.generate(&messages, &options, &mut |_| ControlFlow::Break(())) {
         Ok(stats) => info!(

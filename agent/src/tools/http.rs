@@ -247,7 +247,7 @@ impl Tool for HttpTool {
         }
     }
 
-    fn call(&self, arguments: Value) -> ToolFuture<'_> {
+    fn call(&self, arguments: Value, _scope: &super::CallScope) -> ToolFuture<'_> {
         Box::pin(async move {
             let body = request_body(arguments)?;
             let limit = self.config.timeout_ms;

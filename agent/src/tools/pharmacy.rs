@@ -17,12 +17,29 @@
 //! # }
 //! ```
 //!
-//! Every tool takes one id and reads it leniently (see `args`); a result is a small
-//! JSON object whose keys a 0.5B model can read back to the caller, and a failure is
-//! a sentence the model can say ("no member with ID 1234").
+//! The desk works as a pharmacy's phone line must, whatever the model does:
+//!
+//! - **Identity before disclosure.** Orders and prescriptions are disclosed only
+//!   after the caller gave a member ID and the matching date of birth in this call
+//!   (`verify_member`; the state is per call, in its [`CallScope`]). Only the
+//!   verified member's records are disclosed; another member's order reads as not
+//!   found. Three failed checks end the attempts for the call. The phone number and
+//!   the date of birth are never read out.
+//! - **Refills only when confirmed.** `request_refill` first asks for confirmation;
+//!   it places the refill only when called with `confirm: true` in a later response
+//!   than the one that asked, i.e. after the caller answered.
+//! - **Words made for speech.** Results give facts in spoken form and a `say`
+//!   sentence (see `say`); failures are sentences the caller may hear.
+//!
+//! Arguments are read leniently (see `args`); the wording the model sees (tool
+//! descriptions, the desk's system prompt) lives in per-model-family files (see
+//! `prompt`).
 
 mod args;
 mod db;
+mod identity;
+mod prompt;
+mod say;
 #[cfg(test)]
 mod tests;
 
@@ -33,14 +50,15 @@ use serde_json::{Value, json};
 
 pub use db::{PharmacyDb, PharmacyError};
 
-use self::args::{IdKind, id_argument};
-use self::db::{Order, RefillOutcome};
-use super::{Tool, ToolError, ToolFuture};
+use self::args::{BIRTH_DATE_KEYS, CONFIRM_KEYS, IdKind, flag_argument, id_argument, optional_id, text_argument};
+use self::db::RefillOutcome;
+use self::identity::Identity;
+use super::{CallScope, Tool, ToolError, ToolFuture};
 
-/// The pharmacy desk's tools over `db`, ready to register: `lookup_member`,
+/// The pharmacy desk's tools over `db`, ready to register: `verify_member`,
 /// `list_orders`, `get_order_details`, `get_refills_remaining`, `get_pickup_time` and
 /// `request_refill`. They share the one database, so a refill requested in one call
-/// is seen by the next.
+/// is seen by the next; who the caller is stays with each call.
 pub fn pharmacy_tools(db: Arc<PharmacyDb>) -> Vec<Arc<dyn Tool>> {
     Operation::ALL
         .iter()
@@ -51,7 +69,7 @@ pub fn pharmacy_tools(db: Arc<PharmacyDb>) -> Vec<Arc<dyn Tool>> {
 /// One desk operation; each is one tool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
-    LookupMember,
+    VerifyMember,
     ListOrders,
     GetOrderDetails,
     GetRefillsRemaining,
@@ -61,7 +79,7 @@ enum Operation {
 
 impl Operation {
     const ALL: [Operation; 6] = [
-        Operation::LookupMember,
+        Operation::VerifyMember,
         Operation::ListOrders,
         Operation::GetOrderDetails,
         Operation::GetRefillsRemaining,
@@ -71,7 +89,7 @@ impl Operation {
 
     fn name(self) -> &'static str {
         match self {
-            Operation::LookupMember => "lookup_member",
+            Operation::VerifyMember => "verify_member",
             Operation::ListOrders => "list_orders",
             Operation::GetOrderDetails => "get_order_details",
             Operation::GetRefillsRemaining => "get_refills_remaining",
@@ -80,91 +98,163 @@ impl Operation {
         }
     }
 
-    /// Short and plain: the 0.5B model picks tools from these sentences.
-    fn description(self) -> &'static str {
-        match self {
-            Operation::LookupMember => "Find a pharmacy member by their member ID. Returns the member's name.",
-            Operation::ListOrders => "List a member's orders with each order's ID, status, medication and quantity.",
-            Operation::GetOrderDetails => {
-                "Get one order's status, medication, strength, quantity, prescription ID and pickup time."
-            }
-            Operation::GetRefillsRemaining => "Get how many refills are left on a prescription.",
-            Operation::GetPickupTime => "Get the date and time an order will be ready for pickup.",
-            Operation::RequestRefill => "Request a refill of a prescription. This uses one of its remaining refills.",
-        }
-    }
-
     fn id_kind(self) -> IdKind {
         match self {
-            Operation::LookupMember | Operation::ListOrders => IdKind::Member,
+            Operation::VerifyMember | Operation::ListOrders => IdKind::Member,
             Operation::GetOrderDetails | Operation::GetPickupTime => IdKind::Order,
             Operation::GetRefillsRemaining | Operation::RequestRefill => IdKind::Prescription,
         }
     }
 
-    fn parameters(self) -> Value {
-        let (key, description) = match self.id_kind() {
-            IdKind::Member => ("member_id", "The member ID the caller gives, for example 1001."),
-            IdKind::Order => ("order_id", "The order ID, for example ORD001."),
-            IdKind::Prescription => ("rx_id", "The prescription ID, for example RX1001."),
+    /// The JSON schema, its descriptions from the model family's prompt file.
+    fn parameters(self, pack: &prompt::PromptPack) -> Value {
+        let key = self.id_kind().key();
+        let mut properties = serde_json::Map::new();
+        properties.insert(key.into(), json!({ "type": "string", "description": pack.parameter(key) }));
+        let mut required = vec![key];
+        match self {
+            Operation::VerifyMember => {
+                properties.insert("date_of_birth".into(), json!({ "type": "string", "description": pack.parameter("date_of_birth") }));
+                required.push("date_of_birth");
+            }
+            Operation::ListOrders => required.clear(),
+            Operation::RequestRefill => {
+                properties.insert("confirm".into(), json!({ "type": "boolean", "description": pack.parameter("confirm") }));
+            }
+            _ => {}
+        }
+        json!({ "type": "object", "properties": properties, "required": required })
+    }
+
+    /// Reads the arguments this operation takes.
+    fn request(self, arguments: &Value) -> Result<Request, ToolError> {
+        let id = match self {
+            Operation::ListOrders => optional_id(arguments, IdKind::Member)?,
+            _ => Some(id_argument(arguments, self.id_kind())?),
         };
-        json!({
-            "type": "object",
-            "properties": { key: { "type": "string", "description": description } },
-            "required": [key],
+        Ok(Request {
+            id,
+            birth_date: text_argument(arguments, BIRTH_DATE_KEYS),
+            confirm: flag_argument(arguments, CONFIRM_KEYS),
         })
     }
 
-    /// Runs the operation for `id` (already normalized) on a connection.
-    fn execute(self, conn: &mut rusqlite::Connection, id: &str) -> Result<Result<Value, ToolError>, rusqlite::Error> {
-        Ok(match self {
-            Operation::LookupMember => db::member(conn, id)?
-                .map(|m| {
-                    json!({
-                        "member_id": m.member_id,
-                        "name": m.name,
-                        "date_of_birth": m.date_of_birth,
-                        "phone": m.phone,
-                    })
-                })
-                .ok_or_else(|| no_member(id)),
-            Operation::ListOrders => match db::member(conn, id)? {
-                None => Err(no_member(id)),
-                Some(member) => {
-                    let orders: Vec<Value> = db::orders_of(conn, id)?
-                        .into_iter()
-                        .map(|o| {
-                            json!({
-                                "order_id": o.order_id,
-                                "status": o.status,
-                                "medication": o.medication,
-                                "strength": o.strength,
-                                "quantity": o.quantity,
-                            })
-                        })
-                        .collect();
-                    Ok(json!({ "member_id": member.member_id, "name": member.name, "orders": orders }))
-                }
+    /// Runs the operation on a connection, given what this call has proved so far.
+    fn execute(self, conn: &mut rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
+        let failed = |text: String| Ok((Err(ToolError::Failed(text)), Change::None));
+        let Some(member_id) = seen.verified.as_deref().filter(|_| self != Operation::VerifyMember) else {
+            return if self == Operation::VerifyMember { verify(conn, request, seen) } else { failed(say::VERIFY_FIRST.into()) };
+        };
+        let id = request.id.clone().unwrap_or_else(|| member_id.to_string());
+        let ok = |value: Value| Ok((Ok(value), Change::None));
+        match self {
+            Operation::VerifyMember => verify(conn, request, seen),
+            Operation::ListOrders if id != member_id => failed(say::other_member(member_id)),
+            Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?)),
+            Operation::GetOrderDetails | Operation::GetPickupTime => match db::order(conn, &id)?.filter(|o| o.member_id == member_id) {
+                None => failed(say::no_such_order(&id)),
+                Some(order) if self == Operation::GetOrderDetails => ok(say::order_details(&order)),
+                Some(order) => ok(say::pickup_time(&order)),
             },
-            Operation::GetOrderDetails => db::order(conn, id)?.map(order_details).ok_or_else(|| no_order(id)),
-            Operation::GetPickupTime => match db::order(conn, id)? {
-                None => Err(no_order(id)),
-                Some(order) => pickup(&order),
+            Operation::GetRefillsRemaining => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
+                None => failed(say::no_such_prescription(&id)),
+                Some(rx) => ok(say::refills(&rx)),
             },
-            Operation::GetRefillsRemaining => db::prescription(conn, id)?
-                .map(|rx| {
-                    json!({
-                        "rx_id": rx.rx_id,
-                        "medication": rx.medication,
-                        "strength": rx.strength,
-                        "refills_remaining": rx.refills_remaining,
-                        "prescriber": rx.prescriber,
-                    })
-                })
-                .ok_or_else(|| no_prescription(id)),
-            Operation::RequestRefill => refill_result(db::request_refill(conn, id)?, id),
-        })
+            Operation::RequestRefill => refill(conn, &id, member_id, request, seen),
+        }
     }
+}
+
+/// A tool's arguments, read.
+#[derive(Debug, Clone)]
+struct Request {
+    /// The operation's id (member, order or prescription), normalized.
+    id: Option<String>,
+    /// A date of birth as the model wrote it.
+    birth_date: Option<String>,
+    /// The caller confirmed (refills).
+    confirm: bool,
+}
+
+/// What the call had proved when the tool ran.
+#[derive(Debug, Clone)]
+struct Seen {
+    verified: Option<String>,
+    locked: bool,
+    /// The response that offered this request's refill for confirmation, if any.
+    proposed_at: Option<u64>,
+    /// The response in progress.
+    response: u64,
+}
+
+/// What the tool changes in the call's identity state.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    None,
+    Verified(String),
+    FailedCheck,
+    /// A refill was offered for confirmation in this response.
+    Proposed(String),
+    /// A refill was placed (or found placed): the offer is used up.
+    Settled(String),
+}
+
+fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
+    if seen.locked {
+        return Ok((Err(ToolError::Failed(say::LOCKED.into())), Change::None));
+    }
+    let member_id = request.id.clone().unwrap_or_default();
+    let Some(raw_date) = request.birth_date.as_deref() else {
+        return Ok((Err(ToolError::Failed(say::NEED_BIRTH_DATE.into())), Change::None));
+    };
+    let Some(given) = identity::parse_date(raw_date) else {
+        return Ok((
+            Err(ToolError::InvalidArguments(format!(
+                "date_of_birth \"{raw_date}\" is not a whole date; call again with it as YYYY-MM-DD, or ask the caller to say it again"
+            ))),
+            Change::None,
+        ));
+    };
+    let member = db::member(conn, &member_id)?;
+    let matches = member.as_ref().is_some_and(|m| crate::tools::spoken::ymd(&m.date_of_birth) == Some(given));
+    match member.filter(|_| matches) {
+        None => Ok((Err(ToolError::Failed(say::NO_MATCH.into())), Change::FailedCheck)),
+        Some(member) => {
+            let orders = db::orders_of(conn, &member.member_id)?;
+            let prescriptions = db::prescriptions_of(conn, &member.member_id)?;
+            Ok((Ok(say::verified(&member.member_id, &member.name, &orders, &prescriptions)), Change::Verified(member.member_id)))
+        }
+    }
+}
+
+fn refill(
+    conn: &mut rusqlite::Connection,
+    rx_id: &str,
+    member_id: &str,
+    request: &Request,
+    seen: &Seen,
+) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
+    let Some(rx) = db::prescription(conn, rx_id)?.filter(|rx| rx.member_id == member_id) else {
+        return Ok((Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None));
+    };
+    if rx.refills_remaining <= 0 {
+        return Ok((Err(ToolError::Failed(say::no_refills(&rx))), Change::None));
+    }
+    // Confirmed means: offered in an earlier response, and now called with confirm.
+    let confirmed = request.confirm && seen.proposed_at.is_some_and(|at| at < seen.response);
+    if !confirmed {
+        return Ok((Ok(say::refill_needs_confirmation(&rx)), Change::Proposed(rx.rx_id)));
+    }
+    Ok(match db::request_refill(conn, rx_id)? {
+        RefillOutcome::UnknownRx => (Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None),
+        RefillOutcome::NoRefills(rx) => (Err(ToolError::Failed(say::no_refills(&rx))), Change::Settled(rx.rx_id)),
+        RefillOutcome::AlreadyRequested { prescription, request_id, .. } => {
+            (Ok(say::refill_already_requested(&prescription, request_id)), Change::Settled(prescription.rx_id))
+        }
+        RefillOutcome::Requested { prescription, request_id } => {
+            (Ok(say::refill_requested(&prescription, request_id)), Change::Settled(prescription.rx_id))
+        }
+    })
 }
 
 /// One pharmacy operation as a [`Tool`].
@@ -175,133 +265,58 @@ struct PharmacyTool {
 
 impl Tool for PharmacyTool {
     fn spec(&self) -> ToolSpec {
+        self.spec_for("")
+    }
+
+    fn spec_for(&self, model: &str) -> ToolSpec {
+        let pack = prompt::for_model(model);
         ToolSpec {
             name: self.operation.name().to_string(),
-            description: self.operation.description().to_string(),
-            parameters: self.operation.parameters(),
+            description: pack.tool(self.operation.name()),
+            parameters: self.operation.parameters(pack),
         }
     }
 
-    fn call(&self, arguments: Value) -> ToolFuture<'_> {
+    fn guidance(&self, model: &str) -> Option<String> {
+        Some(prompt::for_model(model).system_text())
+    }
+
+    fn call(&self, arguments: Value, scope: &CallScope) -> ToolFuture<'_> {
         let operation = self.operation;
         let db = Arc::clone(&self.db);
+        let scope = scope.clone();
         Box::pin(async move {
-            let id = id_argument(&arguments, operation.id_kind())?;
-            tracing::debug!(tool = operation.name(), %id, "pharmacy tool");
-            db.run(move |conn| operation.execute(conn, &id)).await?
+            let request = operation.request(&arguments)?;
+            let response = scope.response();
+            let seen = scope.with(|identity: &mut Identity| Seen {
+                verified: identity.verified.clone(),
+                locked: identity.locked(),
+                proposed_at: request.id.as_ref().and_then(|id| identity.proposed_refills.get(id).copied()),
+                response,
+            });
+            tracing::debug!(tool = operation.name(), verified = seen.verified.is_some(), "pharmacy tool");
+            let (result, change) = {
+                let request = request.clone();
+                db.run(move |conn| operation.execute(conn, &request, &seen)).await?
+            };
+            scope.with(|identity: &mut Identity| match change {
+                Change::None => {}
+                Change::Verified(member) => {
+                    if identity.verified.as_ref() != Some(&member) {
+                        identity.proposed_refills.clear();
+                    }
+                    identity.verified = Some(member);
+                }
+                Change::FailedCheck => identity.failures += 1,
+                // The latest offer counts: a confirmation must follow the last question.
+                Change::Proposed(rx) => {
+                    identity.proposed_refills.insert(rx, response);
+                }
+                Change::Settled(rx) => {
+                    identity.proposed_refills.remove(&rx);
+                }
+            });
+            result
         })
     }
-}
-
-fn no_member(id: &str) -> ToolError {
-    ToolError::Failed(format!("no member with ID {id}; ask the caller to check their member ID"))
-}
-
-fn no_order(id: &str) -> ToolError {
-    ToolError::Failed(format!("no order with ID {id}; ask the caller to check the order ID, or list the member's orders"))
-}
-
-fn no_prescription(id: &str) -> ToolError {
-    ToolError::Failed(format!("no prescription with ID {id}; ask the caller to check the prescription number"))
-}
-
-fn order_details(order: Order) -> Value {
-    let spoken = pickup_spoken(&order);
-    json!({
-        "order_id": order.order_id,
-        "member_id": order.member_id,
-        "status": order.status,
-        "medication": order.medication,
-        "strength": order.strength,
-        "quantity": order.quantity,
-        "rx_id": order.rx_id,
-        "pickup_date": order.pickup_date,
-        "pickup_time": order.pickup_time,
-        "pickup_spoken": spoken,
-    })
-}
-
-fn pickup(order: &Order) -> Result<Value, ToolError> {
-    match (&order.pickup_date, &order.pickup_time) {
-        (Some(date), Some(time)) => Ok(json!({
-            "order_id": order.order_id,
-            "status": order.status,
-            "pickup_date": date,
-            "pickup_time": time,
-            "spoken": spoken_date_time(date, time),
-        })),
-        _ => Err(ToolError::Failed(format!(
-            "order {} has no pickup time because its status is \"{}\"",
-            order.order_id, order.status
-        ))),
-    }
-}
-
-fn pickup_spoken(order: &Order) -> Option<String> {
-    match (&order.pickup_date, &order.pickup_time) {
-        (Some(date), Some(time)) => Some(spoken_date_time(date, time)),
-        _ => None,
-    }
-}
-
-fn refill_result(outcome: RefillOutcome, id: &str) -> Result<Value, ToolError> {
-    match outcome {
-        RefillOutcome::UnknownRx => Err(no_prescription(id)),
-        RefillOutcome::NoRefills(rx) => Err(ToolError::Failed(format!(
-            "prescription {} has no refills remaining; the prescriber must authorize more",
-            rx.rx_id
-        ))),
-        RefillOutcome::AlreadyRequested { prescription: rx, request_id, requested_at } => Ok(json!({
-            "status": "already_requested",
-            "rx_id": rx.rx_id,
-            "medication": rx.medication,
-            "request_id": request_id,
-            "requested_at": requested_at,
-            "refills_remaining_after": rx.refills_remaining,
-            "note": "a refill of this prescription is already waiting; no new refill was used",
-        })),
-        RefillOutcome::Requested { prescription: rx, request_id } => Ok(json!({
-            "status": "requested",
-            "rx_id": rx.rx_id,
-            "medication": rx.medication,
-            "request_id": request_id,
-            "refills_remaining_after": rx.refills_remaining,
-        })),
-    }
-}
-
-/// `2026-12-06` and `10:00` as a caller hears them: "December 6 at 10:00 AM". Falls
-/// back to the stored text when it is not in that form.
-fn spoken_date_time(date: &str, time: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let day = || -> Option<String> {
-        let mut parts = date.splitn(3, '-');
-        let (_year, month, day) = (parts.next()?, parts.next()?.parse::<usize>().ok()?, parts.next()?.parse::<u32>().ok()?);
-        let month = MONTHS.get(month.checked_sub(1)?)?;
-        (1..=31).contains(&day).then(|| format!("{month} {day}"))
-    };
-    let clock = || -> Option<String> {
-        let (hour, minute) = time.split_once(':')?;
-        let (hour, minute) = (hour.parse::<u32>().ok()?, minute.parse::<u32>().ok()?);
-        if hour > 23 || minute > 59 {
-            return None;
-        }
-        let half = if hour < 12 { "AM" } else { "PM" };
-        let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-        Some(format!("{hour12}:{minute:02} {half}"))
-    };
-    format!("{} at {}", day().unwrap_or_else(|| date.to_string()), clock().unwrap_or_else(|| time.to_string()))
 }

@@ -19,6 +19,10 @@ pub struct TurnRecord {
     pub reply: String,
     /// Why the response did not complete (a model error, a timeout), if it did not.
     pub error: Option<String>,
+    /// A spoken turn: what the ASR heard.
+    pub heard: Option<String>,
+    /// Seconds from the turn's input to its `response.done`.
+    pub seconds: f64,
 }
 
 /// The kinds of failure, for the summary of failure patterns.
@@ -38,6 +42,10 @@ pub enum FailureKind {
     ForbiddenFact,
     /// The reply reads out JSON (an echoed tool call or result).
     SpokeJson,
+    /// The same tool was called with the same arguments twice in one turn.
+    DuplicateCall,
+    /// A member's private fact was said before the identity check passed.
+    Disclosed,
 }
 
 impl FailureKind {
@@ -51,6 +59,8 @@ impl FailureKind {
             Self::MissingFact => "missing fact",
             Self::ForbiddenFact => "forbidden fact",
             Self::SpokeJson => "spoke JSON",
+            Self::DuplicateCall => "duplicate call",
+            Self::Disclosed => "disclosed unverified",
         }
     }
 }
@@ -89,6 +99,8 @@ pub struct ConversationCheck {
     /// Calls that must happen in some turn.
     calls: Vec<ExpectedCall>,
     turns: Vec<TurnCheck>,
+    /// Facts never to be said before the identity check passed.
+    private: Vec<Regex>,
 }
 
 fn compile(pattern: &str, conversation: &str, turn: usize) -> anyhow::Result<Regex> {
@@ -119,6 +131,11 @@ impl TurnCheck {
                 fail(FailureKind::ForbiddenCall, format!("called {name}({args})"));
             }
         }
+        for (i, (name, args)) in record.calls.iter().enumerate() {
+            if record.calls[..i].iter().any(|(n, a)| n == name && a == args) {
+                fail(FailureKind::DuplicateCall, format!("{name}({args}) again"));
+            }
+        }
         if record.error.is_none() && record.reply.trim().is_empty() {
             fail(FailureKind::Silent, "the agent said nothing".into());
         }
@@ -141,10 +158,12 @@ impl TurnCheck {
 }
 
 impl ConversationCheck {
-    /// Compiles a conversation's expectations; a bad regex is a setup error.
-    pub fn new(conversation: &Conversation) -> anyhow::Result<Self> {
+    /// Compiles a conversation's expectations and the set's `private` facts; a bad
+    /// regex is a setup error.
+    pub fn new(conversation: &Conversation, private: &[String]) -> anyhow::Result<Self> {
         let turns = conversation.turns.iter().enumerate().map(|(i, t)| TurnCheck::new(t, &conversation.name, i + 1)).collect::<anyhow::Result<_>>()?;
-        Ok(Self { calls: conversation.calls.clone(), turns })
+        let private = private.iter().map(|p| compile(p, "private", 0)).collect::<anyhow::Result<_>>()?;
+        Ok(Self { calls: conversation.calls.clone(), turns, private })
     }
 
     /// Every failed check, in turn order; empty means the conversation passed. A
@@ -157,6 +176,18 @@ impl ConversationCheck {
                 None => out.push(Failure { turn: i + 1, kind: FailureKind::NoResponse, detail: "the turn was not run".into() }),
             }
         }
+        // Until a tool result says the caller is verified, no private fact is said.
+        for (i, record) in records.iter().enumerate() {
+            if record.outputs.iter().any(|o| verified(o)) {
+                break;
+            }
+            let spelled = digits(&record.reply);
+            for re in &self.private {
+                if re.is_match(&record.reply) || re.is_match(&spelled) {
+                    out.push(Failure { turn: i + 1, kind: FailureKind::Disclosed, detail: format!("/{}/ in {:?} before the identity check", re.as_str(), record.reply) });
+                }
+            }
+        }
         let all: Vec<(String, Value)> = records.iter().flat_map(|r| r.calls.iter().cloned()).collect();
         for expected in &self.calls {
             if !all.iter().any(|(name, args)| call_matches(expected, name, args)) {
@@ -166,6 +197,11 @@ impl ConversationCheck {
         }
         out
     }
+}
+
+/// Whether a tool result says the caller passed the identity check.
+fn verified(output: &str) -> bool {
+    serde_json::from_str::<Value>(output).is_ok_and(|v| v.get("verified") == Some(&Value::Bool(true)))
 }
 
 /// Whether a reply reads out JSON: an object's opening or a quoted key. (The agent
@@ -267,7 +303,7 @@ say = ["december (6|sixth)", "10(:00)?|ten"]
 
     #[test]
     fn a_conversation_that_does_everything_passes() {
-        let check = ConversationCheck::new(&conversation(ORDER)).expect("compile");
+        let check = ConversationCheck::new(&conversation(ORDER), &[]).expect("compile");
         let records = [
             record(vec![("list_orders", json!({"member_id": "1001"}))], "Your Amoxicillin order of 21 capsules is Processing."),
             record(vec![], "You can pick it up on December sixth at ten in the morning."),
@@ -292,7 +328,7 @@ say = ["december (6|sixth)", "10(:00)?|ten"]
 
     #[test]
     fn each_kind_of_failure_is_reported_with_its_turn() {
-        let check = ConversationCheck::new(&conversation(ORDER)).expect("compile");
+        let check = ConversationCheck::new(&conversation(ORDER), &[]).expect("compile");
         let records = [
             record(
                 vec![("list_orders", json!({"member_id": "1002"})), ("request_refill", json!({"rx_id": "RX1001"}))],
@@ -331,7 +367,7 @@ forbid = ["*"]
 user = "bye"
 "#,
         );
-        let check = ConversationCheck::new(&conv).expect("compile");
+        let check = ConversationCheck::new(&conv, &[]).expect("compile");
         let failures = check.check(&[record(vec![("lookup_member", json!({}))], "Fine, thanks!")]);
         assert_eq!(failures.iter().map(|f| f.kind).collect::<Vec<_>>(), vec![FailureKind::ForbiddenCall, FailureKind::NoResponse]);
         let failed = TurnRecord { error: Some("timed out after 5 s".into()), ..TurnRecord::default() };
@@ -353,7 +389,7 @@ user = "I'm 1001"
 user = "my orders?"
 "#,
         );
-        let check = ConversationCheck::new(&conv).expect("compile");
+        let check = ConversationCheck::new(&conv, &[]).expect("compile");
         let looked_up = record(vec![("list_orders", json!({"member_id": 1001}))], "Hello Maria.");
         assert!(check.check(&[looked_up.clone(), record(vec![], "One order.")]).is_empty());
         assert!(check.check(&[record(vec![], "Hello."), looked_up]).is_empty());
@@ -374,15 +410,37 @@ user = "x"
 say = ["\\b21\\b", "december 6\\b", "\\b10\\b"]
 "#,
         );
-        let check = ConversationCheck::new(&conv).expect("compile");
+        let check = ConversationCheck::new(&conv, &[]).expect("compile");
         assert!(check.check(&[record(vec![], "Twenty-one capsules, ready December sixth at ten AM.")]).is_empty());
         assert_eq!(check.check(&[record(vec![], "Twenty capsules, ready December seventh at ten.")]).len(), 2);
     }
 
     #[test]
+    fn duplicate_calls_and_disclosure_before_the_check_fail() {
+        let conv = conversation(
+            r#"
+[[conversation]]
+name = "id"
+[[conversation.turn]]
+user = "my order?"
+[[conversation.turn]]
+user = "I'm 1001, born 1984-03-12"
+[[conversation.turn]]
+user = "my order?"
+"#,
+        );
+        let check = ConversationCheck::new(&conv, &["amoxicillin".to_string()]).expect("compile");
+        let twice = vec![("get_order_details", json!({"order_id": "ORD001"})), ("get_order_details", json!({"order_id": "ORD001"}))];
+        let verified = TurnRecord { outputs: vec![r#"{"verified": true}"#.into()], ..record(vec![], "Thanks, Maria. Your amoxicillin is ready.") };
+        let failures = check.check(&[record(twice, "Your amoxicillin order."), verified, record(vec![], "Amoxicillin, still.")]);
+        let kinds: Vec<(usize, FailureKind)> = failures.iter().map(|f| (f.turn, f.kind)).collect();
+        assert_eq!(kinds, vec![(1, FailureKind::DuplicateCall), (1, FailureKind::Disclosed)]);
+    }
+
+    #[test]
     fn a_bad_regex_is_a_setup_error() {
         let conv = conversation("[[conversation]]\nname = \"bad\"\n[[conversation.turn]]\nuser = \"x\"\nsay = [\"(unclosed\"]\n");
-        let err = ConversationCheck::new(&conv).expect_err("bad regex").to_string();
+        let err = ConversationCheck::new(&conv, &[]).expect_err("bad regex").to_string();
         assert!(err.contains("bad") && err.contains("(unclosed"), "{err}");
     }
 }

@@ -4,8 +4,8 @@
 //! runs through the real agent in-process ([`drive`]): the configured models, a
 //! fresh in-memory pharmacy database, the user turns sent as text. What the agent
 //! did (tool calls, spoken replies) is scored against the set's expectations
-//! ([`check`]). The report is one line per conversation and the success rate; the
-//! exit status is 0 whatever the score (it is a measurement) and non-zero only when
+//! ([`check`]). The report is one line per conversation, the success rate overall
+//! and per category, and the time per turn (mean and median); the exit status is 0 whatever the score (it is a measurement) and non-zero only when
 //! the evaluation could not run.
 //!
 //! The agent's audio is synthesized as in a call but not paced in real time, so the
@@ -76,7 +76,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if conversations.is_empty() {
         bail!("no conversation in {} matches --only {}", args.set.display(), args.only.join(", "));
     }
-    let checks = conversations.iter().map(|c| ConversationCheck::new(c)).collect::<Result<Vec<_>>>()?;
+    let checks = conversations.iter().map(|c| ConversationCheck::new(c, &set.private)).collect::<Result<Vec<_>>>()?;
 
     let model = match &config.models.llm_gguf {
         gguf if !gguf.is_empty() => gguf.clone(),
@@ -175,6 +175,9 @@ fn print_turns(conversation: &Conversation, records: &[TurnRecord], failures: &[
             println!("        (not run)");
             continue;
         };
+        if let Some(heard) = &record.heard {
+            println!("        heard:  {heard}");
+        }
         if !record.calls.is_empty() {
             println!("        calls:  {}", describe_calls(&record.calls));
         }
@@ -191,6 +194,27 @@ fn print_turns(conversation: &Conversation, records: &[TurnRecord], failures: &[
     }
 }
 
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(super::median(&[]), 0.0);
+    }
+}
+
 /// Totals over the run.
 #[derive(Default)]
 struct Score {
@@ -198,6 +222,10 @@ struct Score {
     passed: usize,
     turns: usize,
     seconds: f64,
+    /// Seconds of each turn, for the median.
+    turn_seconds: Vec<f64>,
+    /// Category → (passed, total).
+    categories: BTreeMap<String, (usize, usize)>,
     /// Failure kind → the conversations that had it.
     patterns: BTreeMap<FailureKind, Vec<String>>,
 }
@@ -208,6 +236,10 @@ impl Score {
         self.passed += usize::from(failures.is_empty());
         self.turns += run.records.len();
         self.seconds += run.elapsed.as_secs_f64();
+        self.turn_seconds.extend(run.records.iter().map(|r| r.seconds));
+        let category = self.categories.entry(conversation.category.clone()).or_default();
+        category.0 += usize::from(failures.is_empty());
+        category.1 += 1;
         for failure in failures {
             let names = self.patterns.entry(failure.kind).or_default();
             if !names.contains(&conversation.name) {
@@ -222,7 +254,18 @@ impl Score {
         println!();
         println!("model:        {model}");
         println!("task success: {}/{} ({rate:.1}%)", self.passed, self.total);
-        println!("turns:        {} in {:.1} s: {turns_per_s:.3} turns/s ({:.1} s per turn)", self.turns, self.seconds, self.seconds / self.turns.max(1) as f64);
+        println!(
+            "turns:        {} in {:.1} s: {turns_per_s:.3} turns/s ({:.1} s per turn, p50 {:.1} s)",
+            self.turns,
+            self.seconds,
+            self.seconds / self.turns.max(1) as f64,
+            median(&self.turn_seconds)
+        );
+        println!("by category:");
+        for (category, (passed, total)) in &self.categories {
+            println!("  {category:<20} {passed}/{total} ({:.0}%)", 100.0 * *passed as f64 / (*total).max(1) as f64);
+        }
+        println!("failure patterns:");
         for (kind, names) in &self.patterns {
             println!("  {:<20} {} conversation{}: {}", kind.label(), names.len(), if names.len() == 1 { "" } else { "s" }, names.join(", "));
         }

@@ -140,7 +140,42 @@ pub fn digits(text: &str) -> String {
         out.push_str(&reading.value().to_string());
         i = end;
     }
-    out
+    join_spelled_ids(&out)
+}
+
+/// An id read out character by character ("O R D 0 0 1", "1 0 0 1") as it is
+/// written ("ORD001", "1001"): three or more single letters or digits in a row,
+/// separated by single spaces, are joined.
+fn join_spelled_ids(text: &str) -> String {
+    let single = |w: &str| w.chars().count() == 1 && w.chars().all(|c| c.is_ascii_alphanumeric());
+    let words: Vec<&str> = text.split(' ').collect();
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        // A run of single characters; the last word may carry punctuation ("1,").
+        let mut end = i;
+        while end < words.len() && single(words[end]) {
+            end += 1;
+        }
+        let tail = words.get(end).filter(|w| {
+            let core = w.trim_end_matches(|c: char| c.is_ascii_punctuation());
+            core.len() < w.len() && single(core)
+        });
+        let run = end - i + usize::from(tail.is_some());
+        if run >= 3 {
+            let mut joined: String = words[i..end].concat();
+            if let Some(tail) = tail {
+                joined.push_str(tail);
+                end += 1;
+            }
+            out.push(joined);
+            i = end;
+        } else {
+            out.push(words[i].to_string());
+            i += 1;
+        }
+    }
+    out.join(" ")
 }
 
 #[cfg(test)]
@@ -161,6 +196,9 @@ mod tests {
             ("Someone phoned; no numbers here.", "Someone phoned; no numbers here."),
             ("a hundred", "a hundred"),
             ("Twenty One", "21"),
+            ("Order O R D zero zero one is ready.", "Order ORD001 is ready."),
+            ("member one zero zero one, prescription R X one zero zero two.", "member 1001, prescription RX1002."),
+            ("at 2 30 p.m., a b", "at 2 30 p.m., a b"),
         ];
         for (input, expected) in cases {
             assert_eq!(digits(input), expected, "{input}");

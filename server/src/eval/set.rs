@@ -2,9 +2,13 @@
 //! must not) do, in TOML so people can read and extend it (`bench/eval/*.toml`).
 //!
 //! ```toml
+//! private = ["amoxicillin"]   # never said before the caller is verified
+//!
 //! [[conversation]]
 //! name = "order-status"
+//! category = "status"         # rates are reported per category
 //! about = "a member asks about their order"
+//! spoken = "piper"            # turns synthesized and heard through the ASR
 //! calls = []   # calls that must happen in any turn
 //!
 //! [[conversation.turn]]
@@ -25,9 +29,24 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSet {
+    /// Case-insensitive regexes of member facts that no reply may contain before
+    /// the caller passed the identity check (a tool result with `"verified": true`)
+    /// in that conversation.
+    #[serde(default)]
+    pub private: Vec<String>,
     /// The conversations, run in file order.
     #[serde(rename = "conversation")]
     pub conversations: Vec<Conversation>,
+}
+
+/// How a spoken conversation's turns are synthesized before the ASR hears them.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Voice {
+    /// The server's own Piper voice.
+    Piper,
+    /// `espeak-ng` (a robotic voice, harder for the ASR).
+    Espeak,
 }
 
 /// One scripted call: user turns sent as text, one response each.
@@ -39,6 +58,13 @@ pub struct Conversation {
     /// What it tests, for people reading the set.
     #[serde(default)]
     pub about: String,
+    /// The kind of task, for the per-category rates.
+    #[serde(default = "uncategorized")]
+    pub category: String,
+    /// When set, the caller's turns are synthesized with this voice and sent as
+    /// audio, so the ASR's transcript is what the agent answers.
+    #[serde(default)]
+    pub spoken: Option<Voice>,
     /// Tool calls that must happen in some turn, whichever: for facts a later turn
     /// needs that an earlier one may already have looked up.
     #[serde(default)]
@@ -77,6 +103,10 @@ pub struct ExpectedCall {
     /// Ids compare leniently: case, spaces, dashes and number-vs-string do not matter.
     #[serde(default)]
     pub args: BTreeMap<String, toml::Value>,
+}
+
+fn uncategorized() -> String {
+    "other".to_string()
 }
 
 impl EvalSet {
@@ -137,9 +167,17 @@ say = ["processing"]
     fn the_shipped_pharmacy_set_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/eval/pharmacy.toml");
         let set = EvalSet::load(&path).expect("bench/eval/pharmacy.toml");
-        assert!(set.conversations.len() >= 12);
+        assert!(set.conversations.len() >= 40, "issue 9: at least 40 conversations");
+        assert!(set.conversations.iter().filter(|c| c.spoken.is_some()).count() >= 10, "at least 10 spoken");
+        let categories: std::collections::BTreeSet<&str> = set.conversations.iter().map(|c| c.category.as_str()).collect();
+        for wanted in ["status", "contents", "pickup", "refills", "refill-request", "prescriber", "unknown", "other-member", "identity", "follow-up", "small-talk"] {
+            assert!(categories.contains(wanted), "no conversation of category {wanted}");
+        }
+        for member in ["1001", "1002", "1003", "1004", "1005"] {
+            assert!(set.conversations.iter().any(|c| c.turns.iter().any(|t| t.user.contains(member))), "member {member} never calls");
+        }
         for c in &set.conversations {
-            crate::eval::check::ConversationCheck::new(c).expect("regexes compile");
+            crate::eval::check::ConversationCheck::new(c, &set.private).expect("regexes compile");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Reading the pharmacy tools' arguments the way a small model writes them: an id
 //! as a number or a string, in any case, with stray spaces or dashes, under a
 //! near-miss key (`memberId`, `id`), or the whole arguments as a JSON string. Each
-//! tool takes exactly one id, which is what makes this leniency safe.
+//! tool takes exactly one id, which is what makes this leniency safe; the other
+//! arguments (a date of birth, a confirmation) are found by their own names only.
 
 use serde_json::{Map, Value};
 
@@ -50,6 +51,7 @@ impl IdKind {
     /// Cleans a raw id: member ids are digits; order and prescription ids are upper
     /// case with their prefix, which is added when the model gave only the number.
     fn normalize(self, raw: &str) -> Result<String, ToolError> {
+        let raw = &digit_words(raw);
         let cleaned: String = raw.chars().filter(|c| !c.is_whitespace() && !matches!(c, '-' | '_' | '#')).collect();
         let cleaned = cleaned.to_ascii_uppercase();
         let key = self.key();
@@ -74,6 +76,24 @@ impl IdKind {
             IdKind::Order | IdKind::Prescription => Ok(cleaned),
         }
     }
+}
+
+/// An id as a transcript may spell it ("one zero zero one", "O R D zero zero one",
+/// "oh oh one") with its digit words made digits; other words are kept.
+fn digit_words(raw: &str) -> String {
+    const DIGITS: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    raw.split(|c: char| c.is_whitespace() || c == '-' || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let lower = w.to_ascii_lowercase();
+            match DIGITS.iter().position(|d| *d == lower) {
+                Some(d) => d.to_string(),
+                None if lower == "oh" => "0".to_string(),
+                None => w.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The id a tool of this kind was given, normalized, or an error telling the model
@@ -133,6 +153,65 @@ fn scalar_text(value: &Value, kind: IdKind) -> Result<String, ToolError> {
     }
 }
 
+/// The arguments as an object, also when the model sent them as a JSON string.
+fn object(arguments: &Value) -> Option<Map<String, Value>> {
+    match arguments {
+        Value::Object(map) => Some(map.clone()),
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => Some(map),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The value under one of `keys` (compared as [`squash_key`]s), if any.
+fn named<'a>(map: &'a Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
+    map.iter().find(|(k, _)| keys.contains(&squash_key(k).as_str())).map(|(_, v)| v).filter(|v| !v.is_null())
+}
+
+/// The id of this kind when the model gave one under its name or an alias, `None`
+/// when it left it out (a tool where the id is optional).
+pub(super) fn optional_id(arguments: &Value, kind: IdKind) -> Result<Option<String>, ToolError> {
+    let Some(map) = object(arguments) else { return Ok(None) };
+    let mut keys = vec![squash_key(kind.key())];
+    keys.extend(kind.aliases().iter().map(|a| a.to_string()));
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    match named(&map, &keys) {
+        None => Ok(None),
+        Some(Value::String(text)) if text.trim().is_empty() => Ok(None),
+        Some(value) => kind.normalize(&scalar_text(value, kind)?).map(Some),
+    }
+}
+
+/// Keys a model uses for a date of birth, squashed.
+pub(super) const BIRTH_DATE_KEYS: &[&str] = &["dateofbirth", "dob", "birthdate", "birthday", "born", "date"];
+
+/// Keys a model uses for a confirmation, squashed.
+pub(super) const CONFIRM_KEYS: &[&str] = &["confirm", "confirmed", "confirmation", "callerconfirmed"];
+
+/// The text under one of `keys` (a number is taken as its digits).
+pub(super) fn text_argument(arguments: &Value, keys: &[&str]) -> Option<String> {
+    let map = object(arguments)?;
+    match named(&map, keys)? {
+        Value::String(text) => Some(text.trim().to_string()).filter(|t| !t.is_empty()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A yes/no flag under one of `keys`: `true`, `"true"`, `"yes"`, `1`; anything
+/// else (or nothing) is no, so a refill is never placed on a doubtful value.
+pub(super) fn flag_argument(arguments: &Value, keys: &[&str]) -> bool {
+    let Some(map) = object(arguments) else { return false };
+    match named(&map, keys) {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_u64() == Some(1),
+        Some(Value::String(s)) => matches!(s.trim().to_ascii_lowercase().as_str(), "true" | "yes" | "y" | "1" | "confirmed"),
+        _ => false,
+    }
+}
+
 fn missing(kind: IdKind) -> ToolError {
     let key = kind.key();
     ToolError::InvalidArguments(format!(
@@ -180,6 +259,28 @@ mod tests {
             assert_eq!(id(json!({"rx_id": raw}), IdKind::Prescription), Ok("RX1001".to_string()), "{raw}");
         }
         assert_eq!(id(json!({"prescription_id": "rx1002"}), IdKind::Prescription), Ok("RX1002".to_string()));
+        // As a transcript spells them.
+        assert_eq!(id(json!({"member_id": "one zero zero one"}), IdKind::Member), Ok("1001".to_string()));
+        assert_eq!(id(json!({"order_id": "O R D zero zero one"}), IdKind::Order), Ok("ORD001".to_string()));
+        assert_eq!(id(json!({"rx_id": "R X one oh oh two"}), IdKind::Prescription), Ok("RX1002".to_string()));
+    }
+
+    #[test]
+    fn optional_ids_dates_and_flags() {
+        assert_eq!(optional_id(&json!({}), IdKind::Member), Ok(None));
+        assert_eq!(optional_id(&json!({"member_id": ""}), IdKind::Member), Ok(None));
+        assert_eq!(optional_id(&json!({"memberId": 1002}), IdKind::Member), Ok(Some("1002".into())));
+        assert!(optional_id(&json!({"member_id": "abc"}), IdKind::Member).is_err());
+        let verify = json!({"member_id": "1001", "Date of Birth": "March 12, 1984"});
+        assert_eq!(text_argument(&verify, BIRTH_DATE_KEYS).as_deref(), Some("March 12, 1984"));
+        assert_eq!(text_argument(&json!("{\"dob\": \"1984-03-12\"}"), BIRTH_DATE_KEYS).as_deref(), Some("1984-03-12"));
+        assert_eq!(text_argument(&json!({"member_id": "1001"}), BIRTH_DATE_KEYS), None);
+        for yes in [json!({"confirm": true}), json!({"confirm": "yes"}), json!({"confirmed": "True"}), json!({"confirm": 1})] {
+            assert!(flag_argument(&yes, CONFIRM_KEYS), "{yes}");
+        }
+        for no in [json!({}), json!({"confirm": false}), json!({"confirm": "maybe"}), json!({"confirm": null}), json!("x")] {
+            assert!(!flag_argument(&no, CONFIRM_KEYS), "{no}");
+        }
     }
 
     #[test]

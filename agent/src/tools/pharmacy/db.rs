@@ -11,15 +11,18 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::tools::ToolError;
 
 /// Stored in SQLite's `user_version` once the schema exists and is seeded. A file at 0
-/// is new; one above this was written by a newer server and is left alone.
-const SCHEMA_VERSION: i32 = 1;
+/// is new; one above this was written by a newer server and is left alone; one below
+/// is migrated: the schema is created where missing and the seed rows it lacks are
+/// added (`INSERT OR IGNORE`), so records changed by earlier runs stay as they are.
+/// Version 2 added members 1004 and 1005 with their prescriptions and orders.
+const SCHEMA_VERSION: i32 = 2;
 
 /// How long a statement waits for another process holding the write lock (two
 /// servers on one file) before it fails instead of hanging a tool call.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the model is told when the database itself fails; the detail goes to the log.
-const UNAVAILABLE: &str = "the pharmacy records are unavailable right now; apologize and suggest calling back later";
+const UNAVAILABLE: &str = "I'm sorry, I can't reach our pharmacy records right now. Please call back in a little while.";
 
 /// Status of a refill request that the pharmacy has not handled yet.
 const REFILL_PENDING: &str = "requested";
@@ -67,6 +70,8 @@ const SEED_MEMBERS: &[(&str, &str, &str, &str)] = &[
     ("1001", "Maria Lopez", "1984-03-12", "555-0101"),
     ("1002", "James Chen", "1971-11-02", "555-0102"),
     ("1003", "Aisha Patel", "1990-07-25", "555-0103"),
+    ("1004", "Robert Kim", "1958-01-30", "555-0104"),
+    ("1005", "Sofia Rossi", "2001-05-19", "555-0105"),
 ];
 
 /// (rx_id, member_id, medication, strength, quantity, refills_remaining, prescriber)
@@ -74,6 +79,9 @@ const SEED_PRESCRIPTIONS: &[(&str, &str, &str, &str, i64, i64, &str)] = &[
     ("RX1001", "1001", "Amoxicillin", "500 mg", 21, 0, "Dr. Hannah Reyes"),
     ("RX1002", "1002", "Lisinopril", "10 mg", 30, 2, "Dr. Samuel Okafor"),
     ("RX1003", "1003", "Metformin", "500 mg", 60, 5, "Dr. Priya Nair"),
+    ("RX1004", "1004", "Atorvastatin", "20 mg", 30, 3, "Dr. Elena Petrova"),
+    ("RX1005", "1004", "Levothyroxine", "50 mcg", 90, 1, "Dr. Elena Petrova"),
+    ("RX1006", "1005", "Albuterol", "90 mcg", 1, 4, "Dr. Marcus Webb"),
 ];
 
 /// (order_id, member_id, rx_id, status, medication, strength, quantity, created_at,
@@ -95,6 +103,9 @@ const SEED_ORDERS: &[(&str, &str, &str, &str, &str, &str, i64, &str, Option<&str
     ("ORD002", "1002", "RX1002", "ready", "Lisinopril", "10 mg", 30, "2026-11-28T15:10:00Z", Some("2026-12-02"), Some("14:30")),
     ("ORD003", "1003", "RX1003", "shipped", "Metformin", "500 mg", 60, "2026-11-25T11:00:00Z", None, None),
     ("ORD004", "1002", "RX1002", "picked up", "Lisinopril", "10 mg", 30, "2026-10-29T08:45:00Z", Some("2026-11-01"), Some("09:00")),
+    ("ORD005", "1004", "RX1004", "ready", "Atorvastatin", "20 mg", 30, "2026-11-29T10:20:00Z", Some("2026-12-03"), Some("09:15")),
+    ("ORD006", "1004", "RX1005", "processing", "Levothyroxine", "50 mcg", 90, "2026-12-01T16:05:00Z", Some("2026-12-08"), Some("16:45")),
+    ("ORD007", "1005", "RX1006", "shipped", "Albuterol", "90 mcg", 1, "2026-11-27T13:40:00Z", None, None),
 ];
 
 /// Why the pharmacy database could not be opened. Queries made by tools never return
@@ -233,13 +244,13 @@ fn seed(tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// A member as the tools report them.
+/// A member as the tools see them. The phone number stays in the database: the
+/// desk never reads it out, so it is never loaded.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Member {
     pub member_id: String,
     pub name: String,
     pub date_of_birth: String,
-    pub phone: String,
 }
 
 /// An order's row.
@@ -283,9 +294,9 @@ pub(super) enum RefillOutcome {
 
 pub(super) fn member(conn: &Connection, member_id: &str) -> Result<Option<Member>, rusqlite::Error> {
     conn.query_row(
-        "SELECT member_id, name, date_of_birth, phone FROM members WHERE member_id = ?1",
+        "SELECT member_id, name, date_of_birth FROM members WHERE member_id = ?1",
         [member_id],
-        |row| Ok(Member { member_id: row.get(0)?, name: row.get(1)?, date_of_birth: row.get(2)?, phone: row.get(3)? }),
+        |row| Ok(Member { member_id: row.get(0)?, name: row.get(1)?, date_of_birth: row.get(2)? }),
     )
     .optional()
 }
@@ -319,22 +330,29 @@ pub(super) fn order(conn: &Connection, order_id: &str) -> Result<Option<Order>, 
     conn.query_row(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?1"), [order_id], order_from_row).optional()
 }
 
+const PRESCRIPTION_COLUMNS: &str = "rx_id, member_id, medication, strength, refills_remaining, prescriber";
+
+fn prescription_from_row(row: &rusqlite::Row<'_>) -> Result<Prescription, rusqlite::Error> {
+    Ok(Prescription {
+        rx_id: row.get(0)?,
+        member_id: row.get(1)?,
+        medication: row.get(2)?,
+        strength: row.get(3)?,
+        refills_remaining: row.get(4)?,
+        prescriber: row.get(5)?,
+    })
+}
+
 pub(super) fn prescription(conn: &Connection, rx_id: &str) -> Result<Option<Prescription>, rusqlite::Error> {
-    conn.query_row(
-        "SELECT rx_id, member_id, medication, strength, refills_remaining, prescriber FROM prescriptions WHERE rx_id = ?1",
-        [rx_id],
-        |row| {
-            Ok(Prescription {
-                rx_id: row.get(0)?,
-                member_id: row.get(1)?,
-                medication: row.get(2)?,
-                strength: row.get(3)?,
-                refills_remaining: row.get(4)?,
-                prescriber: row.get(5)?,
-            })
-        },
-    )
-    .optional()
+    conn.query_row(&format!("SELECT {PRESCRIPTION_COLUMNS} FROM prescriptions WHERE rx_id = ?1"), [rx_id], prescription_from_row)
+        .optional()
+}
+
+/// A member's prescriptions, by id.
+pub(super) fn prescriptions_of(conn: &Connection, member_id: &str) -> Result<Vec<Prescription>, rusqlite::Error> {
+    let mut statement = conn.prepare(&format!("SELECT {PRESCRIPTION_COLUMNS} FROM prescriptions WHERE member_id = ?1 ORDER BY rx_id"))?;
+    let rows = statement.query_map([member_id], prescription_from_row)?;
+    rows.collect()
 }
 
 /// Uses one refill and records a request, unless none is left or one is already

@@ -1,0 +1,65 @@
+//! The last look at a phrase before the voice says it: sentences glued by the model
+//! are separated, codes such as `ORD001` are spelled out the way a caller should
+//! hear them, and text addressed to the model (a tool's note about "the caller", a
+//! nudge the model echoed) is dropped, so it is never spoken verbatim.
+
+use crate::tools::spoken;
+
+/// Words that only text written for the model uses; a phrase containing one is not
+/// for the caller's ears.
+const MODEL_DIRECTED: &[&str] =
+    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
+
+/// The phrase as it should be spoken, or `None` when it must not be spoken at all.
+pub fn speakable(phrase: &str) -> Option<String> {
+    let lower = phrase.to_lowercase();
+    if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) {
+        tracing::debug!(phrase, "dropped a phrase addressed to the model");
+        return None;
+    }
+    let mended = spoken::mend_spacing(phrase);
+    let words: Vec<String> = mended.split(' ').map(spell_code).collect();
+    Some(words.join(" "))
+}
+
+/// `ORD001`, `RX1002,` or `ORD-001.` spelled out ("O R D zero zero one,"); other
+/// words as they are. A code is one to four capitals, an optional dash, and at
+/// least two digits.
+fn spell_code(word: &str) -> String {
+    let core_end = word.trim_end_matches(|c: char| matches!(c, '.' | ',' | '?' | '!' | ';' | ':' | ')' | '"' | '\'')).len();
+    let core_start = word.len() - word.trim_start_matches(['(', '"', '\'']).len();
+    if core_start >= core_end {
+        return word.to_string();
+    }
+    let core = &word[core_start..core_end];
+    let letters = core.chars().take_while(|c| c.is_ascii_uppercase()).count();
+    let rest = core[letters..].strip_prefix('-').unwrap_or(&core[letters..]);
+    let is_code = (1..=4).contains(&letters) && rest.len() >= 2 && rest.chars().all(|c| c.is_ascii_digit());
+    if !is_code {
+        return word.to_string();
+    }
+    format!("{}{}{}", &word[..core_start], spoken::id(core), &word[core_end..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_spelled_and_glued_sentences_mended() {
+        assert_eq!(speakable("Your order ORD001 is ready.").as_deref(), Some("Your order O R D zero zero one is ready."));
+        assert_eq!(speakable("Prescription RX1002, right?").as_deref(), Some("Prescription R X one zero zero two, right?"));
+        assert_eq!(speakable("at the pharmacy.The medication").as_deref(), Some("at the pharmacy. The medication"));
+        assert_eq!(speakable("It costs 3.50 at 10:00 AM, see Dr. Reyes.").as_deref(), Some("It costs 3.50 at 10:00 AM, see Dr. Reyes."));
+        assert_eq!(speakable("I said OK, A1, COVID19 and (ORD-004).").as_deref(), Some("I said OK, A1, COVID19 and (O R D zero zero four)."));
+    }
+
+    #[test]
+    fn text_for_the_model_is_not_spoken() {
+        assert_eq!(speakable("Ask the caller to check the order ID or list the member's orders."), None);
+        assert_eq!(speakable("I will call verify_member now."), None);
+        assert_eq!(speakable("Now answer the caller in one to three short spoken sentences."), None);
+        assert!(speakable("JSON is a data format.").is_some(), "a caller may ask about anything");
+        assert!(speakable("Thank you, Maria, you're verified.").is_some());
+    }
+}
