@@ -55,8 +55,9 @@ pub fn render_prompt(messages: &[ChatMessage]) -> String {
 ///
 /// JSON is written with Python's `json.dumps` separators (`", "`, `": "`), as the
 /// template's `tojson` does, so the prompt matches what the model was trained on and
-/// what llama.cpp or vLLM render; object keys inside `parameters` and arguments come
-/// out sorted (serde_json's map), which keeps the rendering deterministic.
+/// what llama.cpp or vLLM render; object keys inside `parameters` and arguments keep
+/// the order they were written in (serde_json's `preserve_order`, as Python's dicts
+/// and the templates' `tojson` do), which keeps the rendering deterministic.
 pub fn render_prompt_with_tools(messages: &[ChatMessage], tools: &[ToolSpec]) -> String {
     let tools: Vec<String> = tools.iter().map(tool_json).collect();
     let mut out = String::with_capacity(
@@ -148,7 +149,7 @@ fn tool_json(tool: &ToolSpec) -> String {
         "{{\"type\": \"function\", \"function\": {{\"name\": {}, \"description\": {}, \"parameters\": {}}}}}",
         to_json(&serde_json::Value::String(tool.name.clone())),
         to_json(&serde_json::Value::String(tool.description.clone())),
-        to_json(&tool.parameters),
+        to_json(&crate::known_ids::for_prompt(tool).parameters),
     )
 }
 
@@ -295,8 +296,8 @@ mod tests {
             to assist with the user query.\n\nYou are provided with function signatures within \
             <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \
             \"get_weather\", \"description\": \"Current weather in a city\", \"parameters\": \
-            {\"properties\": {\"city\": {\"description\": \"City name\", \"type\": \"string\"}}, \
-            \"required\": [\"city\"], \"type\": \"object\"}}}\n</tools>\n\nFor each function call, \
+            {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"description\": \"City name\"}}, \
+            \"required\": [\"city\"]}}}\n</tools>\n\nFor each function call, \
             return a json object with function name and arguments within <tool_call></tool_call> \
             XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n\
             </tool_call><|im_end|>\n\

@@ -6,13 +6,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
 use crate::kv_budget::{KvBudget, KvCacheStats, SessionId};
 use crate::qwen2::{KvCache, ModelContext, Qwen2LoadOptions, Qwen2Weights};
 use crate::tokenizer::{TextStream, load_tokenizer, tokenizer_from_json, tokenizer_json_from_gguf};
+use crate::grammar::{CallMatcher, ToolCallGrammar};
 use crate::toolcall::ToolCallFilter;
 use crate::{
     ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmEngine, LlmError, LlmSession,
@@ -62,6 +63,11 @@ pub struct CandleOptions {
     /// caches between sessions. Off, every generation prefills its whole prompt from
     /// an empty cache: only for measuring what reuse saves.
     pub kv_reuse: bool,
+    /// Constrain tool calls with a grammar ([`crate::grammar`]): once the model opens
+    /// a call it can only name an offered tool and write arguments valid against the
+    /// tool's schema, with ids narrowed to known ones ([`crate::known_ids`]). Off,
+    /// calls are sampled freely and parsed after (for comparison only).
+    pub constrain_tool_calls: bool,
 }
 
 /// Default for [`CandleOptions::kv_budget_bytes`]: 1 GiB, about ten full 4096-token
@@ -77,6 +83,7 @@ impl Default for CandleOptions {
             kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES,
             dense_prefill_min_tokens: crate::qwen2::DEFAULT_DENSE_PREFILL_MIN_TOKENS,
             kv_reuse: true,
+            constrain_tool_calls: true,
         }
     }
 }
@@ -100,6 +107,8 @@ struct Shared {
     budget: KvBudget<SessionKv>,
     /// [`CandleOptions::kv_reuse`].
     kv_reuse: bool,
+    /// The tool-call grammar, when calls are constrained and the model has tags.
+    grammar: Option<ToolCallGrammar>,
 }
 
 /// How many distinct system prompts keep a shared KV prefix (a server usually has one
@@ -265,6 +274,14 @@ impl CandleEngine {
             "language model loaded"
         );
         let im_end = tokenizer.token_to_id(chat::IM_END);
+        let grammar = if options.constrain_tool_calls {
+            let t = Instant::now();
+            let grammar = ToolCallGrammar::new(&tokenizer, vocab, stop_ids[0])?;
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "tool-call grammar ready");
+            grammar
+        } else {
+            None
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 name,
@@ -275,6 +292,7 @@ impl CandleEngine {
                 system_prefixes: Mutex::new(Vec::new()),
                 budget: KvBudget::new(options.kv_budget_bytes),
                 kv_reuse: options.kv_reuse,
+                grammar,
             }),
         })
     }
@@ -508,6 +526,61 @@ fn sampler(options: &GenerateOptions) -> LogitsProcessor {
     LogitsProcessor::from_sampling(options.seed, sampling)
 }
 
+/// One generation's tool-call constraint: which tools may be called, and the
+/// grammar of the call being written.
+struct CallConstraint<'a> {
+    grammar: &'a ToolCallGrammar,
+    callable: Vec<ToolSpec>,
+    call: Option<CallMatcher>,
+}
+
+impl<'a> CallConstraint<'a> {
+    fn new(grammar: &'a ToolCallGrammar, callable: Vec<ToolSpec>) -> Self {
+        Self { grammar, callable, call: None }
+    }
+
+    /// The logits with what may not come next masked: inside a call, whatever the
+    /// grammar forbids; outside one, what speech never needs (an untagged call's
+    /// braces), and `<tool_call>` when no tool can be called.
+    fn mask(&mut self, logits: Tensor) -> Result<Tensor, LlmError> {
+        let mut values = logits.to_dtype(DType::F32).and_then(|l| l.flatten_all()).and_then(|l| l.to_vec1::<f32>()).context("masking the logits")?;
+        match &mut self.call {
+            Some(call) => {
+                if let Err(e) = call.mask(&mut values) {
+                    // A grammar failure must not cost the caller the reply: the rest
+                    // of the call is sampled freely and parsed as before.
+                    tracing::warn!(error = %e, "tool-call grammar failed; sampling this call unconstrained");
+                    self.call = None;
+                    return Ok(logits);
+                }
+            }
+            None => self.grammar.mask_speech(&mut values, !self.callable.is_empty()),
+        }
+        let n = values.len();
+        Tensor::from_vec(values, n, logits.device()).context("masking the logits")
+    }
+
+    /// Follows the sampled token: `<tool_call>` starts a call's grammar, and the
+    /// grammar ends with the call.
+    fn advance(&mut self, token: u32) {
+        match &mut self.call {
+            Some(call) => match call.advance(token) {
+                Ok(false) => {}
+                Ok(true) => self.call = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tool-call grammar failed; sampling this call unconstrained");
+                    self.call = None;
+                }
+            },
+            None if token == self.grammar.open_token() && !self.callable.is_empty() => match self.grammar.matcher(&self.callable) {
+                Ok(call) => self.call = Some(call),
+                Err(e) => tracing::warn!(error = %e, "cannot build the tool-call grammar; sampling this call unconstrained"),
+            },
+            None => {}
+        }
+    }
+}
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
@@ -576,6 +649,12 @@ impl LlmSession for CandleSession {
         let mut filter = (!options.tools.is_empty()).then(|| {
             ToolCallFilter::new(options.tools.iter().map(|t| t.name.clone()).collect())
         });
+        // With a grammar, the tools as they may be called now (ids narrowed to known
+        // ones) and the call being written, if any.
+        let mut constraint = match &shared.grammar {
+            Some(grammar) if !options.tools.is_empty() => Some(CallConstraint::new(grammar, crate::known_ids::narrow(&options.tools, messages))),
+            _ => None,
+        };
         let finish = loop {
             if stats.generated_tokens >= options.max_tokens {
                 break FinishReason::Length;
@@ -585,7 +664,13 @@ impl LlmSession for CandleSession {
                 logits = candle_transformers::utils::apply_repeat_penalty(&logits, options.repeat_penalty, recent)
                     .context("repeat penalty")?;
             }
+            if let Some(constraint) = &mut constraint {
+                logits = constraint.mask(logits)?;
+            }
             let next = sampler.sample(&logits).context("sampling")?;
+            if let Some(constraint) = &mut constraint {
+                constraint.advance(next);
+            }
             reply_ids.push(next);
             if shared.stop_ids.contains(&next) {
                 break FinishReason::Stop;

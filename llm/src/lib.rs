@@ -48,6 +48,8 @@ use std::path::PathBuf;
 pub mod chat;
 pub mod cpu;
 pub mod engine;
+pub mod grammar;
+pub mod known_ids;
 pub mod kv_budget;
 pub mod qwen2;
 pub mod requant;

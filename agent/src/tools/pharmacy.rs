@@ -110,7 +110,12 @@ impl Operation {
     fn parameters(self, pack: &prompt::PromptPack) -> Value {
         let key = self.id_kind().key();
         let mut properties = serde_json::Map::new();
-        properties.insert(key.into(), json!({ "type": "string", "description": pack.parameter(key) }));
+        // The id may only be one the caller said or a tool returned: the engine
+        // narrows it to those (`x-parley-known`), so the model cannot invent one.
+        properties.insert(
+            key.into(),
+            json!({ "type": "string", "description": pack.parameter(key), "pattern": self.id_kind().pattern(), parley_llm::known_ids::KNOWN: true }),
+        );
         let mut required = vec![key];
         match self {
             Operation::VerifyMember => {

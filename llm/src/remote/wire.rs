@@ -35,8 +35,10 @@ pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOpt
         body["repeat_last_n"] = json!(options.repeat_last_n);
     }
     if !options.tools.is_empty() {
-        body["tools"] = options
-            .tools
+        // The tools as they may be called now: ids narrowed to the known ones
+        // (servers that constrain tool calls with the schema, such as llama.cpp's
+        // with --jinja, then cannot invent one).
+        body["tools"] = crate::known_ids::narrow(&options.tools, messages)
             .iter()
             .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
             .collect();

@@ -30,6 +30,15 @@ impl IdKind {
         }
     }
 
+    /// The id's shape as a JSON-schema `pattern`, for narrowing it to known ids.
+    pub(super) fn pattern(self) -> &'static str {
+        match self {
+            IdKind::Member => "^[0-9]{3,10}$",
+            IdKind::Order => "^ORD[0-9]{3,6}$",
+            IdKind::Prescription => "^RX[0-9]{3,8}$",
+        }
+    }
+
     /// Other keys a model writes for the same thing, compared after [`squash_key`].
     fn aliases(self) -> &'static [&'static str] {
         match self {

@@ -1,0 +1,205 @@
+//! Ids a tool call may use: the ones the conversation already holds.
+//!
+//! A small model asked about "my order" invents an order id, or takes another
+//! member's. A tool can forbid that for a string parameter by declaring
+//! `"x-parley-known": true` with a `pattern` (a regular expression for the id's
+//! shape, e.g. `^ORD[0-9]{3,}$`): the parameter may then only take a value the
+//! caller said (spelled out or in digits: "O R D zero zero one" counts) or an earlier
+//! tool result or call holds. [`narrow`] turns such parameters into an `enum` of
+//! those values for this generation; a tool whose required id has no known value is
+//! left out of what the model may call (the prompt still shows it, so the KV cache
+//! of the system prompt stays shared). The embedded engine enforces the narrowed
+//! schemas with its grammar; remote replicas get them as their tools' parameters.
+
+use regex::RegexBuilder;
+use serde_json::{Map, Value};
+
+use crate::{ChatMessage, Role, ToolSpec};
+
+/// The annotation that asks for a parameter to be narrowed to known values.
+pub const KNOWN: &str = "x-parley-known";
+
+/// The tools as they may be called after `messages`: each known-id parameter an
+/// `enum` of the values the conversation holds, in the order they appeared; tools
+/// whose required ids have none are dropped. Tools without annotations are kept as
+/// they are (minus our annotations).
+pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
+    let mut heard: Option<Vec<String>> = None;
+    let mut out = Vec::with_capacity(tools.len());
+    'tools: for tool in tools {
+        let mut parameters = tool.parameters.clone();
+        if let Some(Value::Object(properties)) = parameters.get_mut("properties") {
+            let required: Vec<String> = tool
+                .parameters
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default();
+            let names: Vec<String> = properties.keys().cloned().collect();
+            for name in names {
+                let Some(pattern) = known_pattern(&properties[&name]) else { continue };
+                let texts = heard.get_or_insert_with(|| conversation_texts(messages));
+                let values = find_ids(&pattern, texts);
+                if values.is_empty() {
+                    if required.contains(&name) {
+                        continue 'tools;
+                    }
+                    properties.remove(&name);
+                    continue;
+                }
+                let mut narrowed = Map::new();
+                narrowed.insert("type".into(), Value::String("string".into()));
+                if let Some(description) = properties[&name].get("description") {
+                    narrowed.insert("description".into(), description.clone());
+                }
+                narrowed.insert("enum".into(), Value::Array(values.into_iter().map(Value::String).collect()));
+                properties[&name] = Value::Object(narrowed);
+            }
+        }
+        crate::grammar::strip_annotations(&mut parameters);
+        out.push(ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters });
+    }
+    out
+}
+
+/// The tools as the prompt shows them: our annotations removed.
+pub fn for_prompt(tool: &ToolSpec) -> ToolSpec {
+    let mut parameters = tool.parameters.clone();
+    crate::grammar::strip_annotations(&mut parameters);
+    ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters }
+}
+
+/// The id pattern of a parameter that asks to be narrowed, without its anchors.
+fn known_pattern(schema: &Value) -> Option<String> {
+    if schema.get(KNOWN) != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let pattern = schema.get("pattern")?.as_str()?;
+    Some(pattern.trim_start_matches('^').trim_end_matches('$').to_string())
+}
+
+/// Every text an id may come from: what the caller said (also with spelled-out
+/// letters and digits joined), tool results, and the arguments of earlier calls.
+fn conversation_texts(messages: &[ChatMessage]) -> Vec<String> {
+    let mut texts = Vec::new();
+    for m in messages {
+        match m.role {
+            Role::User => {
+                texts.push(m.content.clone());
+                texts.push(spelled_out_joined(&m.content));
+            }
+            Role::Tool => texts.push(m.content.clone()),
+            Role::Assistant => texts.extend(m.tool_calls.iter().map(|c| c.arguments.to_string())),
+            Role::System => {}
+        }
+    }
+    texts
+}
+
+/// Matches of `pattern` (as a whole word, any case) in `texts`, upper-cased,
+/// each once, in order of appearance.
+fn find_ids(pattern: &str, texts: &[String]) -> Vec<String> {
+    let Ok(re) = RegexBuilder::new(&format!(r"\b(?:{pattern})\b")).case_insensitive(true).build() else {
+        tracing::warn!(pattern, "a known-id pattern is not a regular expression; the parameter is not narrowed");
+        return Vec::new();
+    };
+    let mut found: Vec<String> = Vec::new();
+    for text in texts {
+        for m in re.find_iter(text) {
+            let id = m.as_str().to_ascii_uppercase();
+            if !found.contains(&id) {
+                found.push(id);
+            }
+        }
+    }
+    found
+}
+
+/// `text` with digit words made digits and runs of single letters or digits joined:
+/// "member one zero zero one" → "member 1001", "O R D 0 0 1" → "ORD001",
+/// "oh oh one" → "001".
+fn spelled_out_joined(text: &str) -> String {
+    const DIGITS: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    let mut out: Vec<String> = Vec::new();
+    let mut run = String::new();
+    let words = text.split(|c: char| c.is_whitespace() || matches!(c, '-' | ',' | '.' | '?' | '!'));
+    for word in words.filter(|w| !w.is_empty()) {
+        let lower = word.to_ascii_lowercase();
+        let piece = match DIGITS.iter().position(|d| *d == lower) {
+            Some(d) => Some(d.to_string()),
+            None if lower == "oh" && !run.is_empty() => Some("0".into()),
+            None if word.chars().count() == 1 && word.chars().all(|c| c.is_ascii_alphanumeric()) => Some(word.to_string()),
+            None if word.chars().all(|c| c.is_ascii_digit()) => Some(word.to_string()),
+            None => None,
+        };
+        match piece {
+            Some(p) => run.push_str(&p),
+            None => {
+                if !run.is_empty() {
+                    out.push(std::mem::take(&mut run));
+                }
+                out.push(word.to_string());
+            }
+        }
+    }
+    if !run.is_empty() {
+        out.push(run);
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ToolCall;
+    use serde_json::json;
+
+    fn order_tool() -> ToolSpec {
+        ToolSpec {
+            name: "get_order_details".into(),
+            description: "One order".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"order_id": {"type": "string", "pattern": "^ORD[0-9]{3,}$", "x-parley-known": true, "description": "the order"}},
+                "required": ["order_id"]
+            }),
+        }
+    }
+
+    #[test]
+    fn spelled_out_ids_are_joined() {
+        assert_eq!(spelled_out_joined("my member ID is one zero zero one."), "my member ID is 1001");
+        assert_eq!(spelled_out_joined("order O R D zero zero four please"), "order ORD004 please");
+        assert_eq!(spelled_out_joined("it's 1 0 0 2"), "it's 1002");
+    }
+
+    #[test]
+    fn an_id_nobody_said_cannot_be_offered() {
+        let said = [ChatMessage::new(Role::User, "Where is my order?")];
+        assert!(narrow(&[order_tool()], &said).is_empty(), "no order id known: the tool cannot be called");
+
+        let said = [
+            ChatMessage::new(Role::User, "Is order O R D zero zero four ready?"),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "x".into(), arguments: json!({"order_id": "ord002"}) }]),
+            ChatMessage::tool_result("c1", r#"{"orders": ["ORD002", "ORD004", "ORD9"]}"#),
+        ];
+        let narrowed = narrow(&[order_tool()], &said);
+        assert_eq!(narrowed.len(), 1);
+        let schema = &narrowed[0].parameters["properties"]["order_id"];
+        assert_eq!(schema["enum"], json!(["ORD004", "ORD002"]), "{schema}");
+        assert_eq!(schema["description"], "the order");
+        assert!(schema.get(KNOWN).is_none() && schema.get("pattern").is_none());
+    }
+
+    #[test]
+    fn an_optional_unknown_id_is_left_out_and_plain_tools_kept() {
+        let tool = ToolSpec {
+            name: "find".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {"q": {"type": "string"}, "rx_id": {"type": "string", "pattern": "RX[0-9]+", "x-parley-known": true}}}),
+        };
+        let narrowed = narrow(&[tool.clone()], &[ChatMessage::new(Role::User, "hello")]);
+        assert_eq!(narrowed[0].parameters["properties"], json!({"q": {"type": "string"}}));
+        assert_eq!(for_prompt(&tool).parameters["properties"]["rx_id"], json!({"type": "string", "pattern": "RX[0-9]+"}));
+    }
+}
