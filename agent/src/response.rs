@@ -215,7 +215,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn think(
     mut messages: Vec<ChatMessage>,
-    options: GenerateOptions,
+    mut options: GenerateOptions,
     policy: ToolPolicy,
     response_id: String,
     tools: Tools,
@@ -302,6 +302,8 @@ async fn think(
             }
         }
         messages.push(ChatMessage::tool_calls("", known.clone()));
+        // A required call was made: later rounds speak or call as the model decides.
+        options.tool_choice = parley_llm::ToolChoice::Auto;
         if any_client_call {
             // The client runs its tools and asks for the next response itself.
             return Ok(total);
@@ -346,6 +348,14 @@ async fn think(
             let _ = text.send(TextPiece::Uninterruptible).await;
         }
         messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
+    }
+    // Every round the response allows ended in calls: the caller has heard nothing
+    // of their results yet. One more reply, in words only (the tools stay in the
+    // prompt, so its cache holds; the engine just may not open a call).
+    let words_only = parley_llm::GenerateOptions { tool_choice: parley_llm::ToolChoice::None, ..options.clone() };
+    match generate(&session, messages.clone(), words_only, text.clone(), cancel.clone(), first_token.clone()).await {
+        Ok((stats, _)) => total.generated_tokens += stats.generated_tokens,
+        Err(e) => warn!(error = %e, "the reply after the last tool round failed"),
     }
     Ok(total)
 }

@@ -532,11 +532,14 @@ struct CallConstraint<'a> {
     grammar: &'a ToolCallGrammar,
     callable: Vec<ToolSpec>,
     call: Option<CallMatcher>,
+    /// The first token must open a call (`tool_choice` required or a function).
+    must_call: bool,
 }
 
 impl<'a> CallConstraint<'a> {
-    fn new(grammar: &'a ToolCallGrammar, callable: Vec<ToolSpec>) -> Self {
-        Self { grammar, callable, call: None }
+    fn new(grammar: &'a ToolCallGrammar, callable: Vec<ToolSpec>, must_call: bool) -> Self {
+        let must_call = must_call && !callable.is_empty();
+        Self { grammar, callable, call: None, must_call }
     }
 
     /// The logits with what may not come next masked: inside a call, whatever the
@@ -554,6 +557,14 @@ impl<'a> CallConstraint<'a> {
                     return Ok(logits);
                 }
             }
+            None if self.must_call => {
+                let open = self.grammar.open_token() as usize;
+                for (id, v) in values.iter_mut().enumerate() {
+                    if id != open {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
             None => self.grammar.mask_speech(&mut values, !self.callable.is_empty()),
         }
         let n = values.len();
@@ -563,6 +574,7 @@ impl<'a> CallConstraint<'a> {
     /// Follows the sampled token: `<tool_call>` starts a call's grammar, and the
     /// grammar ends with the call.
     fn advance(&mut self, token: u32) {
+        self.must_call = false;
         match &mut self.call {
             Some(call) => match call.advance(token) {
                 Ok(false) => {}
@@ -652,7 +664,10 @@ impl LlmSession for CandleSession {
         // With a grammar, the tools as they may be called now (ids narrowed to known
         // ones) and the call being written, if any.
         let mut constraint = match &shared.grammar {
-            Some(grammar) if !options.tools.is_empty() => Some(CallConstraint::new(grammar, crate::known_ids::narrow(&options.tools, messages))),
+            Some(grammar) if !options.tools.is_empty() => {
+                let must_call = matches!(options.tool_choice, crate::ToolChoice::Required | crate::ToolChoice::Function(_));
+                Some(CallConstraint::new(grammar, crate::known_ids::callable(options, messages), must_call))
+            }
             _ => None,
         };
         let finish = loop {

@@ -14,7 +14,7 @@
 use regex::RegexBuilder;
 use serde_json::{Map, Value};
 
-use crate::{ChatMessage, Role, ToolSpec};
+use crate::{ChatMessage, GenerateOptions, Role, ToolChoice, ToolSpec};
 
 /// The annotation that asks for a parameter to be narrowed to known values.
 pub const KNOWN: &str = "x-parley-known";
@@ -60,6 +60,19 @@ pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
         out.push(ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters });
     }
     out
+}
+
+/// The tools the model may call in a generation with `options`: [`narrow`]ed, then
+/// cut to what [`ToolChoice`] allows.
+pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<ToolSpec> {
+    match &options.tool_choice {
+        ToolChoice::None => Vec::new(),
+        ToolChoice::Auto | ToolChoice::Required => narrow(&options.tools, messages),
+        ToolChoice::Function(name) => {
+            let named: Vec<ToolSpec> = options.tools.iter().filter(|t| &t.name == name).cloned().collect();
+            narrow(&named, messages)
+        }
+    }
 }
 
 /// The tools as the prompt shows them: our annotations removed.

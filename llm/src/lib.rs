@@ -158,11 +158,29 @@ pub struct GenerateOptions {
     pub repeat_last_n: usize,
     /// Tools the model may call in this generation; empty means plain chat.
     pub tools: Vec<ToolSpec>,
+    /// Whether the model may, must or must not call one of [`Self::tools`]. The tools
+    /// stay in the prompt either way (so its cache is kept); the choice is enforced
+    /// by the embedded engine's grammar and passed to remote replicas.
+    pub tool_choice: ToolChoice,
+}
+
+/// OpenAI's `tool_choice`: what the model may do with the tools offered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// Speak or call, as the model decides.
+    #[default]
+    Auto,
+    /// Only speak (a reply after the last tool round a response allows).
+    None,
+    /// Call one of the tools before anything else.
+    Required,
+    /// Call this tool before anything else.
+    Function(String),
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.15, repeat_last_n: 64, tools: Vec::new() }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 299_792_458, repeat_penalty: 1.15, repeat_last_n: 64, tools: Vec::new(), tool_choice: ToolChoice::Auto }
     }
 }
 

@@ -12,7 +12,8 @@
 //! Accepted: `model` (any; one model is served), `messages` (text content, as a
 //! string or text parts; `developer` counts as `system`), `stream`, `max_tokens` /
 //! `max_completion_tokens`, `temperature`, `top_p`, `seed`, `n` = 1, `tools`
-//! (functions), `tool_choice` `"auto"` / `"none"`, and the extensions
+//! (functions), `tool_choice` (`"auto"`, `"none"`, `"required"` or a function: the
+//! embedded engine enforces it with its grammar), and the extensions
 //! `repetition_penalty` / `repeat_penalty` / `repeat_last_n` that vLLM and
 //! llama.cpp read. Other fields are ignored, as OpenAI-compatible servers do.
 //! Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`.
@@ -31,7 +32,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parley_llm::remote::wire::{arguments_string, parse_arguments};
-use parley_llm::{ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmError, Role, ToolCall, ToolSpec};
+use parley_llm::{ChatMessage, FinishReason, GenerateOptions, GenerationStats, LlmError, Role, ToolCall, ToolChoice, ToolSpec};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
@@ -262,12 +263,22 @@ fn validate(request: ChatRequest) -> Result<Job, ApiError> {
         options.repeat_last_n = n;
     }
 
-    let tools_off = match &request.tool_choice {
-        None | Some(Value::Null) => false,
-        Some(Value::String(s)) if s == "auto" => false,
-        Some(Value::String(s)) if s == "none" => true,
+    options.tool_choice = match &request.tool_choice {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "none" => ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            match o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(name) if !name.trim().is_empty() => ToolChoice::Function(name.to_string()),
+                _ => return Err(ApiError::bad_request("tool_choice: a function choice needs function.name", Some("tool_choice"))),
+            }
+        }
         Some(_) => {
-            return Err(ApiError::bad_request("tool_choice supports only \"auto\" and \"none\"", Some("tool_choice")));
+            return Err(ApiError::bad_request(
+                "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                Some("tool_choice"),
+            ));
         }
     };
     for (i, t) in request.tools.unwrap_or_default().into_iter().enumerate() {
@@ -283,8 +294,13 @@ fn validate(request: ChatRequest) -> Result<Job, ApiError> {
             parameters: t.function.parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}})),
         });
     }
-    if tools_off {
-        options.tools.clear();
+    let forced = match &options.tool_choice {
+        ToolChoice::Required => Some(!options.tools.is_empty()),
+        ToolChoice::Function(name) => Some(options.tools.iter().any(|t| &t.name == name)),
+        _ => None,
+    };
+    if forced == Some(false) {
+        return Err(ApiError::bad_request("tool_choice asks for a tool call, but that tool is not in tools", Some("tool_choice")));
     }
 
     let mut messages = Vec::with_capacity(request.messages.len());
@@ -625,10 +641,14 @@ mod tests {
     }
 
     #[test]
-    fn tool_choice_none_drops_the_tools() {
+    fn tool_choice_none_keeps_the_tools_in_the_prompt_but_forbids_calls() {
         let job = parse(json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}))
             .expect("valid");
-        assert!(job.options.tools.is_empty());
+        assert_eq!(job.options.tools.len(), 1);
+        assert_eq!(job.options.tool_choice, ToolChoice::None);
+        let job = parse(json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "f"}}}))
+            .expect("valid");
+        assert_eq!(job.options.tool_choice, ToolChoice::Function("f".into()));
         assert!(!job.stream);
         assert_eq!(job.options.max_tokens, DEFAULT_MAX_TOKENS);
     }
@@ -644,6 +664,7 @@ mod tests {
             (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "max_tokens"),
             (json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}), "temperature"),
             (json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}), "tool_choice"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}), "tool_choice"),
             (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval", "function": {"name": "f"}}]}), "tools"),
         ];
         for (body, param) in cases {

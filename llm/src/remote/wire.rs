@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::toolcall::new_call_id;
-use crate::{ChatMessage, GenerateOptions, Role, ToolCall};
+use crate::{ChatMessage, GenerateOptions, Role, ToolCall, ToolChoice};
 
 /// The JSON body of a streamed chat-completions request.
 ///
@@ -38,11 +38,23 @@ pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOpt
         // The tools as they may be called now: ids narrowed to the known ones
         // (servers that constrain tool calls with the schema, such as llama.cpp's
         // with --jinja, then cannot invent one).
-        body["tools"] = crate::known_ids::narrow(&options.tools, messages)
+        let tools = crate::known_ids::narrow(&options.tools, messages);
+        // Servers refuse an empty list: with no tool callable now, none is offered.
+        if tools.is_empty() {
+            return body;
+        }
+        body["tools"] = tools
             .iter()
             .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
             .collect();
-        body["tool_choice"] = json!("auto");
+        body["tool_choice"] = match &options.tool_choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) if tools.iter().any(|t| &t.name == name) => json!({"type": "function", "function": {"name": name}}),
+            // The named tool cannot be called yet (its id is not known): let it choose.
+            ToolChoice::Function(_) => json!("auto"),
+        };
     }
     body
 }

@@ -80,7 +80,7 @@ pub struct SessionPatch {
     pub temperature: Option<f64>,
     /// Client tools: `[{"type": "function", "name", "description", "parameters"}]`.
     pub tools: Option<Vec<ToolPatch>>,
-    /// `"auto"`, `"none"` or `"required"` (treated as auto).
+    /// `"auto"`, `"none"`, `"required"` or `{"type": "function", "name": ...}`.
     pub tool_choice: Option<Value>,
 }
 

@@ -177,7 +177,21 @@ pub fn apply(current: &SessionSettings, patch: SessionPatch, defaults: &SessionS
         s.client_tools = specs;
     }
     if let Some(choice) = patch.tool_choice {
+        use parley_llm::ToolChoice;
         s.tools_enabled = choice.as_str() != Some("none");
+        s.generate.tool_choice = match (&choice, choice.as_str()) {
+            (_, Some("auto" | "none")) => ToolChoice::Auto,
+            (_, Some("required")) => ToolChoice::Required,
+            (Value::Object(o), _) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                // Realtime's `{"type": "function", "name": ...}`; the Chat API nests it.
+                let name = o.get("name").or_else(|| o.get("function").and_then(|f| f.get("name"))).and_then(Value::as_str);
+                match name {
+                    Some(name) if !name.trim().is_empty() => ToolChoice::Function(name.to_string()),
+                    _ => return Err(invalid("tool_choice of type function needs a name")),
+                }
+            }
+            _ => return Err(invalid(format!("tool_choice must be \"auto\", \"none\", \"required\" or a function, not {choice}"))),
+        };
     }
     if let Some(t) = patch.temperature {
         if !(0.0..=2.0).contains(&t) {
@@ -186,6 +200,17 @@ pub fn apply(current: &SessionSettings, patch: SessionPatch, defaults: &SessionS
         s.generate.temperature = t;
     }
     Ok(s)
+}
+
+/// The session's `tool_choice` as the Realtime API writes it.
+fn tool_choice_json(s: &SessionSettings) -> Value {
+    use parley_llm::ToolChoice;
+    match &s.generate.tool_choice {
+        _ if !s.tools_enabled => json!("none"),
+        ToolChoice::Auto | ToolChoice::None => json!("auto"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Function(name) => json!({"type": "function", "name": name}),
+    }
 }
 
 fn ga_format_json(f: AudioFormat) -> Value {
@@ -249,7 +274,7 @@ pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
                 "output": {"format": ga_format_json(s.output_format), "voice": s.voice, "speed": 1.0},
             },
             "tools": tools_json(s),
-            "tool_choice": if s.tools_enabled { "auto" } else { "none" },
+            "tool_choice": tool_choice_json(s),
             "max_output_tokens": s.generate.max_tokens,
         }),
         Dialect::Beta => json!({
@@ -264,7 +289,7 @@ pub fn session_json(id: &str, s: &SessionSettings, dialect: Dialect) -> Value {
             "input_audio_transcription": {"model": "whisper-tiny.en"},
             "turn_detection": turn_detection_json(&s.turn_detection),
             "tools": tools_json(s),
-            "tool_choice": if s.tools_enabled { "auto" } else { "none" },
+            "tool_choice": tool_choice_json(s),
             "temperature": s.generate.temperature,
             "max_response_output_tokens": s.generate.max_tokens,
         }),
