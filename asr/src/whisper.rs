@@ -168,9 +168,16 @@ impl WhisperTranscriber {
         p.set_print_timestamps(false);
         p.set_max_tokens(i32::try_from(max_tokens_for(samples)).unwrap_or(0));
         if let Some(stop) = stop {
-            // whisper.cpp polls this between graph steps and returns an error once set.
-            let stop = stop.clone();
-            p.set_abort_callback_safe(move || stop.load(Ordering::Relaxed));
+            // whisper.cpp polls this during the encoder's graph and between decoder
+            // steps, and gives up once it is set. (Not `set_abort_callback_safe`: in
+            // whisper-rs 0.16 its trampoline reads the boxed closure as the wrong type.)
+            // SAFETY: the callback only reads an AtomicBool; the pointer is to the one
+            // inside `stop`, which the caller holds for the whole decode (`decode`
+            // borrows it across `full`).
+            unsafe {
+                p.set_abort_callback(Some(stop_requested));
+                p.set_abort_callback_user_data(Arc::as_ptr(stop).cast_mut().cast());
+            }
         }
         if fit {
             let ctx = audio_ctx_for(samples, self.model_audio_ctx);
@@ -203,6 +210,12 @@ impl WhisperTranscriber {
         }
         Ok((raw, tokens))
     }
+}
+
+/// whisper.cpp's abort callback: `data` is the stop flag of the decode.
+unsafe extern "C" fn stop_requested(data: *mut std::ffi::c_void) -> bool {
+    // SAFETY: see `params`: `data` points to a live AtomicBool for the whole decode.
+    unsafe { (*(data as *const AtomicBool)).load(Ordering::Relaxed) }
 }
 
 /// Encoder context (in frames) that covers `samples` of audio plus a margin, capped at

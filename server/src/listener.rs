@@ -72,6 +72,12 @@ pub struct HttpLimits {
     pub h1_header_read_timeout_ms: u64,
     /// Milliseconds a client may take to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// Kernel send buffer per connection, in bytes (`SO_SNDBUF`); 0 leaves it to the
+    /// kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default,
+    /// that is half a minute of 48 kHz audio). A cap bounds each connection's kernel
+    /// memory and how much a client that stopped reading can absorb before
+    /// `server.write_timeout_ms` cuts it off.
+    pub tcp_send_buffer_bytes: usize,
 }
 
 impl Default for HttpLimits {
@@ -85,6 +91,7 @@ impl Default for HttpLimits {
             h2_keep_alive_timeout_s: 20,
             h1_header_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
+            tcp_send_buffer_bytes: 0,
         }
     }
 }
@@ -173,6 +180,11 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, tl
             _ = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
+        if limits.tcp_send_buffer_bytes > 0
+            && let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(limits.tcp_send_buffer_bytes)
+        {
+            debug!(error = %e, "cannot set the send buffer size");
+        }
         let service = TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
