@@ -52,10 +52,13 @@ pub enum WireIn {
 pub enum WireOut {
     /// A text message.
     Text(String),
-    /// A binary message.
+    /// A binary message (for transports that carry raw audio; none of today's
+    /// encoders produces one yet).
+    #[allow(dead_code)]
     Binary(Bytes),
     /// Ends the connection with a code and reason (WebSocket close); transports
-    /// without one just end.
+    /// without one just end. (For fatal errors of the SageMaker transport to come.)
+    #[allow(dead_code)]
     Close {
         /// The WebSocket close code.
         code: u16,
