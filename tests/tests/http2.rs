@@ -27,7 +27,7 @@ fn curl(args: &[&str], url: &str) -> (String, String) {
     let out = Command::new("curl").args(["-s", "-w", "\n%{http_version}"]).args(args).arg(url).output().expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    (body.to_string(), version.trim().to_string())
+    (body.trim().to_string(), version.trim().to_string())
 }
 
 fn node(args: &[&str]) -> (i32, String) {
@@ -78,7 +78,16 @@ async fn realtime_over_rfc8441_on_h2c_and_tls() {
             assert!(out.contains(t), "no {t} in {out}");
         }
         // The call ended with the stream: the slot is free again.
-        wait_metric(&s.addr, "parley_calls_active", 0.0, Duration::from_secs(15)).await.expect("call freed");
+        if s.tls {
+            let url = format!("https://{}/metrics", s.addr);
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !curl(&["-k"], &url).0.lines().any(|l| l == "parley_calls_active 0") {
+                assert!(std::time::Instant::now() < deadline, "the call over TLS was not freed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } else {
+            wait_metric(&s.addr, "parley_calls_active", 0.0, Duration::from_secs(15)).await.expect("call freed");
+        }
     }
 }
 
