@@ -3,7 +3,8 @@
 # Idempotent and quiet: does nothing when everything is already there.
 set -euo pipefail
 
-APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox)
+# nodejs, curl, openssl: the HTTP/2, TLS and RFC 8441 end-to-end tests (tests/tests/http2.rs)
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

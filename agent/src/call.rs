@@ -33,6 +33,10 @@ const ECHO_MEMORY_MS: u64 = 4_000;
 const ECHO_WINDOW_MS: u64 = 600;
 /// How often speech that sounded like echo is looked at again.
 const ECHO_RECHECK: Duration = Duration::from_millis(150);
+/// How long [`CallHandle::close`] waits for the call task to wind down before it
+/// aborts it: the task never blocks on the transport once cancelled, so this is only
+/// a backstop against a bug, never a wait a client can cause.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Starts calls.
 pub struct Call;
@@ -50,11 +54,15 @@ impl CallHandle {
         self.tx.send(input).await.map_err(|_| AgentError::CallEnded)
     }
 
-    /// Ends the call: stops any response and waits for the call task to finish.
+    /// Ends the call: stops any response and its transcriptions, and waits (at most
+    /// [`CLOSE_GRACE`], then aborts) for the call task to finish.
     pub async fn close(mut self) {
         self.cancel.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(CLOSE_GRACE, &mut task).await.is_err()
+        {
+            warn!("the call task did not end within {} ms of its cancellation; aborting it", CLOSE_GRACE.as_millis());
+            task.abort();
         }
     }
 }
@@ -62,6 +70,17 @@ impl CallHandle {
 impl Drop for CallHandle {
     fn drop(&mut self) {
         self.cancel.cancel();
+        if let Some(task) = self.task.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Cancelled, it ends by itself; aborting makes sure even a stuck one does.
+            runtime.spawn(async move {
+                let mut task = task;
+                if tokio::time::timeout(CLOSE_GRACE, &mut task).await.is_err() {
+                    task.abort();
+                }
+            });
+        }
     }
 }
 
@@ -119,15 +138,30 @@ struct Partial {
     text: Option<String>,
 }
 
+/// Sets its flag when dropped: a decode future dropped (its call ended, its task
+/// aborted) tells the blocking decode to stop, which then frees its slot.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Decodes `samples` on a blocking thread, holding `permit` (a slot of
-/// [`asr_slots`]) until the decode is over.
+/// [`asr_slots`]) until the decode is over. Dropping the future stops the decode
+/// within a graph step or so (see [`parley_asr::Transcriber::transcribe_until`]).
 async fn decode(transcriber: Arc<dyn parley_asr::Transcriber>, samples: Vec<f32>, permit: Option<tokio::sync::SemaphorePermit<'static>>) -> Result<Transcript, AsrError> {
-    tokio::task::spawn_blocking(move || {
+    let stop = Arc::new(AtomicBool::new(false));
+    let guard = StopOnDrop(stop.clone());
+    let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        transcriber.transcribe(&samples)
+        transcriber.transcribe_until(&samples, &stop)
     })
     .await
-    .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))))
+    .unwrap_or_else(|e| Err(AsrError::Decode(format!("the transcription thread failed: {e}"))));
+    drop(guard);
+    result
 }
 
 /// Prefills the language model with the conversation plus the caller's words as an
@@ -219,6 +253,9 @@ struct CallState {
     /// The call's tool memory: what its tools keep between turns (who the caller
     /// proved to be).
     tool_scope: crate::tools::CallScope,
+    /// Every task the call spawns besides its responses (transcriptions, partials,
+    /// early transcripts): aborted when the call ends, so none outlives it.
+    tasks: tokio::task::JoinSet<()>,
 }
 
 impl CallState {
@@ -260,16 +297,23 @@ impl CallState {
             reports_tx,
             reports_rx,
             tool_scope: crate::tools::CallScope::default(),
+            tasks: tokio::task::JoinSet::new(),
         })
     }
 
     /// Queues an event for the transport. Borrows nothing across the await, so the
     /// call's (non-`Sync`) state never has to cross threads by reference.
+    /// Never waits past the call's cancellation: a client that stops reading fills
+    /// the queue, and the call must still end when its transport gives up on it.
     fn emit(&self, event: AgentEvent) -> impl std::future::Future<Output = ()> + Send + 'static {
         let events = self.events.clone();
+        let cancel = self.cancel.clone();
         // A closed channel means the transport is gone; the call ends on its own.
         async move {
-            let _ = events.send(event).await;
+            tokio::select! {
+                _ = events.send(event) => {}
+                _ = cancel.cancelled() => {}
+            }
         }
     }
 
@@ -298,12 +342,16 @@ impl CallState {
                 Some(partial) = partials.recv() => self.on_partial(partial).await,
                 _ = sleep_until_opt(held_deadline) => self.commit_held().await,
                 outcome = wait_response(&mut self.response) => self.finish_response(outcome, None).await,
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
         }
         if let Some(active) = self.response.take() {
             active.cancel.cancel();
             active.task.abort();
         }
+        // Transcriptions of a call nobody listens to any more: stop them (a running
+        // decode stops within a graph step and frees its server-wide slot).
+        self.tasks.abort_all();
         info!("call ended");
     }
 
@@ -475,7 +523,7 @@ impl CallState {
         let item_id = speech.item_id.clone();
         let transcriber = self.engines.transcriber.clone();
         let tx = self.partials_tx.clone();
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let text = decode(transcriber, samples, Some(permit)).await.ok().map(|t| t.text);
                 let _ = tx.send(Partial { item_id, text }).await;
@@ -551,7 +599,7 @@ impl CallState {
             });
         let transcriber = self.engines.transcriber.clone();
         let span = info_span!("early_transcript", audio_ms = samples.len() / 16);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let permit = asr_slots().acquire().await.ok();
                 if stale.load(Ordering::SeqCst) {
@@ -590,7 +638,7 @@ impl CallState {
         let transcriber = self.engines.transcriber.clone();
         let tx = self.transcribed_tx.clone();
         let span = info_span!("transcribe", item_id = %item_id, audio_ms = samples.len() / 16, early = early.is_some());
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let early = match early {
                     Some(early) => early.result.await.ok(),

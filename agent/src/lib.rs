@@ -38,6 +38,7 @@ pub use call::{Call, CallHandle};
 pub use conversation::{Conversation, Item, ItemContent, ItemRole};
 pub use engines::Engines;
 pub use events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetrics};
+pub use turns::asr_decodes_running;
 pub use settings::{InterruptionSettings, PacingSettings, ResponseOptions, SessionSettings, ToolPolicy, TurnDetection};
 
 /// Errors a call reports to its transport (and through it to the client).

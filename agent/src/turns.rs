@@ -14,8 +14,20 @@ use crate::turn_rules::PartialStabilizer;
 /// Finals wait for a slot; partials only take a free one and are skipped otherwise,
 /// so partial decoding never delays anyone's turn by more than one short decode.
 pub(crate) fn asr_slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new((std::thread::available_parallelism().map_or(2, usize::from) / 2).max(1)))
+    SLOTS.get_or_init(|| Semaphore::new(asr_slot_count()))
+}
+
+static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+
+fn asr_slot_count() -> usize {
+    (std::thread::available_parallelism().map_or(2, usize::from) / 2).max(1)
+}
+
+/// Speech-to-text decodes running now across all calls (taken slots of the shared
+/// decoding semaphore): exported as a gauge so an operator, and the tests, can see
+/// that a call which hung up left no decode behind.
+pub fn asr_decodes_running() -> usize {
+    SLOTS.get().map_or(0, |s| asr_slot_count().saturating_sub(s.available_permits()))
 }
 
 /// Longest audio a partial transcript looks at (Whisper's window is 30 s).

@@ -67,4 +67,12 @@ pub struct Transcript {
 pub trait Transcriber: Send + Sync {
     /// Transcribes one utterance of 16 kHz mono samples in [-1, 1].
     fn transcribe(&self, samples_16k: &[f32]) -> Result<Transcript, AsrError>;
+
+    /// Like [`Transcriber::transcribe`], but gives up soon after `stop` is set: a call
+    /// that hung up must not keep a decode (and the server-wide decoding slot it holds)
+    /// running for nobody. Engines that cannot stop early decode to the end.
+    fn transcribe_until(&self, samples_16k: &[f32], stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<Transcript, AsrError> {
+        let _ = stop;
+        self.transcribe(samples_16k)
+    }
 }

@@ -1,7 +1,8 @@
 //! [`WhisperTranscriber`]: Whisper through whisper.cpp (whisper-rs).
 
 use std::path::Path;
-use std::sync::{Mutex, Once};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
 
 use whisper_rs::{
@@ -150,7 +151,7 @@ impl WhisperTranscriber {
     /// times, seconds of latency for a voice turn). Timestamp tokens stay on although
     /// they are not returned: they let the decoder end where the audio ends, and with a
     /// fitted context it loops far more often without them.
-    fn params(&self, samples: usize, fit: bool) -> FullParams<'_, '_> {
+    fn params(&self, samples: usize, fit: bool, stop: Option<&Arc<AtomicBool>>) -> FullParams<'_, '_> {
         let mut p = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         p.set_n_threads(i32::try_from(self.options.threads.max(1)).unwrap_or(1));
         p.set_language(Some(&self.options.language));
@@ -166,6 +167,18 @@ impl WhisperTranscriber {
         p.set_print_realtime(false);
         p.set_print_timestamps(false);
         p.set_max_tokens(i32::try_from(max_tokens_for(samples)).unwrap_or(0));
+        if let Some(stop) = stop {
+            // whisper.cpp polls this during the encoder's graph and between decoder
+            // steps, and gives up once it is set. (Not `set_abort_callback_safe`: in
+            // whisper-rs 0.16 its trampoline reads the boxed closure as the wrong type.)
+            // SAFETY: the callback only reads an AtomicBool; the pointer is to the one
+            // inside `stop`, which the caller holds for the whole decode (`decode`
+            // borrows it across `full`).
+            unsafe {
+                p.set_abort_callback(Some(stop_requested));
+                p.set_abort_callback_user_data(Arc::as_ptr(stop).cast_mut().cast());
+            }
+        }
         if fit {
             let ctx = audio_ctx_for(samples, self.model_audio_ctx);
             p.set_audio_ctx(i32::try_from(ctx).unwrap_or(0));
@@ -179,10 +192,13 @@ impl WhisperTranscriber {
         state: &mut WhisperState,
         audio: &[f32],
         fit: bool,
+        stop: Option<&Arc<AtomicBool>>,
     ) -> Result<(String, usize), AsrError> {
-        state
-            .full(self.params(audio.len(), fit), audio)
-            .map_err(|e| AsrError::Decode(e.to_string()))?;
+        let result = state.full(self.params(audio.len(), fit, stop), audio);
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Err(AsrError::Decode("the decode was stopped: its call ended".into()));
+        }
+        result.map_err(|e| AsrError::Decode(e.to_string()))?;
         let (mut raw, mut tokens) = (String::new(), 0);
         for segment in state.as_iter() {
             raw.push_str(
@@ -194,6 +210,12 @@ impl WhisperTranscriber {
         }
         Ok((raw, tokens))
     }
+}
+
+/// whisper.cpp's abort callback: `data` is the stop flag of the decode.
+unsafe extern "C" fn stop_requested(data: *mut std::ffi::c_void) -> bool {
+    // SAFETY: see `params`: `data` points to a live AtomicBool for the whole decode.
+    unsafe { (*(data as *const AtomicBool)).load(Ordering::Relaxed) }
 }
 
 /// Encoder context (in frames) that covers `samples` of audio plus a margin, capped at
@@ -230,6 +252,17 @@ fn looks_like_a_loop(text: &str) -> bool {
 
 impl Transcriber for WhisperTranscriber {
     fn transcribe(&self, samples_16k: &[f32]) -> Result<Transcript, AsrError> {
+        self.run(samples_16k, None)
+    }
+
+    fn transcribe_until(&self, samples_16k: &[f32], stop: &Arc<AtomicBool>) -> Result<Transcript, AsrError> {
+        self.run(samples_16k, Some(stop))
+    }
+}
+
+impl WhisperTranscriber {
+    /// One transcription, stopped early when `stop` is set.
+    fn run(&self, samples_16k: &[f32], stop: Option<&Arc<AtomicBool>>) -> Result<Transcript, AsrError> {
         if samples_16k.is_empty() {
             return Ok(Transcript::default());
         }
@@ -250,11 +283,11 @@ impl Transcriber for WhisperTranscriber {
             .ok_or_else(|| AsrError::Decode("no decoder state".into()))?;
         let fit = self.options.fit_audio_ctx
             && audio_ctx_for(audio.len(), self.model_audio_ctx) < self.model_audio_ctx;
-        let (mut raw, tokens) = self.decode(state, audio, fit)?;
+        let (mut raw, tokens) = self.decode(state, audio, fit, stop)?;
         if fit && (tokens >= max_tokens_for(audio.len()) || looks_like_a_loop(&raw)) {
             // The shortened window made the decoder loop: pay for the full window once.
             tracing::debug!(looped = %raw, "fitted audio context looped; retrying with the full window");
-            raw = self.decode(state, audio, false)?.0;
+            raw = self.decode(state, audio, false, stop)?.0;
         }
         drop(pooled);
         let text = clean_transcript(&raw);

@@ -22,6 +22,8 @@ pub struct App {
     pub session_defaults: SessionSettings,
     /// Exported at `/metrics`.
     pub metrics: Metrics,
+    /// Cancelled when the server shuts down: every call's driver ends its call.
+    pub shutdown: tokio_util::sync::CancellationToken,
     engines: OnceLock<Arc<Engines>>,
     load_error: OnceLock<String>,
     active: Arc<AtomicUsize>,
@@ -58,6 +60,7 @@ impl App {
             config,
             session_defaults,
             metrics: Metrics::default(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
             engines: OnceLock::new(),
             load_error: OnceLock::new(),
             active: Arc::new(AtomicUsize::new(0)),
@@ -92,10 +95,16 @@ impl App {
         }
     }
 
-    /// Checks the key, readiness and capacity before a call starts.
-    pub fn admit(&self, headers: &HeaderMap) -> Result<CallSlot, Refusal> {
+    /// How long one write to a client may take before the call is ended.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.server.write_timeout_ms.max(1))
+    }
+
+    /// Checks the key (unless `pre_authorized`), readiness and capacity before a call
+    /// starts. Transports call it through [`crate::driver::admit`].
+    pub fn admit(&self, headers: &HeaderMap, pre_authorized: bool) -> Result<CallSlot, Refusal> {
         let keys = &self.config.server.api_keys;
-        if !keys.is_empty() {
+        if !keys.is_empty() && !pre_authorized {
             let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|k| keys.iter().any(|ok| ok == k)) {
                 return Err(Refusal(StatusCode::UNAUTHORIZED, "missing or unknown API key: send `Authorization: Bearer KEY`".into()));
@@ -120,7 +129,8 @@ impl App {
 /// Every route of the server.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/realtime", get(crate::realtime::handler))
+        // CONNECT: the same WebSocket through HTTP/2 (RFC 8441).
+        .route("/v1/realtime", get(crate::realtime::handler).connect(crate::realtime::handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -86,6 +86,13 @@ pub struct ServerConfig {
     pub max_call_seconds: u64,
     /// API keys accepted as `Authorization: Bearer KEY`; empty means no auth.
     pub api_keys: Vec<String>,
+    /// Longest one write to a client may take, in milliseconds: a client that stops
+    /// reading is cut off after this and its call slot freed.
+    pub write_timeout_ms: u64,
+    /// TLS on the listener (`cert`, `key` PEM files); absent means plain TCP.
+    pub tls: crate::listener::TlsConfig,
+    /// The listener's HTTP/1 and HTTP/2 limits.
+    pub http: crate::listener::HttpLimits,
 }
 
 /// Where the model files live, and which embedded language model to run.
@@ -222,7 +229,7 @@ pub struct TtsConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new() }
+        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new(), write_timeout_ms: 10_000, tls: Default::default(), http: Default::default() }
     }
 }
 
@@ -309,6 +316,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.listen_addr()?;
         self.models.validate()?;
+        self.server.http.validate()?;
+        if self.server.write_timeout_ms == 0 {
+            bail!("server.write_timeout_ms must be above 0");
+        }
         let url = &self.twilio.public_url;
         if !url.is_empty() && !url.starts_with("https://") && !url.starts_with("http://") {
             bail!("twilio.public_url must start with https:// (or http://), not `{url}`");

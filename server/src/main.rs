@@ -3,7 +3,9 @@
 mod app;
 mod call_cli;
 mod config;
+mod driver;
 mod engines;
+mod listener;
 mod eval;
 mod metrics;
 mod models;

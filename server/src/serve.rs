@@ -69,14 +69,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(serve(config))
 }
 
+/// How long, after a shutdown signal, open connections get to finish.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve(config: Config) -> Result<()> {
     let addr = config.listen_addr()?;
+    let tls = if config.server.tls.enabled() { Some(crate::listener::tls_acceptor(&config.server.tls)?) } else { None };
+    let limits = config.server.http.clone();
     let app = Arc::new(App::new(config));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}; is another server using it?"))?;
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
-    println!("parley listening on http://{local}");
-    info!(%local, "listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("parley listening on {scheme}://{local}");
+    info!(%local, tls = tls.is_some(), "listening (HTTP/1.1 and HTTP/2)");
 
     let loader = app.clone();
     tokio::task::spawn_blocking(move || match crate::engines::load(&loader.config) {
@@ -90,7 +96,14 @@ async fn serve(config: Config) -> Result<()> {
         }
     });
 
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("server failed")?;
+    let calls = app.shutdown.clone();
+    let stop = async move {
+        shutdown_signal().await;
+        // Calls end through their driver (a WebSocket is not a request the HTTP
+        // layer can wait for).
+        calls.cancel();
+    };
+    crate::listener::serve(listener, router(app), limits, tls, stop, DRAIN).await.context("server failed")?;
     info!("shut down");
     Ok(())
 }

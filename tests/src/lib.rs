@@ -36,6 +36,8 @@ pub fn parley_bin() -> PathBuf {
 pub struct Server {
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// Whether the listener speaks TLS (`[server.tls]`).
+    pub tls: bool,
 }
 
 impl Server {
@@ -54,7 +56,7 @@ pub fn start_server(extra: &[&str]) -> Result<Server> {
         bail!("{} does not exist; build it first (`make test` does)", bin.display());
     }
     let args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].iter().chain(extra).map(|s| s.to_string()).collect();
-    let (tx, rx) = std::sync::mpsc::channel::<Result<String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(String, bool)>>();
     std::thread::spawn(move || {
         let spawned = spawn_with_deathsig(&bin, &args);
         let mut child = match spawned {
@@ -73,7 +75,10 @@ pub fn start_server(extra: &[&str]) -> Result<Server> {
             match lines.next() {
                 Some(Ok(line)) => {
                     if let Some(a) = line.strip_prefix("parley listening on http://") {
-                        break Ok(a.trim().to_string());
+                        break Ok((a.trim().to_string(), false));
+                    }
+                    if let Some(a) = line.strip_prefix("parley listening on https://") {
+                        break Ok((a.trim().to_string(), true));
                     }
                 }
                 _ => break Err(anyhow::anyhow!("parley exited before listening (see its stderr above)")),
@@ -84,17 +89,73 @@ pub fn start_server(extra: &[&str]) -> Result<Server> {
         for _ in lines {}
         let _ = child.wait();
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).context("parley did not start listening within 60 s")??;
-    let server = Server { addr };
+    let (addr, tls) = rx.recv_timeout(Duration::from_secs(60)).context("parley did not start listening within 60 s")??;
+    let server = Server { addr, tls };
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if let Ok((200, _)) = http_get_blocking(&server.addr, "/readyz") {
+        let ready = if tls { curl_ready(&server.addr) } else { matches!(http_get_blocking(&server.addr, "/readyz"), Ok((200, _))) };
+        if ready {
             return Ok(server);
         }
         if Instant::now() > deadline {
             bail!("parley did not become ready within 300 s");
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `/readyz` over TLS (any certificate), with curl.
+fn curl_ready(addr: &str) -> bool {
+    Command::new("curl").args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &format!("https://{addr}/readyz")]).output().is_ok_and(|o| o.stdout == b"200")
+}
+
+/// Starts `parley serve --config FILE` with `toml` as the file (plus `extra`).
+pub fn start_server_with_config(toml: &str, extra: &[&str]) -> Result<Server> {
+    let dir = std::env::temp_dir().join(format!("parley-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("config-{:x}.toml", hash(toml)));
+    std::fs::write(&path, toml)?;
+    let path = path.to_string_lossy().into_owned();
+    let mut args = vec!["--config", path.as_str()];
+    args.extend_from_slice(extra);
+    start_server(&args)
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 made with openssl:
+/// `(cert.pem, key.pem)` paths.
+pub fn self_signed_cert() -> Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("parley-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() {
+        let status = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .context("run openssl (apt-get install openssl)")?;
+        if !status.success() {
+            bail!("openssl could not make a certificate");
+        }
+    }
+    Ok((cert, key))
+}
+
+/// Polls a metric until it equals `want`; fails after `within`. Returns how long it took.
+pub async fn wait_metric(addr: &str, name: &str, want: f64, within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let v = metric(addr, name).await?;
+        if v == want {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            bail!("{name} is {v}, not {want}, after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -256,6 +317,18 @@ impl Client {
     /// Connects and waits for `session.created`.
     pub async fn connect(server: &Server) -> Result<Self> {
         let (ws, _) = tokio_tungstenite::connect_async(server.realtime_url()).await.context("connect to /v1/realtime")?;
+        let mut c = Self { ws, events: Vec::new() };
+        c.wait_for("session.created", Duration::from_secs(10)).await?;
+        Ok(c)
+    }
+
+    /// Connects over a socket with a tiny receive buffer (a client that will stop
+    /// reading fills it fast) and waits for `session.created`.
+    pub async fn connect_small_buffer(server: &Server) -> Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let tcp = socket.connect(server.addr.parse()?).await?;
+        let (ws, _) = tokio_tungstenite::client_async(server.realtime_url(), tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.context("connect to /v1/realtime")?;
         let mut c = Self { ws, events: Vec::new() };
         c.wait_for("session.created", Duration::from_secs(10)).await?;
         Ok(c)

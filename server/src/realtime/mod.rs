@@ -1,27 +1,26 @@
 //! `GET /v1/realtime`: the OpenAI Realtime protocol over WebSocket.
 //!
-//! Per connection: the reader (this task) parses client events and feeds the call;
-//! the writer task is the only one touching the socket's send half, rendering the
-//! call's events and the reader's protocol errors in order. A malformed or oversized
-//! message gets an `error` event and the call goes on.
+//! A transport of the call driver ([`crate::driver`]): [`RealtimeDecoder`] parses
+//! client events into call input, [`RealtimeEncoder`] renders call events; the driver
+//! owns admission, the deadline, the reader and writer and shutdown. A malformed or
+//! oversized message gets an `error` event and the call goes on. The same adapter
+//! carries the HTTP/2 NDJSON stream and SageMaker's WebSocket.
 
 pub mod client_events;
 pub mod server_events;
 pub mod session_config;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
-use parley_agent::{AgentEvent, Call, CallInput};
-use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use parley_agent::{AgentEvent, CallInput, SessionSettings};
+use tracing::{Instrument, debug, info, info_span};
 
-use crate::app::{App, CallSlot};
+use crate::app::App;
+use crate::driver::{self, Decoder, Encoder, Opening, Step, Transport, WireIn, WireOut, WireSource, ws};
 use client_events::{ClientEvent, ProtocolError};
 use server_events::EventWriter;
 
@@ -34,88 +33,108 @@ pub enum Dialect {
     Beta,
 }
 
-/// Hard WebSocket message limit; messages between the configured limit and this
-/// one are read and refused with an `error` event, larger ones close the socket.
-const WS_MAX_MESSAGE: usize = 16 * 1024 * 1024;
-/// Protocol errors waiting for the writer.
-const ERROR_QUEUE: usize = 32;
-
 /// A protocol error for the writer to send.
-struct ErrorOut {
+pub struct ErrorOut {
     kind: &'static str,
     code: String,
     message: String,
     event_id: Option<String>,
 }
 
-/// Upgrades the request to a Realtime session.
+impl ErrorOut {
+    fn invalid(code: &str, message: String) -> Self {
+        Self { kind: "invalid_request_error", code: code.into(), message, event_id: None }
+    }
+}
+
+/// The dialect a request asks for (`OpenAI-Beta: realtime=v1` means the beta names).
+pub fn dialect_of(headers: &HeaderMap) -> Dialect {
+    match headers.get("openai-beta").and_then(|v| v.to_str().ok()) {
+        Some(v) if v.contains("realtime=v1") => Dialect::Beta,
+        _ => Dialect::Ga,
+    }
+}
+
+/// Upgrades the request (an HTTP/1.1 upgrade or an RFC 8441 extended CONNECT) to a
+/// Realtime session run by the call driver.
 pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
-    let slot = match app.admit(&headers) {
+    let slot = match driver::admit(&app, &headers, false) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
-    let dialect = match headers.get("openai-beta").and_then(|v| v.to_str().ok()) {
-        Some(v) if v.contains("realtime=v1") => Dialect::Beta,
-        _ => Dialect::Ga,
-    };
-    ws.max_message_size(WS_MAX_MESSAGE)
-        .max_frame_size(WS_MAX_MESSAGE)
+    let dialect = dialect_of(&headers);
+    ws.max_message_size(ws::MAX_MESSAGE)
+        .max_frame_size(ws::MAX_FRAME)
+        .max_write_buffer_size(ws::MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| {
             let span = info_span!("realtime", call_id = %slot.id);
-            serve(socket, app, slot, dialect).instrument(span)
+            let (source, sink) = ws::split(socket);
+            let transport = Realtime::new(&app, &slot.id, dialect, BinaryFrames::Refuse);
+            info!(?dialect, "realtime session opened");
+            driver::run(app, slot, source, sink, transport).instrument(span)
         })
 }
 
-async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot, dialect: Dialect) {
-    let Some(engines) = app.engines() else { return };
-    let (sink, mut stream) = socket.split();
-    let defaults = app.session_defaults.clone();
-    let (call, events) = Call::start(slot.id.clone(), engines, defaults.clone());
-    let (err_tx, err_rx) = mpsc::channel::<ErrorOut>(ERROR_QUEUE);
-    let writer = tokio::spawn(write_loop(sink, events, err_rx, EventWriter::new(dialect, slot.id.clone()), app.clone()).in_current_span());
-    info!(?dialect, "realtime session opened");
+/// What a binary WebSocket message is on a Realtime-style endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryFrames {
+    /// Not part of the protocol: an `error` event (`/v1/realtime`).
+    Refuse,
+    /// Input audio in the session's input format, unless it holds a JSON object with
+    /// a `type`, which is an event (SageMaker sends untyped payload parts as binary).
+    AudioOrEvent,
+}
 
-    let mut settings = defaults.clone();
-    let max_bytes = app.config.server.max_message_bytes;
-    let limit = app.max_call_duration();
-    let deadline = tokio::time::sleep(limit.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
-    loop {
-        let msg = tokio::select! {
-            m = stream.next() => m,
-            _ = &mut deadline => {
-                let _ = err_tx.send(ErrorOut { kind: "invalid_request_error", code: "call_duration_exceeded".into(), message: "the call reached its maximum duration and is being closed".into(), event_id: None }).await;
-                break;
-            }
-        };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(b))) => {
-                app.metrics.rejected_messages.inc();
-                let _ = err_tx
-                    .send(ErrorOut { kind: "invalid_request_error", code: "binary_not_supported".into(), message: format!("binary messages ({} bytes) are not part of the Realtime protocol; send JSON text events with base64 audio", b.len()), event_id: None })
-                    .await;
-                continue;
-            }
-            Some(Ok(Message::Close(_))) | None => break,
-            Some(Ok(_)) => continue, // ping/pong are answered by the WebSocket layer
-            Some(Err(e)) => {
-                info!(error = %e, "connection lost");
-                break;
-            }
-        };
-        if text.len() > max_bytes {
-            app.metrics.rejected_messages.inc();
-            let _ = err_tx
-                .send(ErrorOut { kind: "invalid_request_error", code: "message_too_large".into(), message: format!("the message is {} bytes, over the limit of {max_bytes}; send audio in smaller appends", text.len()), event_id: None })
-                .await;
-            continue;
+/// The Realtime protocol as a driver transport: client events in, server events out.
+/// Also used by the HTTP/2 NDJSON stream and SageMaker's WebSocket, which carry the
+/// same events.
+pub struct Realtime {
+    decoder: RealtimeDecoder,
+    encoder: RealtimeEncoder,
+    settings: SessionSettings,
+}
+
+impl Realtime {
+    /// A session for one call, with the server's defaults.
+    pub fn new(app: &Arc<App>, call_id: &str, dialect: Dialect, binary: BinaryFrames) -> Self {
+        let defaults = app.session_defaults.clone();
+        Self {
+            decoder: RealtimeDecoder { app: app.clone(), settings: defaults.clone(), defaults: defaults.clone(), binary },
+            encoder: RealtimeEncoder { writer: EventWriter::new(dialect, call_id.to_string()) },
+            settings: defaults,
         }
-        let (event_id, parsed) = client_events::parse(text.as_str());
+    }
+}
+
+impl<S: WireSource> Transport<S> for Realtime {
+    type Decoder = RealtimeDecoder;
+    type Encoder = RealtimeEncoder;
+
+    async fn open(self, _source: &mut S) -> Option<Opening<RealtimeDecoder, RealtimeEncoder>> {
+        Some(Opening { settings: self.settings, first_inputs: Vec::new(), decoder: self.decoder, encoder: self.encoder })
+    }
+}
+
+/// Client events to call input; protocol errors become notes for the writer.
+pub struct RealtimeDecoder {
+    app: Arc<App>,
+    settings: SessionSettings,
+    defaults: SessionSettings,
+    binary: BinaryFrames,
+}
+
+impl RealtimeDecoder {
+    fn reject(&self, out: &mut Vec<Step<ErrorOut>>, e: ErrorOut) {
+        self.app.metrics.rejected_messages.inc();
+        out.push(Step::Note(e));
+    }
+
+    fn event(&mut self, text: &str, out: &mut Vec<Step<ErrorOut>>) {
+        let (event_id, parsed) = client_events::parse(text);
         let input = match parsed {
-            Ok(ClientEvent::SessionUpdate(patch)) => match session_config::apply(&settings, *patch, &defaults) {
+            Ok(ClientEvent::SessionUpdate(patch)) => match session_config::apply(&self.settings, *patch, &self.defaults) {
                 Ok(s) => {
-                    settings = s.clone();
+                    self.settings = s.clone();
                     Ok(CallInput::Update(Box::new(s)))
                 }
                 Err(e) => Err(e),
@@ -132,60 +151,71 @@ async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot, dialect: Dialec
             Err(e) => Err(e),
         };
         match input {
-            Ok(input) => {
-                if call.send(input).await.is_err() {
-                    break;
-                }
-            }
+            Ok(input) => out.push(Step::Input(input)),
             Err(e) => {
-                app.metrics.rejected_messages.inc();
                 debug!(error = %e, "bad client event");
-                let _ = err_tx.send(protocol_error(&e, event_id)).await;
+                self.reject(out, protocol_error(&e, event_id));
             }
         }
     }
-    call.close().await;
-    drop(err_tx);
-    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
-        warn!("writer did not finish in time");
+}
+
+/// Whether a binary message is a JSON object with a `type` (an event, not audio).
+fn is_json_event(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&b'{') && serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| v.get("type").is_some_and(|t| t.is_string()))
+}
+
+impl Decoder for RealtimeDecoder {
+    type Note = ErrorOut;
+
+    fn decode(&mut self, msg: WireIn, out: &mut Vec<Step<ErrorOut>>) {
+        let max_bytes = self.app.config.server.max_message_bytes;
+        let len = match &msg {
+            WireIn::Text(t) => t.len(),
+            WireIn::Binary(b) => b.len(),
+        };
+        if len > max_bytes {
+            let e = ErrorOut::invalid("message_too_large", format!("the message is {len} bytes, over the limit of {max_bytes}; send audio in smaller appends"));
+            return self.reject(out, e);
+        }
+        match msg {
+            WireIn::Text(text) => self.event(&text, out),
+            WireIn::Binary(b) if self.binary == BinaryFrames::AudioOrEvent => match std::str::from_utf8(&b) {
+                Ok(text) if is_json_event(&b) => self.event(text, out),
+                _ => out.push(Step::Input(CallInput::Audio(b.to_vec()))),
+            },
+            WireIn::Binary(b) => {
+                let e = ErrorOut::invalid(
+                    "binary_not_supported",
+                    format!("binary messages ({} bytes) are not part of the Realtime protocol; send JSON text events with base64 audio", b.len()),
+                );
+                self.reject(out, e);
+            }
+        }
     }
-    info!("realtime session closed");
-    drop(slot);
+
+    fn deadline_note(&mut self) -> Option<ErrorOut> {
+        Some(ErrorOut::invalid("call_duration_exceeded", "the call reached its maximum duration and is being closed".into()))
+    }
 }
 
 fn protocol_error(e: &ProtocolError, event_id: Option<String>) -> ErrorOut {
     ErrorOut { kind: "invalid_request_error", code: e.code().into(), message: e.to_string(), event_id }
 }
 
-/// The only task that writes to the socket.
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut events: mpsc::Receiver<AgentEvent>,
-    mut errors: mpsc::Receiver<ErrorOut>,
-    mut writer: EventWriter,
-    app: Arc<App>,
-) {
-    let mut errors_open = true;
-    loop {
-        let values = tokio::select! {
-            biased;
-            e = errors.recv(), if errors_open => match e {
-                Some(e) => vec![writer.error(e.kind, &e.code, &e.message, e.event_id.as_deref())],
-                None => { errors_open = false; continue; }
-            },
-            ev = events.recv() => match ev {
-                Some(ev) => {
-                    app.metrics.observe(&ev);
-                    writer.render(&ev)
-                }
-                None => break,
-            },
-        };
-        for v in values {
-            if sink.send(Message::Text(v.to_string().into())).await.is_err() {
-                return;
-            }
-        }
+/// Call events as Realtime server events, one JSON text message each.
+pub struct RealtimeEncoder {
+    writer: EventWriter,
+}
+
+impl Encoder for RealtimeEncoder {
+    type Note = ErrorOut;
+
+    fn event(&mut self, event: &AgentEvent, out: &mut Vec<WireOut>) {
+        out.extend(self.writer.render(event).into_iter().map(|v| WireOut::Text(v.to_string())));
     }
-    let _ = sink.close().await;
+
+    fn note(&mut self, e: ErrorOut, out: &mut Vec<WireOut>) {
+        out.push(WireOut::Text(self.writer.error(e.kind, &e.code, &e.message, e.event_id.as_deref()).to_string()));
+    }
 }

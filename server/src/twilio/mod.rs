@@ -28,17 +28,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use parley_agent::{AgentEvent, CallInput, ResponseOptions, SessionSettings, TurnDetection};
-use tokio::sync::mpsc;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use crate::app::{App, CallSlot};
+use crate::app::App;
+use crate::driver::{self, Decoder, Encoder, Opening, Step, Transport, WireIn, WireOut, WireSource, ws};
 use messages::{FRAME_BYTES, Inbound, Outbound, Start};
 
 /// Hard WebSocket message limit (gateway messages are a few hundred bytes).
@@ -52,74 +50,60 @@ const WARN_LIMIT: usize = 10;
 
 /// The gateway routes.
 pub fn routes() -> Router<Arc<App>> {
-    Router::new().route("/twilio", get(stream_handler)).route("/twilio/voice", get(voice::handler).post(voice::handler))
+    // CONNECT: the same WebSocket through HTTP/2 (RFC 8441).
+    Router::new().route("/twilio", get(stream_handler).connect(stream_handler)).route("/twilio/voice", get(voice::handler).post(voice::handler))
 }
 
-/// Checks the signature (when a token is set) and capacity, then upgrades.
+/// Checks the signature (when a token is set) and capacity, then upgrades (over
+/// HTTP/1.1 or RFC 8441 extended CONNECT).
 async fn stream_handler(ws: WebSocketUpgrade, headers: HeaderMap, uri: Uri, State(app): State<Arc<App>>) -> Response {
     let config = &app.config.twilio;
-    let mut admit_headers = headers.clone();
+    let mut signed = false;
     if !config.auth_token.is_empty() {
         if !voice::signed(&config.auth_token, &headers, &uri, &voice::ws_bases(config, &headers, &uri), &[]) {
             warn!("media stream refused: missing or invalid X-Twilio-Signature");
             return (StatusCode::FORBIDDEN, "missing or invalid X-Twilio-Signature\n").into_response();
         }
         // A gateway cannot send API keys; its verified signature stands in for one.
-        if let Some(key) = app.config.server.api_keys.first()
-            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}"))
-        {
-            admit_headers.insert(header::AUTHORIZATION, v);
-        }
+        signed = true;
     }
-    let slot = match app.admit(&admit_headers) {
+    let slot = match driver::admit(&app, &headers, signed) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
-    ws.max_message_size(WS_MAX_MESSAGE).max_frame_size(WS_MAX_MESSAGE).on_upgrade(move |socket| {
+    ws.max_message_size(WS_MAX_MESSAGE).max_frame_size(WS_MAX_MESSAGE).max_write_buffer_size(ws::MAX_WRITE_BUFFER).on_upgrade(move |socket| {
         let span = info_span!("twilio", call_id = %slot.id, stream_sid = field::Empty, call_sid = field::Empty);
-        serve(socket, app, slot).instrument(span)
+        let (source, sink) = ws::split(socket);
+        let transport = Twilio { parser: Parser { app: app.clone(), bad: 0 } };
+        driver::run(app, slot, source, sink, transport).instrument(span)
     })
 }
 
-/// What reading the socket gave.
-enum Next {
-    Msg(Inbound),
-    Skip,
-    End,
-}
-
-/// Reads gateway messages, logging and skipping the bad ones.
-struct Reader {
-    stream: SplitStream<WebSocket>,
+/// Parses gateway messages, logging and skipping the bad ones.
+struct Parser {
     app: Arc<App>,
     bad: usize,
 }
 
-impl Reader {
-    async fn next(&mut self) -> Next {
-        let text = match self.stream.next().await {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(b))) => {
+impl Parser {
+    fn parse(&mut self, msg: WireIn) -> Option<Inbound> {
+        let text = match msg {
+            WireIn::Text(t) => t,
+            WireIn::Binary(b) => {
                 self.reject(format_args!("binary message of {} bytes ignored: the protocol sends JSON text", b.len()));
-                return Next::Skip;
-            }
-            Some(Ok(Message::Close(_))) | None => return Next::End,
-            Some(Ok(_)) => return Next::Skip, // ping/pong: answered by the WebSocket layer
-            Some(Err(e)) => {
-                info!(error = %e, "connection lost");
-                return Next::End;
+                return None;
             }
         };
         let max = self.app.config.server.max_message_bytes;
         if text.len() > max {
             self.reject(format_args!("message of {} bytes ignored: over server.max_message_bytes ({max})", text.len()));
-            return Next::Skip;
+            return None;
         }
         match messages::parse(text.as_str()) {
-            Ok(m) => Next::Msg(m),
+            Ok(m) => Some(m),
             Err(e) => {
                 self.reject(format_args!("malformed gateway message ignored: {e}"));
-                Next::Skip
+                None
             }
         }
     }
@@ -132,6 +116,189 @@ impl Reader {
         } else {
             debug!("{what}");
         }
+    }
+}
+
+/// The Twilio Media Streams protocol as a driver transport: the call starts once the
+/// gateway's `start` says what the stream is.
+struct Twilio {
+    parser: Parser,
+}
+
+impl<S: WireSource> Transport<S> for Twilio {
+    type Decoder = TwilioDecoder;
+    type Encoder = TwilioEncoder;
+
+    async fn open(mut self, source: &mut S) -> Option<Opening<TwilioDecoder, TwilioEncoder>> {
+        // Nothing to run until the gateway says what the stream is.
+        let waited = tokio::time::timeout(START_TIMEOUT, async {
+            loop {
+                let msg = match source.recv().await {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        info!(error = %e, "connection lost");
+                        return None;
+                    }
+                    None => return None,
+                };
+                match self.parser.parse(msg) {
+                    Some(Inbound::Start(start)) => return Some(start),
+                    Some(Inbound::Connected) => debug!("gateway connected"),
+                    Some(Inbound::Stop) => return None,
+                    Some(_) => debug!("message before `start` ignored"),
+                    None => {}
+                }
+            }
+        })
+        .await;
+        let start = match waited {
+            Ok(Some(start)) => start,
+            Ok(None) => {
+                info!("the stream ended before `start`");
+                return None;
+            }
+            Err(_) => {
+                warn!("no `start` message within {} s; closing", START_TIMEOUT.as_secs());
+                return None;
+            }
+        };
+        Span::current().record("stream_sid", start.stream_sid.as_str());
+        if let Some(sid) = &start.call_sid {
+            Span::current().record("call_sid", sid.as_str());
+        }
+        let app = self.parser.app.clone();
+        let settings = call_settings(&app.session_defaults, &start);
+        info!(dialect = ?start.dialect, format = ?start.format, tracks = ?start.tracks, account_sid = start.account_sid.as_deref().unwrap_or(""), "media stream started");
+
+        let mut first_inputs = Vec::new();
+        let greeting = start.custom_parameters.get("greeting").unwrap_or(&app.config.twilio.greeting).trim().to_string();
+        if !greeting.is_empty() {
+            // The agent has no "say this verbatim" input: the first response runs on
+            // instructions (for it alone) that ask the model for the greeting, with tools
+            // off for it (a small model otherwise tends to look something up first).
+            let mut no_tools = settings.clone();
+            no_tools.tools_enabled = false;
+            let options = ResponseOptions { instructions: Some(greeting_instructions(&settings.instructions, &greeting)), ..ResponseOptions::default() };
+            first_inputs = vec![CallInput::Update(Box::new(no_tools)), CallInput::CreateResponseWith(options), CallInput::Update(Box::new(settings.clone()))];
+        }
+        let playback = Arc::new(Mutex::new(Playback::default()));
+        let encoder = TwilioEncoder { out: Outbound::new(start.stream_sid.clone(), start.dialect), playback: playback.clone(), speaking: None, cleared: None };
+        Some(Opening { settings, first_inputs, decoder: TwilioDecoder { parser: self.parser, playback }, encoder })
+    }
+}
+
+/// Gateway messages to call input.
+struct TwilioDecoder {
+    parser: Parser,
+    playback: Arc<Mutex<Playback>>,
+}
+
+impl Decoder for TwilioDecoder {
+    /// The protocol has no error event: nothing goes back to the gateway.
+    type Note = std::convert::Infallible;
+
+    fn decode(&mut self, msg: WireIn, out: &mut Vec<Step<Self::Note>>) {
+        let input = match self.parser.parse(msg) {
+            None => return,
+            Some(Inbound::Media { track, payload }) => {
+                if track.as_deref().is_some_and(|t| !t.starts_with("inbound")) {
+                    return; // only the caller's side is the agent's input
+                }
+                CallInput::Audio(payload)
+            }
+            Some(Inbound::Dtmf { digit }) => {
+                debug!("the caller pressed a key");
+                CallInput::UserText(dtmf_text(digit))
+            }
+            Some(Inbound::Mark { name }) => {
+                let mut p = lock(&self.playback);
+                if let Some(i) = p.pending.iter().position(|n| *n == name) {
+                    p.pending.remove(i);
+                    p.played += 1;
+                    debug!(mark = %name, "the caller's phone played the response to its end");
+                } else {
+                    debug!(mark = %name, "echo of a mark we did not send");
+                }
+                return;
+            }
+            Some(Inbound::Stop) => {
+                info!("the gateway stopped the stream");
+                out.push(Step::End);
+                return;
+            }
+            Some(Inbound::Start(_)) => {
+                debug!("second `start` ignored");
+                return;
+            }
+            Some(Inbound::Connected) => return,
+            Some(Inbound::Unknown(event)) => {
+                debug!(%event, "unknown gateway event ignored");
+                return;
+            }
+        };
+        out.push(Step::Input(input));
+    }
+
+    fn finished(&mut self) {
+        let p = lock(&self.playback);
+        info!(responses_played = p.played, marks_pending = p.pending.len(), "media stream closed");
+    }
+}
+
+/// Call events to gateway messages: agent audio as 20 ms `media` messages (already
+/// paced in real time by the agent), a `mark` after each response's audio, `clear`
+/// on barge-in.
+struct TwilioEncoder {
+    out: Outbound,
+    playback: Arc<Mutex<Playback>>,
+    /// The response whose audio is going out.
+    speaking: Option<String>,
+    /// The last response cleared.
+    cleared: Option<String>,
+}
+
+impl Encoder for TwilioEncoder {
+    type Note = std::convert::Infallible;
+
+    fn event(&mut self, ev: &AgentEvent, wire: &mut Vec<WireOut>) {
+        let sends = match ev {
+            AgentEvent::AudioDelta { response_id, audio, .. } => {
+                if self.cleared.as_ref() == Some(response_id) {
+                    return;
+                }
+                self.speaking = Some(response_id.clone());
+                audio.chunks(FRAME_BYTES).map(|frame| self.out.media(frame)).collect()
+            }
+            AgentEvent::OutputAudioCleared { response_id } => {
+                info!(%response_id, "caller barged in: clearing the gateway's audio");
+                self.cleared = Some(response_id.clone());
+                self.speaking = None;
+                vec![self.out.clear()]
+            }
+            AgentEvent::AudioDone { response_id, .. } if self.speaking.as_ref() == Some(response_id) => {
+                self.speaking = None;
+                lock(&self.playback).pending.push(response_id.clone());
+                vec![self.out.mark(response_id)]
+            }
+            AgentEvent::ResponseDone { response_id, status, .. } => {
+                info!(%response_id, status = status.as_str(), "response done");
+                Vec::new()
+            }
+            AgentEvent::UserTranscript { transcript, .. } => {
+                debug!(chars = transcript.len(), "caller's turn transcribed");
+                Vec::new()
+            }
+            AgentEvent::Error { code, message } => {
+                warn!(code = code.as_str(), %message, "agent error");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        wire.extend(sends.into_iter().map(|v: serde_json::Value| WireOut::Text(v.to_string())));
+    }
+
+    fn note(&mut self, note: Self::Note, _out: &mut Vec<WireOut>) {
+        match note {}
     }
 }
 
@@ -175,182 +342,6 @@ fn greeting_instructions(instructions: &str, greeting: &str) -> String {
 /// The user item a key press adds to the conversation.
 fn dtmf_text(digit: char) -> String {
     format!("(The caller pressed {digit} on the keypad.)")
-}
-
-async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot) {
-    let Some(engines) = app.engines() else { return };
-    let (sink, stream) = socket.split();
-    let mut reader = Reader { stream, app: app.clone(), bad: 0 };
-    let limit = app.max_call_duration();
-    let deadline = tokio::time::sleep(limit.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
-
-    // Nothing to run until the gateway says what the stream is.
-    let waited = tokio::time::timeout(START_TIMEOUT, async {
-        loop {
-            match reader.next().await {
-                Next::Msg(Inbound::Start(start)) => return Some(start),
-                Next::Msg(Inbound::Connected) => debug!("gateway connected"),
-                Next::Msg(Inbound::Stop) | Next::End => return None,
-                Next::Msg(_) => debug!("message before `start` ignored"),
-                Next::Skip => {}
-            }
-        }
-    })
-    .await;
-    let start = match waited {
-        Ok(Some(start)) => start,
-        Ok(None) => {
-            info!("the stream ended before `start`");
-            return;
-        }
-        Err(_) => {
-            warn!("no `start` message within {} s; closing", START_TIMEOUT.as_secs());
-            return;
-        }
-    };
-    Span::current().record("stream_sid", start.stream_sid.as_str());
-    if let Some(sid) = &start.call_sid {
-        Span::current().record("call_sid", sid.as_str());
-    }
-    let settings = call_settings(&app.session_defaults, &start);
-    info!(dialect = ?start.dialect, format = ?start.format, tracks = ?start.tracks, account_sid = start.account_sid.as_deref().unwrap_or(""), "media stream started");
-    let (call, events) = parley_agent::Call::start(slot.id.clone(), engines, settings.clone());
-
-    let greeting = start.custom_parameters.get("greeting").unwrap_or(&app.config.twilio.greeting).trim().to_string();
-    if !greeting.is_empty() {
-        // The agent has no "say this verbatim" input: the first response runs on
-        // instructions (for it alone) that ask the model for the greeting, with tools
-        // off for it (a small model otherwise tends to look something up first).
-        let mut no_tools = settings.clone();
-        no_tools.tools_enabled = false;
-        let options = ResponseOptions { instructions: Some(greeting_instructions(&settings.instructions, &greeting)), ..ResponseOptions::default() };
-        for input in [CallInput::Update(Box::new(no_tools)), CallInput::CreateResponseWith(options), CallInput::Update(Box::new(settings.clone()))] {
-            let _ = call.send(input).await;
-        }
-    }
-
-    let playback = Arc::new(Mutex::new(Playback::default()));
-    let out = Outbound::new(start.stream_sid.clone(), start.dialect);
-    let writer = tokio::spawn(write_loop(sink, events, out, playback.clone(), app.clone()).in_current_span());
-
-    loop {
-        let next = tokio::select! {
-            n = reader.next() => n,
-            _ = &mut deadline => {
-                info!("the call reached server.max_call_seconds; closing");
-                break;
-            }
-        };
-        let input = match next {
-            Next::End => break,
-            Next::Skip => continue,
-            Next::Msg(Inbound::Media { track, payload }) => {
-                if track.as_deref().is_some_and(|t| !t.starts_with("inbound")) {
-                    continue; // only the caller's side is the agent's input
-                }
-                CallInput::Audio(payload)
-            }
-            Next::Msg(Inbound::Dtmf { digit }) => {
-                debug!("the caller pressed a key");
-                CallInput::UserText(dtmf_text(digit))
-            }
-            Next::Msg(Inbound::Mark { name }) => {
-                let mut p = lock(&playback);
-                if let Some(i) = p.pending.iter().position(|n| *n == name) {
-                    p.pending.remove(i);
-                    p.played += 1;
-                    debug!(mark = %name, "the caller's phone played the response to its end");
-                } else {
-                    debug!(mark = %name, "echo of a mark we did not send");
-                }
-                continue;
-            }
-            Next::Msg(Inbound::Stop) => {
-                info!("the gateway stopped the stream");
-                break;
-            }
-            Next::Msg(Inbound::Start(_)) => {
-                debug!("second `start` ignored");
-                continue;
-            }
-            Next::Msg(Inbound::Connected) => continue,
-            Next::Msg(Inbound::Unknown(event)) => {
-                debug!(%event, "unknown gateway event ignored");
-                continue;
-            }
-        };
-        if call.send(input).await.is_err() {
-            break;
-        }
-    }
-    call.close().await;
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
-        warn!("writer did not finish in time");
-        writer.abort();
-    }
-    let p = lock(&playback);
-    info!(responses_played = p.played, marks_pending = p.pending.len(), "media stream closed");
-    drop(p);
-    drop(slot);
-}
-
-/// The only task that writes to the socket: agent audio as 20 ms `media`
-/// messages (already paced in real time by the agent), a `mark` after each
-/// response's audio, `clear` on barge-in.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut events: mpsc::Receiver<AgentEvent>,
-    out: Outbound,
-    playback: Arc<Mutex<Playback>>,
-    app: Arc<App>,
-) {
-    // The response whose audio is going out, and the last one cleared.
-    let mut speaking: Option<String> = None;
-    let mut cleared: Option<String> = None;
-    while let Some(ev) = events.recv().await {
-        app.metrics.observe(&ev);
-        let sends = match &ev {
-            AgentEvent::AudioDelta { response_id, audio, .. } => {
-                if cleared.as_ref() == Some(response_id) {
-                    continue;
-                }
-                speaking = Some(response_id.clone());
-                audio.chunks(FRAME_BYTES).map(|frame| out.media(frame)).collect()
-            }
-            AgentEvent::OutputAudioCleared { response_id } => {
-                info!(%response_id, "caller barged in: clearing the gateway's audio");
-                cleared = Some(response_id.clone());
-                speaking = None;
-                vec![out.clear()]
-            }
-            AgentEvent::AudioDone { response_id, .. } if speaking.as_ref() == Some(response_id) => {
-                speaking = None;
-                lock(&playback).pending.push(response_id.clone());
-                vec![out.mark(response_id)]
-            }
-            AgentEvent::ResponseDone { response_id, status, .. } => {
-                info!(%response_id, status = status.as_str(), "response done");
-                Vec::new()
-            }
-            AgentEvent::UserTranscript { transcript, .. } => {
-                debug!(chars = transcript.len(), "caller's turn transcribed");
-                Vec::new()
-            }
-            AgentEvent::Error { code, message } => {
-                warn!(code = code.as_str(), %message, "agent error");
-                Vec::new()
-            }
-            _ => Vec::new(),
-        };
-        for v in sends {
-            if sink.send(Message::Text(v.to_string().into())).await.is_err() {
-                return;
-            }
-        }
-    }
-    let _ = sink.close().await;
 }
 
 #[cfg(test)]
