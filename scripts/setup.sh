@@ -3,7 +3,8 @@
 # Idempotent and quiet: does nothing when everything is already there.
 set -euo pipefail
 
-APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox)
+# chromium + chromium-driver: the browser test of the demo page (tests/python/test_demo_page.py).
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox chromium chromium-driver)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

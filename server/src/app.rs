@@ -22,6 +22,8 @@ pub struct App {
     pub session_defaults: SessionSettings,
     /// Exported at `/metrics`.
     pub metrics: Metrics,
+    /// Client secrets minted for browsers (`POST /v1/realtime/client_secrets`).
+    pub client_secrets: crate::web::secrets::ClientSecrets,
     engines: OnceLock<Arc<Engines>>,
     load_error: OnceLock<String>,
     active: Arc<AtomicUsize>,
@@ -31,6 +33,8 @@ pub struct App {
 pub struct CallSlot {
     /// The call's id, for logs and events.
     pub id: String,
+    /// The settings the call starts with when its client secret carried a session.
+    pub preset: Option<Box<SessionSettings>>,
     active: Arc<AtomicUsize>,
 }
 
@@ -58,6 +62,7 @@ impl App {
             config,
             session_defaults,
             metrics: Metrics::default(),
+            client_secrets: Default::default(),
             engines: OnceLock::new(),
             load_error: OnceLock::new(),
             active: Arc::new(AtomicUsize::new(0)),
@@ -94,13 +99,8 @@ impl App {
 
     /// Checks the key, readiness and capacity before a call starts.
     pub fn admit(&self, headers: &HeaderMap) -> Result<CallSlot, Refusal> {
-        let keys = &self.config.server.api_keys;
-        if !keys.is_empty() {
-            let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|k| keys.iter().any(|ok| ok == k)) {
-                return Err(Refusal(StatusCode::UNAUTHORIZED, "missing or unknown API key: send `Authorization: Bearer KEY`".into()));
-            }
-        }
+        // A Bearer API key, or a client secret (Bearer or WebSocket subprotocol).
+        let preset = self.client_secrets.authorize(&self.config.server.api_keys, headers).map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
         if self.engines.get().is_none() {
             return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "the models are still loading; retry when /readyz returns 200".into()));
         }
@@ -113,7 +113,7 @@ impl App {
         }
         self.metrics.calls_total.inc();
         let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-        Ok(CallSlot { id, active: self.active.clone() })
+        Ok(CallSlot { id, preset, active: self.active.clone() })
     }
 }
 
@@ -126,6 +126,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::openai_api::routes())
         .merge(crate::twilio::routes())
+        .merge(crate::web::routes(app.config.web.demo))
         .with_state(app)
 }
 

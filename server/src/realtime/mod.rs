@@ -49,13 +49,19 @@ struct ErrorOut {
 }
 
 /// Upgrades the request to a Realtime session.
-pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
+pub async fn handler(mut ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
     let slot = match app.admit(&headers) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
+    // Browsers send their credential and options as subprotocols; one must be echoed.
+    if let Some(p) = crate::web::secrets::chosen_subprotocol(&headers).and_then(|p| axum::http::HeaderValue::from_str(p).ok()) {
+        ws.set_selected_protocol(p);
+    }
+    let beta_protocol = crate::web::secrets::requested_subprotocols(&headers).any(|p| p == "openai-beta.realtime-v1");
     let dialect = match headers.get("openai-beta").and_then(|v| v.to_str().ok()) {
         Some(v) if v.contains("realtime=v1") => Dialect::Beta,
+        _ if beta_protocol => Dialect::Beta,
         _ => Dialect::Ga,
     };
     ws.max_message_size(WS_MAX_MESSAGE)
@@ -70,12 +76,14 @@ async fn serve(socket: WebSocket, app: Arc<App>, slot: CallSlot, dialect: Dialec
     let Some(engines) = app.engines() else { return };
     let (sink, mut stream) = socket.split();
     let defaults = app.session_defaults.clone();
-    let (call, events) = Call::start(slot.id.clone(), engines, defaults.clone());
+    // A client secret minted with a `session` starts the call with it.
+    let initial = slot.preset.as_deref().cloned().unwrap_or_else(|| defaults.clone());
+    let (call, events) = Call::start(slot.id.clone(), engines, initial.clone());
     let (err_tx, err_rx) = mpsc::channel::<ErrorOut>(ERROR_QUEUE);
     let writer = tokio::spawn(write_loop(sink, events, err_rx, EventWriter::new(dialect, slot.id.clone()), app.clone()).in_current_span());
     info!(?dialect, "realtime session opened");
 
-    let mut settings = defaults.clone();
+    let mut settings = initial;
     let max_bytes = app.config.server.max_message_bytes;
     let limit = app.max_call_duration();
     let deadline = tokio::time::sleep(limit.unwrap_or(Duration::from_secs(u64::MAX / 4)));

@@ -1,0 +1,189 @@
+//! What a browser talks to: the demo page at `/` (plain HTML, CSS and JavaScript
+//! modules embedded in the binary; no build step) and the client secrets that let a
+//! browser open `/v1/realtime` without holding an API key.
+//!
+//! The page is a Realtime client like any other: it captures the microphone in an
+//! AudioWorklet at 24 kHz PCM16, plays the agent through a small jitter buffer,
+//! and shows the transcript, tool calls and per-turn latency. `[web] demo = false`
+//! turns it off; the client secrets endpoint stays.
+
+pub mod secrets;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::realtime::Dialect;
+use crate::realtime::client_events::SessionPatch;
+use crate::realtime::session_config;
+
+/// Longest lifetime a client secret may ask for, in seconds (OpenAI's limit).
+pub const MAX_SECRET_SECONDS: u64 = 7200;
+
+/// An embedded file of the page.
+struct Asset {
+    name: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+}
+
+macro_rules! asset {
+    ($name:literal, $type:literal) => {
+        Asset { name: $name, content_type: $type, body: include_str!(concat!("assets/", $name)) }
+    };
+}
+
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// The page's files, served under `/demo/`.
+const ASSETS: &[Asset] = &[
+    asset!("style.css", "text/css; charset=utf-8"),
+    asset!("app.js", JS),
+    asset!("realtime.js", JS),
+    asset!("audio.js", JS),
+    asset!("ui.js", JS),
+    asset!("capture-worklet.js", JS),
+    asset!("playback-worklet.js", JS),
+];
+
+const INDEX: &str = include_str!("assets/index.html");
+
+/// The browser-facing routes: the page (when `demo` is on) and client secrets.
+pub fn routes(demo: bool) -> Router<Arc<App>> {
+    let router = Router::new().route("/v1/realtime/client_secrets", post(client_secrets));
+    if demo { router.route("/", get(index)).route("/demo/info", get(info)).route("/demo/{file}", get(asset)) } else { router }
+}
+
+/// Headers every page response carries: a strict content security policy (only
+/// this origin's scripts, styles and sockets; no framing), no sniffing, no referrer,
+/// the microphone for this origin only.
+fn page_headers(content_type: &'static str) -> [(header::HeaderName, HeaderValue); 9] {
+    [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; \
+                 connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        (header::HeaderName::from_static("permissions-policy"), HeaderValue::from_static("microphone=(self), camera=(), geolocation=(), payment=()")),
+        (header::HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin")),
+        (header::HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static("same-origin")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ]
+}
+
+async fn index() -> Response {
+    (page_headers("text/html; charset=utf-8"), INDEX).into_response()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|a| a.name == file) {
+        Some(a) => (page_headers(a.content_type), a.body).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    }
+}
+
+/// What the page needs to know before it connects: whether it must ask for a key.
+async fn info(State(app): State<Arc<App>>) -> Response {
+    let body = json!({
+        "auth_required": !app.config.server.api_keys.is_empty(),
+        "ready": app.engines().is_some(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    (page_headers("application/json"), body.to_string()).into_response()
+}
+
+/// `POST /v1/realtime/client_secrets`, OpenAI's shape.
+#[derive(Debug, Default, Deserialize)]
+struct SecretRequest {
+    expires_after: Option<ExpiresAfter>,
+    session: Option<Value>,
+}
+
+/// `expires_after`: `{"anchor": "created_at", "seconds": 600}`.
+#[derive(Debug, Default, Deserialize)]
+struct ExpiresAfter {
+    anchor: Option<String>,
+    seconds: Option<u64>,
+}
+
+fn api_error(status: StatusCode, code: &str, param: Option<&str>, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": "invalid_request_error", "param": param, "code": code}});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Mints a client secret for an API key holder. Answers
+/// `{"value": "ek_…", "expires_at": UNIX, "session": {…}}`.
+async fn client_secrets(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let keys = &app.config.server.api_keys;
+    if !keys.is_empty() {
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        // Only a real API key mints: a client secret cannot extend itself.
+        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
+            return api_error(StatusCode::UNAUTHORIZED, "invalid_api_key", None, "minting a client secret needs an API key: send `Authorization: Bearer KEY`");
+        }
+    }
+    let request: SecretRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SecretRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_json", None, format!("the body is not a valid client secret request: {e}")),
+        }
+    };
+    let web = &app.config.web;
+    let expires = request.expires_after.unwrap_or_default();
+    if let Some(anchor) = expires.anchor.as_deref().filter(|a| *a != "created_at") {
+        return api_error(StatusCode::BAD_REQUEST, "invalid_value", Some("expires_after.anchor"), format!("expires_after.anchor must be `created_at`, not `{anchor}`"));
+    }
+    let seconds = expires.seconds.unwrap_or(web.client_secret_seconds);
+    if !(web.client_secret_min_seconds..=MAX_SECRET_SECONDS).contains(&seconds) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("expires_after.seconds"),
+            format!("expires_after.seconds must be between {} and {MAX_SECRET_SECONDS}, not {seconds}", web.client_secret_min_seconds),
+        );
+    }
+    let preset = match request.session {
+        None => None,
+        Some(session) => match session_preset(&app, session) {
+            Ok(s) => Some(Box::new(s)),
+            Err(r) => return r,
+        },
+    };
+    let shown = preset.as_deref().unwrap_or(&app.session_defaults).clone();
+    let minted = app.client_secrets.mint(Duration::from_secs(seconds), preset);
+    let session_id = format!("sess_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let body = json!({
+        "value": minted.value,
+        "expires_at": minted.expires_at,
+        "session": session_config::session_json(&session_id, &shown, Dialect::Ga),
+    });
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body.to_string()).into_response()
+}
+
+/// The settings a secret's calls start with: the server defaults with the request's
+/// `session` applied as a `session.update` would.
+fn session_preset(app: &App, session: Value) -> Result<parley_agent::SessionSettings, Response> {
+    if let Some(kind) = session.get("type").and_then(Value::as_str).filter(|k| *k != "realtime") {
+        return Err(api_error(StatusCode::BAD_REQUEST, "unsupported_session_type", Some("session.type"), format!("session.type `{kind}` is not supported; use `realtime`")));
+    }
+    let patch: SessionPatch = serde_json::from_value(session).map_err(|e| api_error(StatusCode::BAD_REQUEST, "invalid_value", Some("session"), format!("invalid session: {e}")))?;
+    let defaults = &app.session_defaults;
+    session_config::apply(defaults, patch, defaults).map_err(|e| api_error(StatusCode::BAD_REQUEST, e.code(), Some("session"), e.to_string()))
+}
