@@ -37,7 +37,7 @@ struct Asset {
 }
 
 macro_rules! asset {
-    ($name:literal, $type:literal) => {
+    ($name:literal, $type:expr) => {
         Asset { name: $name, content_type: $type, body: include_str!(concat!("assets/", $name)) }
     };
 }
@@ -186,4 +186,114 @@ fn session_preset(app: &App, session: Value) -> Result<parley_agent::SessionSett
     let patch: SessionPatch = serde_json::from_value(session).map_err(|e| api_error(StatusCode::BAD_REQUEST, "invalid_value", Some("session"), format!("invalid session: {e}")))?;
     let defaults = &app.session_defaults;
     session_config::apply(defaults, patch, defaults).map_err(|e| api_error(StatusCode::BAD_REQUEST, e.code(), Some("session"), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::router;
+    use crate::config::Config;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn call(config: Config, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let app = Arc::new(App::new(config));
+        let res = router(app).oneshot(req).await.expect("router answers");
+        let (parts, body) = res.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
+        (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).expect("request")
+    }
+
+    fn mint(key: Option<&str>, body: &str) -> Request<Body> {
+        let mut r = Request::post("/v1/realtime/client_secrets").header("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        r.body(Body::from(body.to_string())).expect("request")
+    }
+
+    fn with_key() -> Config {
+        let mut c = Config::default();
+        c.server.api_keys = vec!["sk-test".into()];
+        c
+    }
+
+    #[tokio::test]
+    async fn the_page_and_its_files_come_with_security_headers() {
+        let (status, headers, body) = call(Config::default(), get("/")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("<script type=\"module\" src=\"/demo/app.js\">"), "{body}");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
+        assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert!(headers[header::CONTENT_TYPE].to_str().expect("ascii").starts_with("text/html"));
+        for a in ASSETS {
+            let (status, headers, body) = call(Config::default(), get(&format!("/demo/{}", a.name))).await;
+            assert_eq!(status, StatusCode::OK, "{}", a.name);
+            assert_eq!(headers[header::CONTENT_TYPE], a.content_type);
+            assert!(body.len() > 100, "{} is empty", a.name);
+        }
+        assert_eq!(call(Config::default(), get("/demo/nope.js")).await.0, StatusCode::NOT_FOUND);
+        let (_, _, info) = call(with_key(), get("/demo/info")).await;
+        assert_eq!(serde_json::from_str::<Value>(&info).expect("json")["auth_required"], true);
+    }
+
+    #[tokio::test]
+    async fn the_page_can_be_turned_off() {
+        let mut c = Config::default();
+        c.web.demo = false;
+        assert_eq!(call(c.clone(), get("/")).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(call(c, get("/demo/app.js")).await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn client_secrets_need_a_real_key_and_sane_expiry() {
+        let (status, _, body) = call(with_key(), mint(None, "{}")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(call(with_key(), mint(Some("sk-wrong"), "{}")).await.0, StatusCode::UNAUTHORIZED);
+
+        let (status, headers, body) = call(with_key(), mint(Some("sk-test"), r#"{"expires_after": {"anchor": "created_at", "seconds": 60}}"#)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert!(v["value"].as_str().expect("value").starts_with("ek_"), "{v}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let expires = v["expires_at"].as_u64().expect("expires_at");
+        assert!((now + 58..=now + 61).contains(&expires), "{expires} vs {now}");
+        assert_eq!(v["session"]["type"], "realtime");
+
+        let (status, _, body) = call(with_key(), mint(Some("sk-test"), r#"{"expires_after": {"seconds": 5}}"#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "under the 10 s minimum: {body}");
+        assert!(body.contains("expires_after.seconds"), "{body}");
+        assert_eq!(call(with_key(), mint(Some("sk-test"), r#"{"expires_after": {"seconds": 7201}}"#)).await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(call(with_key(), mint(Some("sk-test"), "not json")).await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(call(with_key(), mint(Some("sk-test"), "")).await.0, StatusCode::OK, "an empty body takes the defaults");
+
+        let mut short = with_key();
+        short.web.client_secret_min_seconds = 1;
+        assert_eq!(call(short, mint(Some("sk-test"), r#"{"expires_after": {"seconds": 1}}"#)).await.0, StatusCode::OK, "tests may allow 1 s");
+    }
+
+    #[tokio::test]
+    async fn a_secret_can_carry_the_session_its_calls_start_with() {
+        let app = Arc::new(App::new(with_key()));
+        let req = mint(Some("sk-test"), r#"{"session": {"type": "realtime", "instructions": "Speak like a pirate."}}"#);
+        let res = router(app.clone()).oneshot(req).await.expect("router answers");
+        assert_eq!(res.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body");
+        let v: Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(v["session"]["instructions"], "Speak like a pirate.");
+        let preset = app.client_secrets.check(v["value"].as_str().expect("value")).expect("valid");
+        assert_eq!(preset.expect("preset").instructions, "Speak like a pirate.");
+
+        let bad = mint(Some("sk-test"), r#"{"session": {"type": "transcription"}}"#);
+        assert_eq!(router(app.clone()).oneshot(bad).await.expect("answer").status(), StatusCode::BAD_REQUEST);
+        let bad = mint(Some("sk-test"), r#"{"session": {"temperature": 9}}"#);
+        assert_eq!(router(app).oneshot(bad).await.expect("answer").status(), StatusCode::BAD_REQUEST);
+    }
 }

@@ -23,6 +23,7 @@ const hook = {
   toolCalls: [],
   metrics: [],
   micMuted: false,
+  micQuietMs: 0,
   setMicMuted: (m) => setMuted(!!m),
   start: () => start(),
   stop: () => stop('stopped by the page hook'),
@@ -276,6 +277,8 @@ function countSent(ev) {
 
 function onCapture(pcm, level) {
   hook.samplesCaptured += pcm.length;
+  // How long the microphone itself (before the mute switch) has been quiet.
+  hook.micQuietMs = level.raw < 0.01 ? (hook.micQuietMs || 0) + (pcm.length / RATE) * 1000 : 0;
   meterIn.push(level.rms);
   if (call.conn && call.conn.open) {
     send({ type: 'input_audio_buffer.append', audio: toBase64(new Uint8Array(pcm.buffer, pcm.byteOffset, pcm.byteLength)) });

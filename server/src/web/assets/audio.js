@@ -24,7 +24,7 @@ export function describeAudioError(e) {
 
 export class AudioEngine {
   /**
-   * @param {{onCapture: (pcm: Int16Array, level: {rms:number, peak:number}) => void,
+   * @param {{onCapture: (pcm: Int16Array, level: {rms:number, peak:number, raw:number}) => void,
    *          onTick: (tick: object) => void}} handlers
    */
   constructor(handlers) {
@@ -103,6 +103,7 @@ export class AudioEngine {
   }
 
   onCaptured({ pcm, rms, peak }) {
+    const raw = rms;
     if (this.muted) {
       pcm.fill(0);
       rms = 0;
@@ -113,7 +114,7 @@ export class AudioEngine {
       this.recIn.push(pcm);
       this.recInN += pcm.length;
     }
-    this.handlers.onCapture(pcm, { rms, peak });
+    this.handlers.onCapture(pcm, { rms, peak, raw });
   }
 
   onPlayback(m) {
