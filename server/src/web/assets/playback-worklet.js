@@ -18,7 +18,8 @@ class ParleyPlayback extends AudioWorkletProcessor {
     this.playedByItem = new Map();
     this.item = null;
     this.underruns = 0;
-    this.report = new Float32Array(o.reportSamples || 2400);
+    this.reportSamples = o.reportSamples || 2400;
+    this.report = new Float32Array(this.reportSamples);
     this.reportN = 0;
     this.sumsq = 0;
     this.peak = 0;
@@ -95,7 +96,8 @@ class ParleyPlayback extends AudioWorkletProcessor {
       itemPlayed: this.item ? this.playedByItem.get(this.item) || 0 : 0,
       underruns: this.underruns,
     }, [samples.buffer]);
-    this.report = new Float32Array(samples.length);
+    // `samples` was transferred (its length is 0 now): size the next one afresh.
+    this.report = new Float32Array(this.reportSamples);
     this.reportN = 0;
     this.sumsq = 0;
     this.peak = 0;

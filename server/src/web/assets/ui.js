@@ -156,7 +156,10 @@ export class Transcript {
       el('div.tool-section', {}, el('span.label', { text: 'arguments' }), el('pre.args', { text: prettyJson(args) })),
       el('div.tool-section', {}, el('span.label', { text: 'result' }), result),
     );
-    this.root.append(card);
+    // A reply that has not said anything yet comes after its tool calls.
+    const waiting = [...this.items.values()].find((b) => b.role === 'agent' && b.node.classList.contains('streaming') && !b.streamed);
+    if (waiting) this.root.insertBefore(card, waiting.node);
+    else this.root.append(card);
     this.tools.set(callId, { card, result, dur, started: performance.now(), name, args, time: clock(this.t0) });
     this.scroll();
   }
