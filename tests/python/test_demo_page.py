@@ -179,7 +179,7 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     # quiet for most of the gap), so it lands while the agent talks.
     b.wait("a quiet stretch of the fake microphone", "return __parley.micQuietMs > 2600", 20, interval=0.02)
     b.js("__parley.setMicMuted(false)")
-    b.wait("the barge-in flush and truncate", "return __parley.truncates.length >= 1", 40)
+    b.wait("the barge-in flush and truncate", "return __parley.truncates.length >= 1", 90)
     b.js("__parley.setMicMuted(true)")
     state = b.js(HOOK)
     t = state["truncates"][0]
