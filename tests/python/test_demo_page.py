@@ -24,6 +24,7 @@ from conftest import ROOT, parley_bin
 from webdriver import Chromium
 
 KEY = "sk-browser-test"
+PHARMACY_TOOLS = ("lookup_member", "list_orders", "get_order_details", "get_refills_remaining", "get_pickup_time", "request_refill")
 QUESTION = "My member ID is 1001. What orders do I have?"
 STORY = "You are a storyteller. Whatever the caller asks for, answer with a long story of at least ten sentences."
 
@@ -156,7 +157,7 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     assert any(w in heard.lower() for w in ("member", "order", "1001")), f"transcript on the page: {heard!r}"
     b.wait("a tool card", "return document.querySelector('.tool-card.done')", 150)
     card = b.js("const c = document.querySelector('.tool-card.done'); return {name: c.dataset.name, args: c.querySelector('.args').textContent, result: c.querySelector('.result').textContent, took: c.querySelector('.duration').textContent};")
-    assert card["name"] in ("list_orders", "lookup_member", "get_order_details", "get_member", "find_member"), card
+    assert card["name"] in PHARMACY_TOOLS, card
     assert card["result"] and card["took"] != "…", card
     b.wait("the agent's answer", "return (__parley.received['response.done'] || 0) >= 1 && [...document.querySelectorAll('.msg.agent .text')].some(e => e.textContent.trim().length > 3)", 150)
     b.wait("audio played", f"return __parley.samplesPlayed > {24000 // 2}", 60)
@@ -195,8 +196,7 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     b.screenshot(str(out / "02-interrupted.png"))
 
     # The call's transcript is ready to download; no uncaught page error, no error shown.
-    text = b.js("return document.getElementById('download-transcript').disabled") is False
-    assert text
+    assert b.js("return document.getElementById('download-transcript').disabled") is False
     state = b.js(HOOK)
     assert not state["pageErrors"], state["pageErrors"]
     assert not state["errors"], state["errors"]

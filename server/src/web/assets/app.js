@@ -58,6 +58,8 @@ const call = {
   cut: new Set(), // responses already flushed for barge-in
   speaking: false,
   timer: 0,
+  typedAt: 0, // when a typed message was sent (its reply has no speech timings)
+  pageTimes: new Map(), // response → {start, text, audio} measured by the page
 };
 
 function setState(state, words) {
@@ -160,6 +162,7 @@ function send(ev) {
 
 function sendText(text) {
   if (!text || !call.conn || !call.conn.open) return false;
+  call.typedAt = performance.now();
   send({ type: 'conversation.item.create', item: { type: 'message', role: 'user', content: [{ type: 'input_text', text }] } });
   send({ type: 'response.create' });
   return true;
@@ -299,6 +302,12 @@ function onTick(t) {
   $('audio-stats').textContent = `played ${(t.played / RATE).toFixed(1)} s · buffered ${Math.round((t.buffered / RATE) * 1000)} ms · underruns ${t.underruns}`;
 }
 
+/** Records when the page first saw a reply's `kind` (text or audio) arrive. */
+function pageTime(responseId, kind) {
+  const p = call.pageTimes.get(responseId);
+  if (p && p[kind] == null) p[kind] = performance.now();
+}
+
 /**
  * Barge-in: stop playback at once, tell the server how much of the reply was heard.
  */
@@ -361,6 +370,8 @@ function onEvent(ev) {
     }
     case 'response.created':
       call.response = { id: ev.response.id };
+      if (call.typedAt) call.pageTimes.set(ev.response.id, { start: call.typedAt });
+      call.typedAt = 0;
       if (!call.speaking) setTurn('Thinking…', 'thinking');
       break;
     case 'response.output_item.added':
@@ -370,10 +381,12 @@ function onEvent(ev) {
       }
       break;
     case 'response.output_audio_transcript.delta':
+      pageTime(ev.response_id, 'text');
       transcript.agentDelta(ev.item_id, ev.delta || '');
       break;
     case 'response.output_audio.delta': {
       if (call.cut.has(ev.response_id)) break;
+      pageTime(ev.response_id, 'audio');
       const bytes = fromBase64(ev.delta || '');
       const n = bytes.length >> 1;
       hook.samplesReceived += n;
@@ -410,10 +423,17 @@ function onEvent(ev) {
       if (!call.speaking) setTurn('Listening', 'listening');
       break;
     }
-    case 'parley.turn.metrics':
-      hook.metrics.push(ev.metrics);
-      latency.add(ev.metrics || {});
+    case 'parley.turn.metrics': {
+      let m = ev.metrics || {};
+      hook.metrics.push(m);
+      // A typed turn has no speech timings: show what the page measured from Enter.
+      const p = call.pageTimes.get(m.response_id);
+      if (p && m.endpoint_ms == null && m.first_token_ms == null && m.first_audio_ms == null) {
+        m = { ...m, first_token_ms: p.text != null ? p.text - p.start : null, first_audio_ms: p.audio != null ? p.audio - p.start : null, page_measured: true };
+      }
+      latency.add(m);
       break;
+    }
     case 'error': {
       const e = ev.error || {};
       showError(`Server error${e.code ? ` (${e.code})` : ''}: ${e.message || 'unknown'}`);

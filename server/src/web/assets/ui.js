@@ -68,6 +68,9 @@ export class Transcript {
 
   /** The caller started speaking (item id from `speech_started`). */
   userSpeaking(id) {
+    // An earlier stretch of speech that has produced no words yet (a cough, a
+    // backchannel, or a transcript still on its way) stops saying "listening".
+    for (const [other, b] of this.items) if (other !== id && b.role === 'user' && !b.final && !b.streamed) b.node.classList.add('stale');
     const b = this.bubble(id, 'user', 'You');
     if (!b.final && !b.streamed) b.node.classList.add('listening');
   }
@@ -117,13 +120,13 @@ export class Transcript {
     const b = this.items.get(id);
     if (!b) return;
     b.node.classList.remove('streaming');
-    if (!b.interrupted && transcript && transcript.length >= b.streamed.length) {
+    if (!b.interrupted && status === 'completed' && transcript && transcript.length >= b.streamed.length) {
       b.streamed = transcript;
       b.text.textContent = transcript;
     }
-    if (!b.logged) {
-      b.logged = true;
-      this.lines.push({ time: b.time, who: 'Agent', text: b.interrupted ? `${b.heard} [interrupted]` : b.streamed, status });
+    if (!b.line) {
+      b.line = { time: b.time, who: 'Agent', text: b.interrupted ? b.cutText : b.streamed };
+      this.lines.push(b.line);
     }
   }
 
@@ -140,6 +143,8 @@ export class Transcript {
     const rest = full.slice(cut);
     if (rest.trim()) b.partial.replaceChildren(el('s.unheard', { text: rest, title: 'not heard: the caller interrupted' }));
     b.node.classList.add('interrupted');
+    b.cutText = `${b.heard} [interrupted at ${(playedMs / 1000).toFixed(1)} s]`;
+    if (b.line) b.line.text = b.cutText;
     b.node.querySelector('.who').append(el('span.badge.cut', { text: `interrupted at ${(playedMs / 1000).toFixed(1)} s` }));
     this.scroll();
   }
@@ -234,7 +239,7 @@ export class Latency {
     if (m.prompt_tokens) extra.push(`${m.prompt_tokens} prompt tokens, ${m.cached_tokens} from cache`);
     const typed = m.endpoint_ms == null && m.transcript_ms == null;
     this.waterfall.replaceChildren(
-      el('div.wf-title', {}, el('b', { text: `Turn ${n}` }), el('span.wf-total', { text: `${typed ? 'typed turn · ' : ''}total ${ms(m.first_audio_ms ?? total)}` })),
+      el('div.wf-title', {}, el('b', { text: `Turn ${n}` }), el('span.wf-total', { text: `${typed ? (m.page_measured ? 'typed turn, from Enter · ' : 'typed turn · ') : ''}total ${ms(m.first_audio_ms ?? total)}` })),
       ...bars,
       el('div.wf-extra', { text: extra.join(' · ') }),
     );
