@@ -163,7 +163,7 @@ async fn client_secrets(State(app): State<Arc<App>>, headers: HeaderMap, body: B
         None => None,
         Some(session) => match session_preset(&app, session) {
             Ok(s) => Some(Box::new(s)),
-            Err(r) => return r,
+            Err((code, message)) => return api_error(StatusCode::BAD_REQUEST, code, Some("session"), message),
         },
     };
     let shown = preset.as_deref().unwrap_or(&app.session_defaults).clone();
@@ -178,14 +178,14 @@ async fn client_secrets(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 }
 
 /// The settings a secret's calls start with: the server defaults with the request's
-/// `session` applied as a `session.update` would.
-fn session_preset(app: &App, session: Value) -> Result<parley_agent::SessionSettings, Response> {
+/// `session` applied as a `session.update` would. Errors are (code, message).
+fn session_preset(app: &App, session: Value) -> Result<parley_agent::SessionSettings, (&'static str, String)> {
     if let Some(kind) = session.get("type").and_then(Value::as_str).filter(|k| *k != "realtime") {
-        return Err(api_error(StatusCode::BAD_REQUEST, "unsupported_session_type", Some("session.type"), format!("session.type `{kind}` is not supported; use `realtime`")));
+        return Err(("unsupported_session_type", format!("session.type `{kind}` is not supported; use `realtime`")));
     }
-    let patch: SessionPatch = serde_json::from_value(session).map_err(|e| api_error(StatusCode::BAD_REQUEST, "invalid_value", Some("session"), format!("invalid session: {e}")))?;
+    let patch: SessionPatch = serde_json::from_value(session).map_err(|e| ("invalid_value", format!("invalid session: {e}")))?;
     let defaults = &app.session_defaults;
-    session_config::apply(defaults, patch, defaults).map_err(|e| api_error(StatusCode::BAD_REQUEST, e.code(), Some("session"), e.to_string()))
+    session_config::apply(defaults, patch, defaults).map_err(|e| (e.code(), format!("invalid session: {e}")))
 }
 
 #[cfg(test)]
