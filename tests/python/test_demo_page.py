@@ -179,9 +179,12 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     # Unmute just before the looping question comes round again (the mic has been
     # quiet for most of the gap), so it lands while the agent talks.
     b.wait("a quiet stretch of the fake microphone", "return __parley.micQuietMs > 2600", 20, interval=0.02)
+    stops = b.js("return __parley.received['input_audio_buffer.speech_stopped'] || 0")
     b.js("__parley.setMicMuted(false)")
-    b.wait("the barge-in flush and truncate", "return __parley.truncates.length >= 1", 90)
+    # Say it once: mute again when the VAD has heard the end of the interruption.
+    b.wait("the interruption's end", f"return (__parley.received['input_audio_buffer.speech_stopped'] || 0) > {stops} || __parley.truncates.length", 30)
     b.js("__parley.setMicMuted(true)")
+    b.wait("the barge-in flush and truncate", "return __parley.truncates.length >= 1", 90)
     state = b.js(HOOK)
     t = state["truncates"][0]
     assert t["audio_end_ms"] > 0 and t["item_id"], state["truncates"]

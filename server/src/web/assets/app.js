@@ -59,7 +59,7 @@ const call = {
   speaking: false,
   timer: 0,
   typedAt: 0, // when a typed message was sent (its reply has no speech timings)
-  pageTimes: new Map(), // response → {start, text, audio} measured by the page
+  pageTimes: new Map(), // response → {start, audio} measured by the page
 };
 
 function setState(state, words) {
@@ -302,7 +302,7 @@ function onTick(t) {
   $('audio-stats').textContent = `played ${(t.played / RATE).toFixed(1)} s · buffered ${Math.round((t.buffered / RATE) * 1000)} ms · underruns ${t.underruns}`;
 }
 
-/** Records when the page first saw a reply's `kind` (text or audio) arrive. */
+/** Records when the page first saw a reply's `kind` (audio) arrive. */
 function pageTime(responseId, kind) {
   const p = call.pageTimes.get(responseId);
   if (p && p[kind] == null) p[kind] = performance.now();
@@ -381,7 +381,6 @@ function onEvent(ev) {
       }
       break;
     case 'response.output_audio_transcript.delta':
-      pageTime(ev.response_id, 'text');
       transcript.agentDelta(ev.item_id, ev.delta || '');
       break;
     case 'response.output_audio.delta': {
@@ -429,7 +428,7 @@ function onEvent(ev) {
       // A typed turn has no speech timings: show what the page measured from Enter.
       const p = call.pageTimes.get(m.response_id);
       if (p && m.endpoint_ms == null && m.first_token_ms == null && m.first_audio_ms == null) {
-        m = { ...m, first_token_ms: p.text != null ? p.text - p.start : null, first_audio_ms: p.audio != null ? p.audio - p.start : null, page_measured: true };
+        m = { ...m, first_audio_ms: p.audio != null ? p.audio - p.start : null, page_measured: true };
       }
       latency.add(m);
       break;
