@@ -169,6 +169,7 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     # Settings panel: ask for long replies, applied with session.update.
     b.click("#settings summary")
     b.js("document.getElementById('set-instructions').value = arguments[0]", STORY)
+    b.click("#set-tools")  # tools off: a story, not a pharmacy lookup
     b.click("#settings-apply")
     b.wait("session.updated", "return document.getElementById('settings-note').textContent === 'applied'", 20)
 
@@ -178,7 +179,7 @@ def run(b: Chromium, addr: str, out: pathlib.Path):
     b.wait("the long reply to play", f"return __parley.samplesPlayed > {before + 24000}", 150)
     # Unmute just before the looping question comes round again (the mic has been
     # quiet for most of the gap), so it lands while the agent talks.
-    b.wait("a quiet stretch of the fake microphone", "return __parley.micQuietMs > 2600", 20, interval=0.02)
+    b.wait("a quiet stretch of the fake microphone while the agent talks", "return __parley.responding && __parley.micQuietMs > 2600", 60, interval=0.02)
     stops = b.js("return __parley.received['input_audio_buffer.speech_stopped'] || 0")
     b.js("__parley.setMicMuted(false)")
     # Say it once: mute again when the VAD has heard the end of the interruption.

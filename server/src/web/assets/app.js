@@ -24,6 +24,7 @@ const hook = {
   metrics: [],
   micMuted: false,
   micQuietMs: 0,
+  responding: false,
   setMicMuted: (m) => setMuted(!!m),
   start: () => start(),
   stop: () => stop('stopped by the page hook'),
@@ -370,6 +371,7 @@ function onEvent(ev) {
     }
     case 'response.created':
       call.response = { id: ev.response.id };
+      hook.responding = true;
       if (call.typedAt) call.pageTimes.set(ev.response.id, { start: call.typedAt });
       call.typedAt = 0;
       if (!call.speaking) setTurn('Thinking…', 'thinking');
@@ -411,6 +413,7 @@ function onEvent(ev) {
       break;
     case 'response.done': {
       const r = ev.response || {};
+      hook.responding = false;
       if (r.status === 'cancelled') bargeIn(r.id, 'response cancelled');
       for (const out of r.output || []) {
         if (out.type === 'message') {

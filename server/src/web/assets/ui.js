@@ -238,8 +238,9 @@ export class Latency {
     if (m.first_tts_ms != null) extra.push(`first phrase synthesized in ${ms(m.first_tts_ms)}`);
     if (m.prompt_tokens) extra.push(`${m.prompt_tokens} prompt tokens, ${m.cached_tokens} from cache`);
     const typed = m.endpoint_ms == null && m.transcript_ms == null;
+    if (!bars.length) bars.push(el('p.empty', { text: 'No timings for this turn (typed, and no audio).' }));
     this.waterfall.replaceChildren(
-      el('div.wf-title', {}, el('b', { text: `Turn ${n}` }), el('span.wf-total', { text: `${typed ? (m.page_measured ? 'typed turn, from Enter · ' : 'typed turn · ') : ''}total ${ms(m.first_audio_ms ?? total)}` })),
+      el('div.wf-title', {}, el('b', { text: `Turn ${n}` }), el('span.wf-total', { text: `${typed ? (m.page_measured ? 'typed turn, from Enter · ' : 'typed turn · ') : ''}total ${ms(m.first_audio_ms ?? (prev || null))}` })),
       ...bars,
       el('div.wf-extra', { text: extra.join(' · ') }),
     );
