@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # nodejs, curl, openssl: the HTTP/2, TLS and RFC 8441 end-to-end tests (tests/tests/http2.rs)
-APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl)
+# chromium + chromium-driver: the browser test of the demo page (tests/python/test_demo_page.py).
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl chromium chromium-driver)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

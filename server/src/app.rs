@@ -24,6 +24,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Cancelled when the server shuts down: every call's driver ends its call.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Client secrets minted for browsers (`POST /v1/realtime/client_secrets`).
+    pub client_secrets: crate::web::secrets::ClientSecrets,
     engines: OnceLock<Arc<Engines>>,
     load_error: OnceLock<String>,
     active: Arc<AtomicUsize>,
@@ -33,6 +35,8 @@ pub struct App {
 pub struct CallSlot {
     /// The call's id, for logs and events.
     pub id: String,
+    /// The settings the call starts with when its client secret carried a session.
+    pub preset: Option<Box<SessionSettings>>,
     active: Arc<AtomicUsize>,
 }
 
@@ -61,6 +65,7 @@ impl App {
             session_defaults,
             metrics: Metrics::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            client_secrets: Default::default(),
             engines: OnceLock::new(),
             load_error: OnceLock::new(),
             active: Arc::new(AtomicUsize::new(0)),
@@ -100,16 +105,16 @@ impl App {
         Duration::from_millis(self.config.server.write_timeout_ms.max(1))
     }
 
-    /// Checks the key (unless `pre_authorized`), readiness and capacity before a call
-    /// starts. Transports call it through [`crate::driver::admit`].
+    /// Checks the credential (unless `pre_authorized`), readiness and capacity before
+    /// a call starts. Transports call it through [`crate::driver::admit`]. The
+    /// credential is a Bearer API key, or a client secret (Bearer or WebSocket
+    /// subprotocol), which may carry the call's first session settings.
     pub fn admit(&self, headers: &HeaderMap, pre_authorized: bool) -> Result<CallSlot, Refusal> {
-        let keys = &self.config.server.api_keys;
-        if !keys.is_empty() && !pre_authorized {
-            let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|k| keys.iter().any(|ok| ok == k)) {
-                return Err(Refusal(StatusCode::UNAUTHORIZED, "missing or unknown API key: send `Authorization: Bearer KEY`".into()));
-            }
-        }
+        let preset = if pre_authorized {
+            None
+        } else {
+            self.client_secrets.authorize(&self.config.server.api_keys, headers).map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?
+        };
         if self.engines.get().is_none() {
             return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "the models are still loading; retry when /readyz returns 200".into()));
         }
@@ -122,7 +127,7 @@ impl App {
         }
         self.metrics.calls_total.inc();
         let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-        Ok(CallSlot { id, active: self.active.clone() })
+        Ok(CallSlot { id, preset, active: self.active.clone() })
     }
 }
 
@@ -136,6 +141,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::openai_api::routes())
         .merge(crate::twilio::routes())
+        .merge(crate::web::routes(app.config.web.demo))
         .with_state(app)
 }
 

@@ -21,6 +21,26 @@ pub struct Config {
     pub tts: TtsConfig,
     pub tools: ToolsConfig,
     pub twilio: TwilioConfig,
+    pub web: WebConfig,
+}
+
+/// What browsers get: the demo page and client secrets.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the browser demo page at `/` (its files under `/demo/`).
+    pub demo: bool,
+    /// Lifetime of a client secret (`POST /v1/realtime/client_secrets`) whose request
+    /// does not say, in seconds.
+    pub client_secret_seconds: u64,
+    /// Shortest lifetime a request may ask for, in seconds (OpenAI's is 10).
+    pub client_secret_min_seconds: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self { demo: true, client_secret_seconds: 600, client_secret_min_seconds: 10 }
+    }
 }
 
 /// Phone gateways on `/twilio` (Twilio Media Streams; Telnyx, Fonoster).
@@ -351,6 +371,15 @@ impl Config {
         }
         if self.tools.max_rounds == 0 {
             bail!("tools.max_rounds must be at least 1");
+        }
+        let w = &self.web;
+        if w.client_secret_min_seconds == 0 || !(w.client_secret_min_seconds..=crate::web::MAX_SECRET_SECONDS).contains(&w.client_secret_seconds) {
+            bail!(
+                "web.client_secret_seconds ({}) must be between web.client_secret_min_seconds ({}, at least 1) and {}",
+                w.client_secret_seconds,
+                w.client_secret_min_seconds,
+                crate::web::MAX_SECRET_SECONDS
+            );
         }
         if self.server.max_message_bytes < 1024 {
             bail!("server.max_message_bytes must be at least 1024");

@@ -13,6 +13,7 @@ mod openai_api;
 mod realtime;
 mod serve;
 mod twilio;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

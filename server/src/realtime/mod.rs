@@ -47,21 +47,29 @@ impl ErrorOut {
     }
 }
 
-/// The dialect a request asks for (`OpenAI-Beta: realtime=v1` means the beta names).
+/// The dialect a request asks for: `OpenAI-Beta: realtime=v1`, or (from browsers,
+/// which cannot set headers) the subprotocol `openai-beta.realtime-v1`, means the
+/// beta names.
 pub fn dialect_of(headers: &HeaderMap) -> Dialect {
+    let beta_protocol = crate::web::secrets::requested_subprotocols(headers).any(|p| p == "openai-beta.realtime-v1");
     match headers.get("openai-beta").and_then(|v| v.to_str().ok()) {
         Some(v) if v.contains("realtime=v1") => Dialect::Beta,
+        _ if beta_protocol => Dialect::Beta,
         _ => Dialect::Ga,
     }
 }
 
 /// Upgrades the request (an HTTP/1.1 upgrade or an RFC 8441 extended CONNECT) to a
 /// Realtime session run by the call driver.
-pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
+pub async fn handler(mut ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
     let slot = match driver::admit(&app, &headers, false) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
+    // Browsers send their credential and options as subprotocols; one must be echoed.
+    if let Some(p) = crate::web::secrets::chosen_subprotocol(&headers).and_then(|p| axum::http::HeaderValue::from_str(p).ok()) {
+        ws.set_selected_protocol(p);
+    }
     let dialect = dialect_of(&headers);
     ws.max_message_size(ws::MAX_MESSAGE)
         .max_frame_size(ws::MAX_FRAME)
@@ -69,7 +77,7 @@ pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State
         .on_upgrade(move |socket| {
             let span = info_span!("realtime", call_id = %slot.id);
             let (source, sink) = ws::split(socket);
-            let transport = Realtime::new(&app, &slot.id, dialect, BinaryFrames::Refuse);
+            let transport = Realtime::new(&app, &slot.id, dialect, BinaryFrames::Refuse).starting_with(slot.preset.as_deref().cloned());
             info!(?dialect, "realtime session opened");
             driver::run(app, slot, source, sink, transport).instrument(span)
         })
@@ -103,6 +111,16 @@ impl Realtime {
             encoder: RealtimeEncoder { writer: EventWriter::new(dialect, call_id.to_string()) },
             settings: defaults,
         }
+    }
+
+    /// Starts the call with `settings` instead of the server's defaults (a client
+    /// secret minted with a `session`); `None` keeps the defaults.
+    pub fn starting_with(mut self, settings: Option<SessionSettings>) -> Self {
+        if let Some(settings) = settings {
+            self.decoder.settings = settings.clone();
+            self.settings = settings;
+        }
+        self
     }
 }
 
