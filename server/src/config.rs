@@ -227,6 +227,10 @@ pub struct LlmConfig {
     /// share system-prompt caches between calls; `false` prefills every turn from
     /// scratch, for benchmarks.
     pub kv_reuse: bool,
+    /// Hold the embedded model's tool calls to a grammar: an offered tool, arguments
+    /// valid against its schema, ids only ones the conversation holds. `false` samples
+    /// calls freely and parses them after (for comparison only).
+    pub constrain_tool_calls: bool,
     /// OpenAI-compatible servers (vLLM, SGLang, llama.cpp, another Parley) used
     /// instead of the embedded model; empty means the embedded model. A call sticks
     /// to one replica; a failed replica's calls move to a healthy one.
@@ -309,6 +313,7 @@ impl Default for LlmConfig {
             context: 4096,
             kv_cache_mb: parley_llm::engine::DEFAULT_KV_BUDGET_BYTES >> 20,
             kv_reuse: true,
+            constrain_tool_calls: true,
             replicas: Vec::new(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,

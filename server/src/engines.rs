@@ -46,6 +46,7 @@ pub fn load(config: &Config) -> Result<Engines> {
                 max_context: config.llm.context,
                 kv_budget_bytes: config.llm.kv_cache_mb.saturating_mul(1 << 20),
                 kv_reuse: config.llm.kv_reuse,
+                constrain_tool_calls: config.llm.constrain_tool_calls,
                 ..CandleOptions::default()
             };
             let llm = embedded_llm(config, options).context("loading the language model")?;
