@@ -2,7 +2,7 @@
 //! decode, a cached second turn, and memory.
 //!
 //! ```text
-//! cargo run --release -p parley-llm --example llm_bench -- [GGUF] [--quantized] [--tokens N]
+//! cargo run --release -p parley-llm --example llm_bench -- [GGUF] [--dequantize] [--tokens N]
 //! ```
 //! GGUF defaults to `$PARLEY_MODELS_DIR/llm/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`,
 //! then `/tmp/llm/qwen.gguf`. A `tokenizer.json` next to it (installer name) is used if
@@ -19,11 +19,13 @@ use parley_llm::{CandleEngine, CandleOptions, ChatMessage, GenerateOptions, LlmE
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut gguf = None;
-    let mut dequantize = true;
+    // The engine's default (quantized weights); --dequantize for the f32 comparison.
+    let mut dequantize = false;
     let mut tokens = 32usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--dequantize" => dequantize = true,
             "--quantized" => dequantize = false,
             "--tokens" => tokens = args.next().ok_or("--tokens N")?.parse()?,
             _ => gguf = Some(PathBuf::from(a)),

@@ -304,7 +304,7 @@ async fn a_pharmacy_caller_gets_the_order_status_through_llama_server() {
     let _log = LogOnFailure(&s.llama);
     let mut c = Client::connect(&s.parley).await.expect("connect");
     let t = Instant::now();
-    let done = ask_text(&mut c, "Hi, my member ID is 1001. What's the status of my order?").await;
+    let done = ask_text(&mut c, "Hi, my member ID is 1001 and my date of birth is March 12, 1984. What's the status of my order?").await;
     eprintln!("pharmacy turn in {:?}: calls {:?}, said {:?}", t.elapsed(), c.tool_calls(), c.spoken());
     assert_eq!(done["response"]["status"], "completed", "{done}");
 
@@ -315,8 +315,7 @@ async fn a_pharmacy_caller_gets_the_order_status_through_llama_server() {
     for (name, _) in &calls {
         assert!(PHARMACY_TOOLS.contains(&name.as_str()), "called {name}, not a pharmacy tool: {calls:?}");
     }
-    // With llama-server's template the model often goes straight for the order
-    // (the tool description's example ID, ORD001, is member 1001's only order).
+    // Identity first (issue 9): the check carries the member ID, then the order.
     assert!(
         calls.iter().any(|(_, args)| args.to_string().contains("1001") || args.to_string().to_uppercase().contains("ORD001")),
         "no call carried member 1001 or their order ORD001: {calls:?}"

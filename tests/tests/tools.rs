@@ -165,3 +165,70 @@ async fn client_tools_follow_the_realtime_function_call_sequence() {
     let said = done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_lowercase();
     assert!(said.contains("21") || said.contains("sunny") || said.contains("twenty"), "agent said: {said}");
 }
+
+/// Issue 9's spoken call: a caller proves who they are, asks an order's status and
+/// pickup time, and asks for a refill, which is placed only after they confirm. Every
+/// turn is speech (espeak-ng) heard through the real ASR; the tool events come in
+/// order, and nothing is disclosed before the identity check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_pickup_and_refill() {
+    let server = tokio::task::spawn_blocking(|| server_with_config("")).await.expect("join");
+    let mut c = Client::connect(&server).await.expect("connect");
+    let turn = |text: &'static str| {
+        let audio = parley_tests::speech(text).expect("espeak-ng");
+        (text, audio)
+    };
+    let turns = [
+        turn("Hi. Is my order ready?"),
+        turn("My member ID is one zero zero two, and my date of birth is November second, nineteen seventy one."),
+        turn("What is the status of order O R D zero zero two?"),
+        turn("When can I pick it up?"),
+        turn("Please refill my prescription R X one zero zero two."),
+        turn("Yes, please go ahead."),
+    ];
+    let mut said = Vec::new();
+    let mut calls_after = Vec::new();
+    for (text, audio) in &turns {
+        let before = c.spoken().len();
+        let done = c.stream(audio, 1500, Some("response.done")).await.expect("stream");
+        let done = match done {
+            Some(done) => done,
+            None => c.wait_for("response.done", TURN).await.expect("response.done"),
+        };
+        assert_eq!(done["response"]["status"], "completed", "{text}: {done}");
+        let now = c.spoken();
+        said.push(now[before..].to_string());
+        calls_after.push(c.tool_calls());
+        eprintln!("caller: {text}\n  calls: {:?}\n  agent: {}", c.tool_calls(), now[before..].trim());
+    }
+    let names = |i: usize| calls_after[i].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    // 1: nothing disclosed before the check (member 1002's orders are Lisinopril).
+    assert!(!said[0].contains("lisinopril") && !said[0].contains("ready for"), "disclosed before the check: {}", said[0]);
+    // 2: the check, with the spoken member id.
+    let verify = calls_after[1].iter().find(|(n, _)| n == "verify_member").unwrap_or_else(|| panic!("no verify_member: {:?}", names(1)));
+    assert_eq!(verify.1["member_id"], "1002", "{verify:?}");
+    // 3: the status of ORD002 is ready.
+    assert!(calls_after[2][calls_after[1].len()..].iter().any(|(_, a)| a.to_string().contains("ORD002")), "no call about ORD002: {:?}", names(2));
+    assert!(said[2].contains("ready"), "status: {}", said[2]);
+    // 4: the pickup time, December 2nd at 2:30 p.m.
+    assert!(said[3].contains("december") && (said[3].contains("two thirty") || said[3].contains("2:30")), "pickup: {}", said[3]);
+    // 5-6: the refill is asked, then placed on the yes.
+    let refills: Vec<&(String, Value)> = calls_after[5].iter().filter(|(n, _)| n == "request_refill").collect();
+    assert!(refills.iter().all(|(_, a)| a["rx_id"] == "RX1002"), "{refills:?}");
+    assert!(refills.iter().any(|(_, a)| a["confirm"] == true), "the refill was never confirmed: {refills:?}");
+    let confirmed_at = calls_after.iter().position(|calls| calls.iter().any(|(n, a)| n == "request_refill" && a["confirm"] == true)).expect("confirmed");
+    assert_eq!(confirmed_at, 5, "the refill was placed before the caller said yes");
+    // The tool events came in the Realtime order for each call: arguments done,
+    // then the output item, then its result in the conversation.
+    let order: Vec<&str> = c
+        .events
+        .iter()
+        .filter_map(|e| match e["type"].as_str() {
+            Some("response.function_call_arguments.done") => Some("args"),
+            Some("conversation.item.added") if e["item"]["type"] == "function_call_output" => Some("result"),
+            _ => None,
+        })
+        .collect();
+    assert!(order.first() == Some(&"args") && order.iter().filter(|s| **s == "args").count() == order.iter().filter(|s| **s == "result").count(), "{order:?}");
+    assert!(!c.spoken().contains('{') && !c.spoken().contains("555-"), "JSON or a phone number spoken: {}", c.spoken());
+}
