@@ -534,12 +534,14 @@ struct CallConstraint<'a> {
     call: Option<CallMatcher>,
     /// The first token must open a call (`tool_choice` required or a function).
     must_call: bool,
+    /// A brace the model starts becomes `<tool_call>` ([`ToolCallGrammar::mask_speech`]).
+    redirect: bool,
 }
 
 impl<'a> CallConstraint<'a> {
-    fn new(grammar: &'a ToolCallGrammar, callable: Vec<ToolSpec>, must_call: bool) -> Self {
+    fn new(grammar: &'a ToolCallGrammar, callable: Vec<ToolSpec>, must_call: bool, redirect: bool) -> Self {
         let must_call = must_call && !callable.is_empty();
-        Self { grammar, callable, call: None, must_call }
+        Self { grammar, callable, call: None, must_call, redirect }
     }
 
     /// The logits with what may not come next masked: inside a call, whatever the
@@ -565,7 +567,7 @@ impl<'a> CallConstraint<'a> {
                     }
                 }
             }
-            None => self.grammar.mask_speech(&mut values, !self.callable.is_empty()),
+            None => self.grammar.mask_speech(&mut values, !self.callable.is_empty(), self.redirect),
         }
         let n = values.len();
         Tensor::from_vec(values, n, logits.device()).context("masking the logits")
@@ -666,7 +668,10 @@ impl LlmSession for CandleSession {
         let mut constraint = match &shared.grammar {
             Some(grammar) if !options.tools.is_empty() => {
                 let must_call = matches!(options.tool_choice, crate::ToolChoice::Required | crate::ToolChoice::Function(_));
-                Some(CallConstraint::new(grammar, crate::known_ids::callable(options, messages), must_call))
+                // Right after a tool result the model should speak, not start a call
+                // with a brace (it would be echoing the result).
+                let after_tool = messages.iter().rev().find(|m| m.role != crate::Role::System).is_some_and(|m| m.role == crate::Role::Tool);
+                Some(CallConstraint::new(grammar, crate::known_ids::callable(options, messages), must_call, !after_tool))
             }
             _ => None,
         };

@@ -99,26 +99,24 @@ impl ToolCallGrammar {
 
     /// Masks what the model may not write while it speaks with tools offered: an
     /// untagged call's braces, and `<tool_call>` itself when `can_call` is false.
-    /// When it can call, the model's wish to open a brace or a fence (the 0.5B model
-    /// often starts an untagged call so) becomes a wish to open a tagged call:
-    /// `<tool_call>` gets the best of those tokens' logits, and the grammar then
-    /// keeps the call well-formed.
-    pub fn mask_speech(&self, logits: &mut [f32], can_call: bool) {
+    /// With `redirect` (and a tool it can call), the model's wish to open a brace or
+    /// a fence (the 0.5B model often starts an untagged call so) becomes a wish to
+    /// open a tagged call: `<tool_call>` gets the best of those tokens' logits, and
+    /// the grammar then keeps the call well-formed. Not right after a tool result:
+    /// there a brace is the small model echoing the result's JSON, and it should
+    /// speak instead.
+    pub fn mask_speech(&self, logits: &mut [f32], can_call: bool, redirect: bool) {
         let best_start = self.call_starts.iter().filter_map(|&id| logits.get(id as usize).copied()).fold(f32::NEG_INFINITY, f32::max);
-        if can_call {
-            if let Some(v) = logits.get_mut(self.open as usize) {
-                *v = v.max(best_start + 1e-3);
-            }
+        if let Some(v) = logits.get_mut(self.open as usize).filter(|_| can_call && redirect) {
+            *v = v.max(best_start + 1e-3);
         }
         for &id in &self.not_speech {
             if let Some(v) = logits.get_mut(id as usize) {
                 *v = f32::NEG_INFINITY;
             }
         }
-        if !can_call {
-            if let Some(v) = logits.get_mut(self.open as usize) {
-                *v = f32::NEG_INFINITY;
-            }
+        if let Some(v) = logits.get_mut(self.open as usize).filter(|_| !can_call) {
+            *v = f32::NEG_INFINITY;
         }
     }
 
@@ -157,7 +155,7 @@ fn lark_for(tools: &[ToolSpec]) -> Result<String, LlmError> {
 
 /// Longest string argument a call may write when its schema sets no bound: a voice
 /// tool's arguments are short, and a small model can otherwise loop inside a string.
-const MAX_STRING_ARGUMENT: u64 = 200;
+const MAX_STRING_ARGUMENT: u64 = 80;
 
 /// `schema` as the grammar takes it: an object, with no properties beyond the named
 /// ones (a small model otherwise invents extra keys), strings bounded, JSON written
@@ -254,7 +252,7 @@ mod tests {
             ToolSpec { name: "get_order".into(), description: String::new(), parameters: json!({"type": "object", "properties": {"order_id": {"type": "string", "x-parley-known": true}}, "required": ["order_id"]}) },
             ToolSpec { name: "hang_up".into(), description: String::new(), parameters: json!({}) },
         ];
-        let lark = lark_for(&tools).unwrap();
+        let lark = lark_for(&tools).expect("a grammar");
         assert!(lark.contains("call: tool0 | tool1"), "{lark}");
         assert!(lark.contains(r#"tool0: "{\"name\": \"get_order\", \"arguments\": " args0"#), "{lark}");
         assert!(lark.contains("\"additionalProperties\":false"), "{lark}");

@@ -211,7 +211,7 @@ mod tests {
             description: String::new(),
             parameters: json!({"type": "object", "properties": {"q": {"type": "string"}, "rx_id": {"type": "string", "pattern": "RX[0-9]+", "x-parley-known": true}}}),
         };
-        let narrowed = narrow(&[tool.clone()], &[ChatMessage::new(Role::User, "hello")]);
+        let narrowed = narrow(std::slice::from_ref(&tool), &[ChatMessage::new(Role::User, "hello")]);
         assert_eq!(narrowed[0].parameters["properties"], json!({"q": {"type": "string"}}));
         assert_eq!(for_prompt(&tool).parameters["properties"]["rx_id"], json!({"type": "string", "pattern": "RX[0-9]+"}));
     }
