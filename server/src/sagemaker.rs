@@ -53,7 +53,7 @@ pub async fn stream(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<
             info!(code, reason = %reason, "SageMaker stream refused");
             return ws.on_upgrade(move |mut socket| async move {
                 // WebSocket close reasons are at most 123 bytes.
-                let reason = truncate(&reason, 123);
+                let reason = truncate(&reason, 123).to_owned();
                 let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
             });
         }
