@@ -2,7 +2,7 @@
 # streaming (also a plain container: `docker run -p 8080:8080 IMAGE serve`).
 #
 # SageMaker starts the image as `IMAGE serve`: with the entrypoint below that is
-# `parley serve`, and PARLEY_SAGEMAKER=1 puts it in SageMaker mode: it listens on
+# `parley serve`, and PARLEY_SAGEMAKER=true puts it in SageMaker mode: it listens on
 # 0.0.0.0:8080, answers GET/POST /ping once the models are loaded, and serves the
 # Realtime events on the WebSocket /invocations-bidirectional-stream (plus
 # /v1/realtime and /twilio on the same port, for the invocation-path header).
@@ -33,7 +33,7 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /target/release/parley /usr/local/bin/parley
 ENV PARLEY_MODELS_DIR=/opt/parley/models \
-    PARLEY_SAGEMAKER=1 \
+    PARLEY_SAGEMAKER=true \
     PARLEY_LOG_JSON=1
 # Models at build time: the container starts without downloading anything.
 RUN parley models install

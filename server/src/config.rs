@@ -113,7 +113,7 @@ pub struct ServerConfig {
     pub tls: crate::listener::TlsConfig,
     /// The listener's HTTP/1 and HTTP/2 limits.
     pub http: crate::listener::HttpLimits,
-    /// Amazon SageMaker mode (`parley serve --sagemaker`, `PARLEY_SAGEMAKER=1`, or the
+    /// Amazon SageMaker mode (`parley serve --sagemaker`, `PARLEY_SAGEMAKER=true`, or the
     /// container's `serve` command): SageMaker's sidecar, which authenticates callers
     /// itself (IAM), opens `/invocations-bidirectional-stream` without an API key, so
     /// that path is served without one; the listener defaults to 0.0.0.0:8080.

@@ -29,7 +29,7 @@ def sm():
     """A SageMaker-mode server; records what /ping said while the models loaded."""
     env = dict(os.environ)
     env.setdefault("PARLEY_LOG", "warn")
-    env["PARLEY_SAGEMAKER"] = "1"
+    env["PARLEY_SAGEMAKER"] = "true"
     proc = subprocess.Popen(
         [parley_bin(), "serve", "--listen", "127.0.0.1:0", "--max-calls", "2"],
         stdout=subprocess.PIPE,
