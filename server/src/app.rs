@@ -49,6 +49,16 @@ impl Drop for CallSlot {
 /// Why a call was not admitted: an HTTP status and a message that says what to do.
 pub struct Refusal(StatusCode, String);
 
+impl Refusal {
+    /// The WebSocket close code and reason for a refusal on a socket already
+    /// accepted: 1008 (policy violation) for credentials, 1013 (try again later)
+    /// for capacity and loading.
+    pub fn close_code(&self) -> (u16, String) {
+        let code = if self.0 == StatusCode::UNAUTHORIZED { 1008 } else { 1013 };
+        (code, self.1.clone())
+    }
+}
+
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"type": "invalid_request_error", "code": self.0.as_u16(), "message": self.1}});
@@ -136,6 +146,11 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         // CONNECT: the same WebSocket through HTTP/2 (RFC 8441).
         .route("/v1/realtime", get(crate::realtime::handler).connect(crate::realtime::handler))
+        // One HTTP/2 stream is one call: NDJSON Realtime events both ways.
+        .route("/v1/stream", axum::routing::post(crate::stream::handler))
+        // Amazon SageMaker's container contract: health and the bidirectional stream.
+        .route("/ping", get(crate::sagemaker::ping).post(crate::sagemaker::ping))
+        .route(crate::sagemaker::STREAM_PATH, get(crate::sagemaker::stream).connect(crate::sagemaker::stream))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -1,6 +1,7 @@
 //! `parley call`: a command-line caller. Streams a WAV file in real time (or sends
 //! text, one or more turns), prints what the server heard and said as it arrives,
-//! saves the agent's audio and prints each turn's latency.
+//! saves the agent's audio and prints each turn's latency. Over the Realtime
+//! WebSocket, or with `--http2` over one HTTP/2 stream (`POST /v1/stream`).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::Args;
+use axum::body::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use parley_audio::resample::StreamResampler;
 use serde_json::{Value, json};
@@ -49,6 +51,118 @@ pub struct CallArgs {
     /// API key, sent as a bearer token.
     #[arg(long, env = "PARLEY_API_KEY")]
     api_key: Option<String>,
+    /// Call over one HTTP/2 stream (`POST /v1/stream`, NDJSON both ways, h2c prior
+    /// knowledge) instead of the WebSocket; `--url` then names the server, e.g.
+    /// `http://127.0.0.1:8080` (a `ws://` URL is turned into one).
+    #[arg(long)]
+    http2: bool,
+}
+
+/// The caller's sending half: WebSocket text messages or NDJSON lines.
+enum Tx {
+    Ws(futures_util::stream::SplitSink<Ws, Message>),
+    H2(h2::SendStream<Bytes>),
+}
+
+/// The caller's receiving half.
+enum Rx {
+    Ws(futures_util::stream::SplitStream<Ws>),
+    H2 { body: h2::RecvStream, buf: Vec<u8> },
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Tx {
+    /// Sends one client event.
+    async fn send(&mut self, event: String) -> Result<()> {
+        match self {
+            Tx::Ws(ws) => ws.send(Message::text(event)).await.context("sending to the server"),
+            Tx::H2(body) => {
+                let mut line = event.into_bytes();
+                line.push(b'\n');
+                // h2 buffers what the window does not take yet.
+                body.send_data(Bytes::from(line), false).context("sending to the server")
+            }
+        }
+    }
+
+    /// Ends the call politely.
+    async fn close(&mut self) {
+        match self {
+            Tx::Ws(ws) => {
+                let _ = ws.send(Message::Close(None)).await;
+            }
+            Tx::H2(body) => {
+                let _ = body.send_data(Bytes::new(), true);
+            }
+        }
+    }
+}
+
+impl Rx {
+    /// The next server event's text; `None` when the server ended the call.
+    async fn next(&mut self) -> Result<Option<String>> {
+        match self {
+            Rx::Ws(ws) => loop {
+                match ws.next().await {
+                    None => return Ok(None),
+                    Some(msg) => match msg? {
+                        Message::Text(t) => return Ok(Some(t.as_str().to_owned())),
+                        Message::Close(_) => return Ok(None),
+                        _ => continue,
+                    },
+                }
+            },
+            Rx::H2 { body, buf } => loop {
+                if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).take(i).collect();
+                    return Ok(Some(String::from_utf8(line).context("the server sent invalid UTF-8")?));
+                }
+                match body.data().await {
+                    None => return Ok(None),
+                    Some(chunk) => {
+                        let chunk = chunk.context("reading the response stream")?;
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Opens `POST /v1/stream` on an h2c connection to `url`.
+async fn connect_http2(url: &str, api_key: Option<&str>) -> Result<(Tx, Rx)> {
+    let base = url.replacen("ws://", "http://", 1);
+    let base = base.strip_suffix("/v1/realtime").unwrap_or(&base).trim_end_matches('/');
+    let Some(authority) = base.strip_prefix("http://") else {
+        bail!("--http2 speaks h2c (prior knowledge): give --url http://HOST:PORT, not {url}");
+    };
+    let tcp = tokio::net::TcpStream::connect(authority).await.with_context(|| format!("cannot connect to {authority}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (client, connection) = h2::client::handshake(tcp).await.with_context(|| format!("HTTP/2 handshake with {authority}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("HTTP/2 connection: {e}");
+        }
+    });
+    let mut client = client.ready().await.context("HTTP/2 connection not ready")?;
+    let mut request = axum::http::Request::post(format!("{base}/v1/stream")).header("content-type", "application/x-ndjson");
+    if let Some(key) = api_key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let (response, body) = client.send_request(request.body(()).context("building the request")?, false).context("sending the request")?;
+    let response = response.await.context("the server did not answer the stream")?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            text.extend_from_slice(&chunk);
+        }
+        bail!("the server refused the call ({status}): {}", String::from_utf8_lossy(&text));
+    }
+    Ok((Tx::H2(body), Rx::H2 { body: response.into_body(), buf: Vec::new() }))
 }
 
 /// Runs the caller.
@@ -74,14 +188,10 @@ fn append_event(samples: &[f32]) -> String {
 }
 
 /// Sends one user text turn and asks for the response.
-async fn send_text<S>(tx: &mut S, text: &str) -> Result<()>
-where
-    S: SinkExt<Message> + Unpin,
-    S::Error: std::error::Error + Send + Sync + 'static,
-{
+async fn send_text(tx: &mut Tx, text: &str) -> Result<()> {
     let item = json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}});
-    tx.send(Message::text(item.to_string())).await?;
-    tx.send(Message::text(json!({"type": "response.create"}).to_string())).await?;
+    tx.send(item.to_string()).await?;
+    tx.send(json!({"type": "response.create"}).to_string()).await?;
     println!("you: {text}");
     Ok(())
 }
@@ -91,18 +201,23 @@ fn ms(v: &Value) -> String {
 }
 
 async fn call(args: &CallArgs) -> Result<()> {
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(args.url.as_str())?;
-    if let Some(key) = &args.api_key {
-        request.headers_mut().insert("authorization", format!("Bearer {key}").parse()?);
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.with_context(|| format!("cannot connect to {}", args.url))?;
-    let (mut tx, mut rx) = ws.split();
+    let (mut tx, mut rx) = if args.http2 {
+        connect_http2(&args.url, args.api_key.as_deref()).await?
+    } else {
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(args.url.as_str())?;
+        if let Some(key) = &args.api_key {
+            request.headers_mut().insert("authorization", format!("Bearer {key}").parse()?);
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.with_context(|| format!("cannot connect to {}", args.url))?;
+        let (tx, rx) = ws.split();
+        (Tx::Ws(tx), Rx::Ws(rx))
+    };
 
     let mut session = json!({"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}, "output": {"format": {"type": "audio/pcm", "rate": RATE}}}});
     if let Some(i) = &args.instructions {
         session["instructions"] = json!(i);
     }
-    tx.send(Message::text(json!({"type": "session.update", "session": session}).to_string())).await?;
+    tx.send(json!({"type": "session.update", "session": session}).to_string()).await?;
 
     let audio = match &args.file {
         Some(path) => load_audio(path)?,
@@ -136,16 +251,11 @@ async fn call(args: &CallArgs) -> Result<()> {
                 } else {
                     vec![0.0; chunk]
                 };
-                tx.send(Message::text(append_event(&samples))).await?;
+                tx.send(append_event(&samples)).await?;
                 sent_chunks += 1;
             }
             msg = rx.next() => {
-                let Some(msg) = msg else { bail!("the server closed the call") };
-                let text = match msg? {
-                    Message::Text(t) => t,
-                    Message::Close(_) => bail!("the server closed the call"),
-                    _ => continue,
-                };
+                let Some(text) = msg? else { bail!("the server closed the call") };
                 let ev: Value = serde_json::from_str(text.as_str()).context("the server sent invalid JSON")?;
                 match ev["type"].as_str().unwrap_or("") {
                     "input_audio_buffer.speech_stopped" => {
@@ -211,7 +321,7 @@ async fn call(args: &CallArgs) -> Result<()> {
                         // Let the last paced frames arrive: they precede response.done.
                         parley_audio::wav::write_wav(&args.out, &reply, RATE).with_context(|| format!("cannot write {}", args.out.display()))?;
                         println!("response {status}; saved {:.1} s of agent audio to {}", reply.len() as f64 / f64::from(RATE), args.out.display());
-                        let _ = tx.send(Message::Close(None)).await;
+                        tx.close().await;
                         return Ok(());
                     }
                     "error" => eprintln!("server error: {}", ev["error"]["message"].as_str().unwrap_or("?")),

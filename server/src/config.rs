@@ -113,6 +113,11 @@ pub struct ServerConfig {
     pub tls: crate::listener::TlsConfig,
     /// The listener's HTTP/1 and HTTP/2 limits.
     pub http: crate::listener::HttpLimits,
+    /// Amazon SageMaker mode (`parley serve --sagemaker`, `PARLEY_SAGEMAKER=true`, or the
+    /// container's `serve` command): SageMaker's sidecar, which authenticates callers
+    /// itself (IAM), opens `/invocations-bidirectional-stream` without an API key, so
+    /// that path is served without one; the listener defaults to 0.0.0.0:8080.
+    pub sagemaker: bool,
 }
 
 /// Where the model files live, and which embedded language model to run.
@@ -253,7 +258,7 @@ pub struct TtsConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new(), write_timeout_ms: 10_000, tls: Default::default(), http: Default::default() }
+        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new(), write_timeout_ms: 10_000, tls: Default::default(), http: Default::default(), sagemaker: false }
     }
 }
 

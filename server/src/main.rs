@@ -11,7 +11,9 @@ mod metrics;
 mod models;
 mod openai_api;
 mod realtime;
+mod sagemaker;
 mod serve;
+mod stream;
 mod twilio;
 mod web;
 

@@ -29,6 +29,18 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "PARLEY_LOG_JSON")]
     log_json: bool,
+    /// Amazon SageMaker mode (`server.sagemaker`): listen on 0.0.0.0:8080 (or
+    /// `$SAGEMAKER_BIND_TO_PORT`) unless `--listen` says otherwise, and serve
+    /// `/invocations-bidirectional-stream` without an API key (the sidecar
+    /// authenticates callers).
+    #[arg(long, env = "PARLEY_SAGEMAKER")]
+    sagemaker: bool,
+}
+
+/// Where SageMaker expects the container to listen.
+fn sagemaker_listen() -> String {
+    let port = std::env::var("SAGEMAKER_BIND_TO_PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(8080);
+    format!("0.0.0.0:{port}")
 }
 
 fn init_logging(json: bool) {
@@ -48,8 +60,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    if args.sagemaker {
+        config.server.sagemaker = true;
+    }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
+    } else if config.server.sagemaker {
+        config.server.listen = sagemaker_listen();
     }
     if let Some(dir) = args.models_dir {
         config.models.dir = dir.to_string_lossy().into_owned();

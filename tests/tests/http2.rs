@@ -100,3 +100,69 @@ async fn twilio_accepts_rfc8441_connect() {
     wait_metric(&plain().addr, "parley_calls_active", 0.0, Duration::from_secs(40)).await.expect("call freed");
     assert!(metric(&plain().addr, "parley_calls_total").await.expect("metric") >= 1.0);
 }
+
+/// Runs tests/node/stream.js (a `POST /v1/stream` client on Node's `http2`).
+fn node_stream(args: &[&str]) -> (i32, String) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/node/stream.js");
+    let out = Command::new("node").arg(script).args(args).output().expect("run node (apt-get install nodejs)");
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Waits until the server has no call in progress (over TLS with curl).
+async fn wait_calls_freed(s: &Server, within: Duration) {
+    if !s.tls {
+        wait_metric(&s.addr, "parley_calls_active", 0.0, within).await.expect("calls freed");
+        return;
+    }
+    let url = format!("https://{}/metrics", s.addr);
+    let deadline = std::time::Instant::now() + within;
+    while !curl(&["-k"], &url).0.lines().any(|l| l == "parley_calls_active 0") {
+        assert!(std::time::Instant::now() < deadline, "the call over TLS was not freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The spoken question as raw PCM16 24 kHz, in a file for the Node client.
+fn question_pcm() -> String {
+    let samples = parley_tests::speech("What is the capital of Germany?").expect("speech");
+    let path = std::env::temp_dir().join(format!("parley-e2e-{}/question.pcm", std::process::id()));
+    std::fs::write(&path, parley_audio::pcm::encode_pcm16le(&samples)).expect("write pcm");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_stream_is_one_full_duplex_call_on_h2c_and_tls() {
+    let pcm = question_pcm();
+    for s in [plain(), tls()] {
+        let url = format!("{}://{}", if s.tls { "https" } else { "http" }, s.addr);
+        let pcm = pcm.clone();
+        // 600 kB: over server.max_message_bytes (512 KiB), the line limit.
+        let (code, out) = tokio::task::spawn_blocking(move || node_stream(&[&url, "call", &pcm, "600000"])).await.expect("join");
+        assert_eq!(code, 0, "{out}");
+        let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let errors: Vec<&str> = summary["errors"].as_array().expect("errors").iter().filter_map(|e| e.as_str()).collect();
+        assert!(errors.contains(&"invalid_json") && errors.contains(&"message_too_large"), "{summary}");
+        let heard = parley_tests::words(summary["transcript"].as_str().unwrap_or(""));
+        assert!(heard.contains(&"capital".to_string()) && heard.contains(&"germany".to_string()), "heard {heard:?}");
+        assert!(summary["audio_deltas"].as_u64().unwrap_or(0) > 0, "no spoken answer: {summary}");
+        // The answer came while the request body was open; the server ended the
+        // response only after the client ended its body.
+        assert_eq!(summary["done_before_body_end"], true, "{summary}");
+        assert_eq!(summary["first_event_before_body_end"], true, "{summary}");
+        assert_eq!(summary["response_ended_after_body"], true, "{summary}");
+        wait_calls_freed(s, Duration::from_secs(15)).await;
+    }
+    // A client that resets the stream mid-call frees the call.
+    let total = metric(&plain().addr, "parley_calls_total").await.expect("metric");
+    let url = format!("http://{}", plain().addr);
+    let (code, out) = tokio::task::spawn_blocking(move || node_stream(&[&url, "reset", &pcm])).await.expect("join");
+    assert_eq!(code, 0, "{out}");
+    assert!(metric(&plain().addr, "parley_calls_total").await.expect("metric") > total);
+    wait_calls_freed(plain(), Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_refuses_other_content_types() {
+    let (body, _) = curl(&["--http2-prior-knowledge", "-X", "POST", "-H", "content-type: text/plain", "--data", "hi"], &format!("http://{}/v1/stream", plain().addr));
+    assert!(body.contains("unsupported_media_type"), "{body}");
+}

@@ -45,6 +45,9 @@ pub enum WireIn {
     Text(String),
     /// A binary message.
     Binary(Bytes),
+    /// A message over the transport's size limit, already discarded (an NDJSON line
+    /// longer than `server.max_message_bytes`): its length so far.
+    TooLarge(usize),
 }
 
 /// A message for the client.

@@ -191,8 +191,9 @@ impl Decoder for RealtimeDecoder {
         let len = match &msg {
             WireIn::Text(t) => t.len(),
             WireIn::Binary(b) => b.len(),
+            WireIn::TooLarge(len) => *len,
         };
-        if len > max_bytes {
+        if len > max_bytes || matches!(msg, WireIn::TooLarge(_)) {
             let e = ErrorOut::invalid("message_too_large", format!("the message is {len} bytes, over the limit of {max_bytes}; send audio in smaller appends"));
             return self.reject(out, e);
         }
@@ -202,6 +203,7 @@ impl Decoder for RealtimeDecoder {
                 Ok(text) if is_json_event(&b) => self.event(text, out),
                 _ => out.push(Step::Input(CallInput::Audio(b.to_vec()))),
             },
+            WireIn::TooLarge(_) => {} // rejected above
             WireIn::Binary(b) => {
                 let e = ErrorOut::invalid(
                     "binary_not_supported",

@@ -93,6 +93,10 @@ impl Parser {
                 self.reject(format_args!("binary message of {} bytes ignored: the protocol sends JSON text", b.len()));
                 return None;
             }
+            WireIn::TooLarge(len) => {
+                self.reject(format_args!("message of at least {len} bytes ignored: over server.max_message_bytes"));
+                return None;
+            }
         };
         let max = self.app.config.server.max_message_bytes;
         if text.len() > max {
