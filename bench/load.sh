@@ -39,9 +39,10 @@ echo "echo server pid $SERVER on $ADDR; load on this machine before the runs: $(
 run() { # name calls extra-args...
   local name=$1 calls=$2; shift 2
   "$LOAD" --addr "$ADDR" --pid "$SERVER" --calls "$calls" --transport "$TRANSPORT" --ramp-s "$RAMP" --duration-s "$DURATION" --out "$OUT/$name" "$@" | tee "$OUT/$name.txt"
-  sleep 3 # let the server settle back to idle
+  # Let the server wind the calls down to idle before the next run.
+  for _ in $(seq 60); do [ "$(ls /proc/$SERVER/fd | wc -l)" -lt 64 ] && break; sleep 1; done
 }
-field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" "$OUT/$1.txt"; }
+field() { sed -n "s/^\(.* \)\{0,1\}$2=\([^ ]*\).*/\2/p" "$OUT/$1.txt"; }
 
 for n in $CALLS; do run "talk-$n" "$n" --wav "$CLIP"; done
 run "idle-$IDLE_CALLS" "$IDLE_CALLS"
