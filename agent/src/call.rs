@@ -37,6 +37,9 @@ const ECHO_RECHECK: Duration = Duration::from_millis(150);
 /// aborts it: the task never blocks on the transport once cancelled, so this is only
 /// a backstop against a bug, never a wait a client can cause.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most caller audio an echo call keeps to play back (16 kHz samples, 30 s): a
+/// session that never answers (`create_response` off) does not grow without bound.
+const ECHO_MAX_SAMPLES: usize = 30 * crate::input::ASR_RATE as usize;
 
 /// Starts calls.
 pub struct Call;
@@ -256,6 +259,9 @@ struct CallState {
     /// Every task the call spawns besides its responses (transcriptions, partials,
     /// early transcripts): aborted when the call ends, so none outlives it.
     tasks: tokio::task::JoinSet<()>,
+    /// Echo agent ([`Engines::is_echo`]): the caller's turn not yet played back,
+    /// 16 kHz; the next response plays it instead of a model's reply.
+    echo_audio: Vec<f32>,
 }
 
 impl CallState {
@@ -298,6 +304,7 @@ impl CallState {
             reports_rx,
             tool_scope: crate::tools::CallScope::default(),
             tasks: tokio::task::JoinSet::new(),
+            echo_audio: Vec::new(),
         })
     }
 
@@ -364,6 +371,7 @@ impl CallState {
                     return;
                 }
                 let samples = self.input.take();
+                self.keep_for_echo(&samples);
                 let timer = TurnTimer { speech_end: Some(Instant::now()), committed: Some(Instant::now()), transcript: None };
                 let item_id = new_id("item");
                 self.commit_audio(item_id, samples, timer).await;
@@ -373,6 +381,7 @@ impl CallState {
                 self.speech = None;
                 self.held = None;
                 self.segments.clear();
+                self.echo_audio.clear();
                 self.emit(AgentEvent::InputCleared).await;
             }
             CallInput::UserText(text) => {
@@ -564,6 +573,7 @@ impl CallState {
             return;
         }
         let timer = TurnTimer { speech_end: Some(ended_at), committed: Some(Instant::now()), transcript: None };
+        self.keep_for_echo(&samples);
         dump_turn(&speech.item_id, &samples);
         let kind = TranscribeKind::Segment { barge: barge.map(|b| b.response_id), ended_at };
         self.segments.push_back((speech.item_id.clone(), None));
@@ -618,6 +628,17 @@ impl CallState {
             }
             .instrument(span),
         );
+    }
+
+    /// Echo agent: keeps a stretch of the caller's speech for the next response to
+    /// play back (the most recent [`ECHO_MAX_SAMPLES`]).
+    fn keep_for_echo(&mut self, samples: &[f32]) {
+        if !self.engines.is_echo() {
+            return;
+        }
+        self.echo_audio.extend_from_slice(samples);
+        let excess = self.echo_audio.len().saturating_sub(ECHO_MAX_SAMPLES);
+        self.echo_audio.drain(..excess);
     }
 
     /// Adds a user audio item (a manual commit) and transcribes it off the runtime.
@@ -836,6 +857,7 @@ impl CallState {
             tool_policy: self.settings.tool_policy.clone(),
             interruptible: request.interruptible,
             scope: self.tool_scope.clone(),
+            echo_audio: (self.engines.is_echo() && !self.echo_audio.is_empty()).then(|| std::mem::take(&mut self.echo_audio)),
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));

@@ -22,6 +22,7 @@
 
 mod call;
 mod conversation;
+pub mod echo;
 mod engines;
 mod events;
 mod ids;

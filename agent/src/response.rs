@@ -51,6 +51,9 @@ pub struct ResponseJob {
     pub interruptible: bool,
     /// The call's tool memory (who the caller proved to be, …).
     pub scope: CallScope,
+    /// Echo agent: the caller's turn (16 kHz) to play back instead of a reply; it
+    /// goes through the same framing, pacing, pause and barge-in as speech.
+    pub echo_audio: Option<Vec<f32>>,
 }
 
 /// The call's hold on a response's playback: pause and resume it, know whether the
@@ -136,7 +139,7 @@ enum PhrasePiece {
 /// Runs a response to its end or until `cancel` fires. Audio and transcript deltas
 /// go to `events`; the play clock is shared so the call can read what was heard.
 pub async fn run(
-    job: ResponseJob,
+    mut job: ResponseJob,
     engines: Engines,
     session: SharedSession,
     events: mpsc::Sender<AgentEvent>,
@@ -145,6 +148,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> ResponseOutcome {
     playback.interruptible.store(job.interruptible, Ordering::SeqCst);
+    if let Some(audio) = job.echo_audio.take() {
+        return play_back(audio, &job, &events, playback, &cancel).await;
+    }
     let first_token_at = Arc::new(OnceLock::new());
     let (text_tx, text_rx) = mpsc::channel::<TextPiece>(TEXT_QUEUE);
     let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
@@ -649,6 +655,57 @@ async fn synthesize_phrases(
         }
     }
     first_tts_ms
+}
+
+/// Echo agent: plays the caller's turn back through the pacer, as a reply's speech
+/// would go (framed in the output format, paced, paused and cut by barge-in).
+async fn play_back(audio: Vec<f32>, job: &ResponseJob, events: &mpsc::Sender<AgentEvent>, playback: Playback, cancel: &CancellationToken) -> ResponseOutcome {
+    let started = Instant::now();
+    let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
+    let (format, pacing) = (job.output_format, job.pacing);
+    let text = crate::echo::ECHO_TRANSCRIPT.to_string();
+    let feed = tokio::spawn(
+        async move {
+            let out_rate = format.sample_rate();
+            let mut resampler = match StreamResampler::new(crate::input::ASR_RATE, out_rate) {
+                Ok(r) => r,
+                Err(e) => return Err(format!("cannot resample the echo: {e}")),
+            };
+            let frame_len = (out_rate as usize * pacing.frame_ms as usize / 1000).max(1);
+            let frame_ms = frame_len as f64 * 1000.0 / f64::from(out_rate);
+            let duration_ms = audio.len() as f64 * 1000.0 / f64::from(crate::input::ASR_RATE);
+            let mut framer = Framer::new(frame_len);
+            let mut converted = resampler.process(&audio);
+            converted.extend(resampler.flush());
+            let mut frames = framer.push(&converted);
+            frames.extend(framer.flush());
+            let mut marker = Some((text, duration_ms));
+            for frame in frames {
+                if frame_tx.send(Frame::audio(format.encode(&frame), frame_ms, marker.take())).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .in_current_span(),
+    );
+    let sent = pace_frames(frame_rx, job, events, playback, cancel).await;
+    feed.abort();
+    let status = match feed.await {
+        Ok(Err(e)) => {
+            let _ = events.send(AgentEvent::Error { code: ErrorCode::ModelFailed, message: e }).await;
+            ResponseStatus::Failed
+        }
+        _ => ResponseStatus::Completed,
+    };
+    ResponseOutcome {
+        status: Some(status),
+        text: sent.text,
+        stats: Some(GenerationStats::default()),
+        first_token_at: Some(started),
+        first_audio_at: sent.first_audio_at,
+        first_tts_ms: Some(0.0),
+    }
 }
 
 /// What the pacer sent.

@@ -150,10 +150,25 @@ impl ModelsConfig {
     }
 }
 
+/// What answers the caller.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    /// The models: speech-to-text, the language model and the voice.
+    #[default]
+    Models,
+    /// No models (ready at once): each caller turn is played back after it ends,
+    /// through the same turn-taking, barge-in and pacing. For load tests of the
+    /// transports and gateway integration tests.
+    Echo,
+}
+
 /// Defaults for each call, which `session.update` can change.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
+    /// `models` (the default) or `echo` (see [`AgentMode`]).
+    pub mode: AgentMode,
     /// System prompt.
     pub instructions: String,
     /// Longest reply, in tokens.
@@ -272,6 +287,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         let session = SessionSettings::default();
         Self {
+            mode: AgentMode::default(),
             instructions: session.instructions,
             max_response_tokens: session.generate.max_tokens,
             temperature: session.generate.temperature,
@@ -481,6 +497,14 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").expect_err("typo must fail");
         assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn the_echo_mode_parses() {
+        let c: Config = toml::from_str("[agent]\nmode = \"echo\"\n").expect("parse");
+        assert_eq!(c.agent.mode, AgentMode::Echo);
+        assert_eq!(Config::default().agent.mode, AgentMode::Models);
+        assert!(toml::from_str::<Config>("[agent]\nmode = \"parrot\"\n").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::Args;
 use tracing::{error, info};
 
 use crate::app::{App, router};
-use crate::config::Config;
+use crate::config::{AgentMode, Config};
 
 /// Options of `parley serve`; each overrides the config file.
 #[derive(Args, Debug)]
@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// Calls served at once.
     #[arg(long, env = "PARLEY_MAX_CALLS")]
     max_calls: Option<usize>,
+    /// What answers callers: `models`, or `echo` (no models; each turn is played back).
+    #[arg(long, env = "PARLEY_AGENT_MODE", value_enum)]
+    agent_mode: Option<AgentMode>,
     /// Log as JSON lines.
     #[arg(long, env = "PARLEY_LOG_JSON")]
     log_json: bool,
@@ -74,13 +77,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.max_calls {
         config.server.max_calls = n;
     }
+    if let Some(mode) = args.agent_mode {
+        config.agent.mode = mode;
+    }
+    let echo = config.agent.mode == AgentMode::Echo;
     config.validate()?;
     // Before the async runtime starts any thread (this sets environment variables).
     // SAFETY: only this thread exists yet.
     let threads = unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
     info!(simd = parley_llm::cpu::simd_path(), model_threads = threads, asr_threads = config.asr.threads, "CPU");
     // Fail fast, before binding, when the models are missing.
-    crate::models::check(&config.models_dir())?;
+    if !echo {
+        crate::models::check(&config.models_dir())?;
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(serve(config))
@@ -101,17 +110,12 @@ async fn serve(config: Config) -> Result<()> {
     println!("parley listening on {scheme}://{local}");
     info!(%local, tls = tls.is_some(), "listening (HTTP/1.1 and HTTP/2)");
 
-    let loader = app.clone();
-    tokio::task::spawn_blocking(move || match crate::engines::load(&loader.config) {
-        Ok(engines) => {
-            loader.set_engines(engines);
-            info!("models loaded; ready");
-        }
-        Err(e) => {
-            error!(error = format!("{e:#}"), "model loading failed");
-            loader.set_load_error(format!("{e:#}"));
-        }
-    });
+    if app.config.agent.mode == AgentMode::Echo {
+        app.set_engines(parley_agent::Engines::echo());
+        info!("echo agent: no models; ready");
+    } else {
+        load_models(app.clone());
+    }
 
     let calls = app.shutdown.clone();
     let stop = async move {
@@ -123,6 +127,20 @@ async fn serve(config: Config) -> Result<()> {
     crate::listener::serve(listener, router(app), limits, tls, stop, DRAIN).await.context("server failed")?;
     info!("shut down");
     Ok(())
+}
+
+/// Loads the models on a blocking thread; the server reports ready when they are in.
+fn load_models(loader: Arc<App>) {
+    tokio::task::spawn_blocking(move || match crate::engines::load(&loader.config) {
+        Ok(engines) => {
+            loader.set_engines(engines);
+            info!("models loaded; ready");
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "model loading failed");
+            loader.set_load_error(format!("{e:#}"));
+        }
+    });
 }
 
 async fn shutdown_signal() {
