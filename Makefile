@@ -15,6 +15,7 @@ run: build models
 	$(PARLEY) serve $(ARGS)
 
 test: build models llama-server
+	@$(CARGO) build --release --quiet -p parley-load
 	PARLEY_LLAMA_SERVER=$$(bash scripts/llama-server.sh) $(CARGO) test --workspace --release --quiet -- --test-threads 2
 	@PY=$$(bash scripts/python-env.sh) && $$PY -m pytest -q tests/python
 
