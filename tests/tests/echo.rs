@@ -33,7 +33,10 @@ async fn a_realtime_turn_is_echoed_back_paced_and_barge_in_cuts_it() {
     // Barge-in: speak again, then speak over the echo; it is cut.
     let first = c.stream(&turn, 1_200, Some("response.output_audio.delta")).await.expect("stream").expect("the second turn is echoed");
     let second = first["response_id"].as_str().expect("response id").to_string();
-    c.stream(&turn, 1_500, Some("response.done")).await.expect("stream over the echo");
+    // Other words than the echo's: the echo guard rightly ignores the caller's line
+    // playing the agent's own audio back.
+    let over = speech("No, wait. Stop. I need to ask something else entirely.").expect("espeak-ng");
+    c.stream(&over, 1_500, Some("response.done")).await.expect("stream over the echo");
     let done = match c.events.iter().rev().find(|e| e["type"] == "response.done" && e["response"]["id"] == second.as_str()) {
         Some(d) => d.clone(),
         None => c.wait_for("response.done", Duration::from_secs(30)).await.expect("the echo ends"),
