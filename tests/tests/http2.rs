@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use parley_tests::{Server, metric, self_signed_cert, start_server, start_server_with_config, wait_metric};
 
+/// Tests that open calls take turns: each checks that the calls gauge returns to 0
+/// on the servers this file shares, which another test's call would hold up.
+static ONE_CALL_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn plain() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| start_server(&[]).expect("start parley"))
@@ -71,6 +75,7 @@ fn a_garbage_tls_handshake_is_dropped_and_the_server_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_over_rfc8441_on_h2c_and_tls() {
+    let _turn = ONE_CALL_AT_A_TIME.lock().await;
     for (s, url) in [(plain(), format!("http://{}", plain().addr)), (tls(), format!("https://{}", tls().addr))] {
         let (code, out) = tokio::task::spawn_blocking(move || node(&[&url, "/v1/realtime"])).await.expect("join");
         assert_eq!(code, 0, "{out}");
@@ -93,6 +98,7 @@ async fn realtime_over_rfc8441_on_h2c_and_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twilio_accepts_rfc8441_connect() {
+    let _turn = ONE_CALL_AT_A_TIME.lock().await;
     let url = format!("http://{}", plain().addr);
     let (code, out) = tokio::task::spawn_blocking(move || node(&[&url, "/twilio", "--accept-only"])).await.expect("join");
     assert_eq!(code, 0, "{out}");
@@ -132,6 +138,7 @@ fn question_pcm() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_http2_stream_is_one_full_duplex_call_on_h2c_and_tls() {
+    let _turn = ONE_CALL_AT_A_TIME.lock().await;
     let pcm = question_pcm();
     for s in [plain(), tls()] {
         let url = format!("{}://{}", if s.tls { "https" } else { "http" }, s.addr);
