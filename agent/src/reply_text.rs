@@ -26,7 +26,7 @@ pub fn speakable(phrase: &str) -> Option<String> {
 /// words as they are. A code is one to four capitals, an optional dash, and at
 /// least two digits.
 fn spell_code(word: &str) -> String {
-    let core_end = word.trim_end_matches(|c: char| matches!(c, '.' | ',' | '?' | '!' | ';' | ':' | ')' | '"' | '\'')).len();
+    let core_end = word.trim_end_matches(['.', ',', '?', '!', ';', ':', ')', '"', '\'']).len();
     let core_start = word.len() - word.trim_start_matches(['(', '"', '\'']).len();
     if core_start >= core_end {
         return word.to_string();

@@ -70,14 +70,7 @@ pub async fn stream(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<
 
 /// `s` cut to at most `max` bytes on a character boundary.
 fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 #[cfg(test)]

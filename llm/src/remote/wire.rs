@@ -214,15 +214,9 @@ pub fn error_message(body: &str) -> String {
     message.unwrap_or_else(|| truncate(body.trim(), 300).to_string())
 }
 
+/// `s` cut to at most `max` bytes on a character boundary.
 fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 /// Builds whole tool calls from streamed fragments: the first fragment of a call
