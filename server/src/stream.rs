@@ -42,22 +42,23 @@ pub const NDJSON: &str = "application/x-ndjson";
 
 /// Starts a call on this stream: admits it, then answers at once with a streamed
 /// NDJSON body while the driver reads the request body line by line.
-pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, request: Body) -> Response {
     if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if !matches!(essence.as_str(), "application/x-ndjson" | "application/jsonl" | "application/json") {
             let msg = format!("the request body must be {NDJSON} (one Realtime client event per line), not {ct}");
             let body = serde_json::json!({"error": {"type": "invalid_request_error", "code": "unsupported_media_type", "message": msg}});
-            return (StatusCode::UNSUPPORTED_MEDIA_TYPE, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+            let refusal = (StatusCode::UNSUPPORTED_MEDIA_TYPE, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+            return refuse(request, refusal).await;
         }
     }
     let slot = match driver::admit(&app, &headers, false) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal.into_response(),
+        Err(refusal) => return refuse(request, refusal.into_response()).await,
     };
     let dialect = dialect_of(&headers);
     let (tx, rx) = mpsc::channel::<Bytes>(RESPONSE_QUEUE);
-    let source = NdjsonSource::new(body.into_data_stream(), app.config.server.max_message_bytes);
+    let source = NdjsonSource::new(request.into_data_stream(), app.config.server.max_message_bytes);
     let sink = NdjsonSink(Some(tx));
     let span = info_span!("stream", call_id = %slot.id);
     let transport = Realtime::new(&app, &slot.id, dialect, BinaryFrames::Refuse).starting_with(slot.preset.as_deref().cloned());
@@ -71,6 +72,30 @@ pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
     // Proxies (nginx) must not buffer the stream.
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     response
+}
+
+/// Most of a refused request's body that is read before the refusal is sent.
+const REFUSED_BODY_READ: usize = 64 * 1024;
+/// How long a refused request's body may take to arrive before the refusal goes anyway.
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sends `refusal` after reading what is left of a small request body. Answering
+/// before the body ends makes h2 reset the request stream, and a reset that arrives
+/// with the answer makes some clients (curl 7.88: exit 92, about one time in 30) drop
+/// the answer unread; a large or slow body still gets the refusal, and the reset.
+async fn refuse(request: Body, refusal: Response) -> Response {
+    let mut body = request.into_data_stream();
+    let mut read = 0usize;
+    let drained = tokio::time::timeout(REFUSED_BODY_WAIT, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len();
+            if read > REFUSED_BODY_READ {
+                break;
+            }
+        }
+    });
+    let _ = drained.await;
+    refusal
 }
 
 /// The request body as lines: each complete line is one message; empty lines are
