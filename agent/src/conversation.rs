@@ -105,23 +105,29 @@ impl Conversation {
     /// stays well formed; tool calls join the assistant message they follow; an
     /// interrupted reply is marked so the model knows the caller did not hear the
     /// rest; a trailing tool result gets [`AFTER_TOOL_NUDGE`].
+    ///
+    /// A response's message item is added when the response starts, before the
+    /// calls it makes, but what it says comes mostly from their results: its text
+    /// is laid out after those calls and results, as it was spoken. (Laid out
+    /// before them, a small model learns to say the answer first and call after,
+    /// and repeats the earlier answer in the next turn instead of looking it up.)
     pub fn to_messages(&self, instructions: &str) -> Vec<ChatMessage> {
         let mut out = vec![ChatMessage::new(Role::System, instructions)];
-        for item in &self.items {
+        // A reply's text held back until its calls and results are laid out.
+        let mut held: Option<String> = None;
+        for (i, item) in self.items.iter().enumerate() {
             match &item.content {
                 ItemContent::Message { role, text, interrupted } => {
+                    if let Some(text) = held.take() {
+                        push_text(&mut out, Role::Assistant, text);
+                    }
                     let Some(text) = text.as_deref().map(str::trim).filter(|t| !t.is_empty()) else { continue };
-                    let role = match role {
-                        ItemRole::User => Role::User,
-                        ItemRole::Assistant => Role::Assistant,
-                    };
                     let text = if *interrupted { format!("{text} [interrupted by the caller]") } else { text.to_string() };
-                    match out.last_mut() {
-                        Some(last) if last.role == role && last.tool_calls.is_empty() => {
-                            last.content.push(' ');
-                            last.content.push_str(&text);
-                        }
-                        _ => out.push(ChatMessage::new(role, text)),
+                    let calls_follow = matches!(self.items.get(i + 1).map(|n| &n.content), Some(ItemContent::FunctionCall(_)));
+                    match role {
+                        ItemRole::Assistant if calls_follow => held = Some(text),
+                        ItemRole::Assistant => push_text(&mut out, Role::Assistant, text),
+                        ItemRole::User => push_text(&mut out, Role::User, text),
                     }
                 }
                 ItemContent::FunctionCall(call) => match out.last_mut() {
@@ -131,10 +137,25 @@ impl Conversation {
                 ItemContent::FunctionOutput { call_id, output } => out.push(ChatMessage::tool_result(call_id.clone(), output.clone())),
             }
         }
+        if let Some(text) = held {
+            push_text(&mut out, Role::Assistant, text);
+        }
         if out.last().is_some_and(|m| m.role == Role::Tool) {
             out.push(ChatMessage::new(Role::System, AFTER_TOOL_NUDGE));
         }
         out
+    }
+}
+
+/// Appends a message, merged into the last one when it has the same role and no
+/// tool calls (chat templates expect roles to alternate).
+fn push_text(out: &mut Vec<ChatMessage>, role: Role, text: String) {
+    match out.last_mut() {
+        Some(last) if last.role == role && last.tool_calls.is_empty() => {
+            last.content.push(' ');
+            last.content.push_str(&text);
+        }
+        _ => out.push(ChatMessage::new(role, text)),
     }
 }
 
@@ -187,5 +208,25 @@ mod tests {
         assert_eq!(m[4], ChatMessage::new(Role::System, AFTER_TOOL_NUDGE));
         c.push(msg("a2", ItemRole::Assistant, Some("It is processing.")));
         assert_eq!(c.to_messages("s").last().map(|m| m.role), Some(Role::Assistant));
+    }
+
+    #[test]
+    fn a_replys_text_comes_after_its_calls_and_results() {
+        let mut c = Conversation::default();
+        c.push(msg("u", ItemRole::User, Some("my member ID is 1001, what about my order")));
+        // The response's item is added first; its call and result follow; the text
+        // (spoken from the result) is filled in last.
+        c.push(msg("a", ItemRole::Assistant, None));
+        let call = ToolCall { id: "call_1".into(), name: "verify_member".into(), arguments: json!({"member_id": "1001"}) };
+        c.push(Item { id: "f".into(), content: ItemContent::FunctionCall(call.clone()) });
+        c.push(Item { id: "o".into(), content: ItemContent::FunctionOutput { call_id: "call_1".into(), output: "{}".into() } });
+        assert!(c.set_text("a", "You're verified.".into(), false));
+        c.push(msg("u2", ItemRole::User, Some("and my order?")));
+        let m = c.to_messages("s");
+        assert_eq!(m[2], ChatMessage::tool_calls("", vec![call]));
+        assert_eq!(m[3], ChatMessage::tool_result("call_1", "{}"));
+        assert_eq!(m[4], ChatMessage::new(Role::Assistant, "You're verified."));
+        assert_eq!(m[5], ChatMessage::new(Role::User, "and my order?"));
+        assert_eq!(m.len(), 6);
     }
 }

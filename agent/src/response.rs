@@ -291,6 +291,13 @@ async fn think(
         // A call repeated with the same arguments in this response is answered from
         // the first result: not run again, not committed again.
         let repeats: Vec<Option<String>> = known.iter().map(|c| earlier_result(&answered, c)).collect();
+        if repeats.iter().all(Option::is_some) {
+            // Only calls already answered: the model is echoing its last call instead
+            // of speaking (greedy small models loop on it). Their results are in the
+            // conversation already; go straight to the reply in words.
+            debug!(tools = ?known.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), "model repeated answered calls; replying in words");
+            break;
+        }
         let mut server_calls = Vec::new();
         let mut any_client_call = false;
         for (call, repeat) in known.iter().zip(&repeats) {
@@ -359,9 +366,25 @@ async fn think(
     // of their results yet. One more reply, in words only (the tools stay in the
     // prompt, so its cache holds; the engine just may not open a call).
     let words_only = parley_llm::GenerateOptions { tool_choice: parley_llm::ToolChoice::None, ..options.clone() };
-    match generate(&session, messages.clone(), words_only, text.clone(), cancel.clone(), first_token.clone()).await {
-        Ok((stats, _)) => total.generated_tokens += stats.generated_tokens,
-        Err(e) => warn!(error = %e, "the reply after the last tool round failed"),
+    let said = match generate(&session, messages.clone(), words_only, text.clone(), cancel.clone(), first_token.clone()).await {
+        Ok((stats, said)) => {
+            total.generated_tokens += stats.generated_tokens;
+            said
+        }
+        Err(e) => {
+            warn!(error = %e, "the reply after the last tool round failed");
+            String::new()
+        }
+    };
+    if !is_speech(&said) && !cancel.is_cancelled() {
+        // The model still wrote no words (an engine that cannot forbid calls, and a
+        // model that writes them as text anyway): the caller hears the last result's
+        // own spoken sentence rather than silence.
+        if let Some(say) = answered.iter().rev().find_map(|(_, output)| spoken_sentence(output)) {
+            debug!("no words after the tool results; speaking the last result's say sentence");
+            let _ = text.send(TextPiece::Text(say)).await;
+            let _ = text.send(TextPiece::SegmentEnd).await;
+        }
     }
     Ok(total)
 }
@@ -378,10 +401,51 @@ fn asks_uninterruptible(output: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v.get("uninterruptible").and_then(serde_json::Value::as_bool) == Some(true))
 }
 
-/// True when generated text is something to say, not an echoed JSON value.
+/// A tool result's `say` sentence, which tools built for voice put in every result.
+fn spoken_sentence(output: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(output).ok()?;
+    let say = v.get("say")?.as_str()?.trim();
+    (!say.is_empty()).then(|| say.to_string())
+}
+
+/// True when generated text has something to say besides echoed JSON values (one
+/// or several, as a model writes calls and results one after another).
 fn is_speech(text: &str) -> bool {
-    let t = text.trim();
-    !t.is_empty() && !looks_like_json(t)
+    outside_json(text).chars().any(char::is_alphanumeric)
+}
+
+/// The text with every top-level JSON object or array (balanced, strings
+/// respected) taken out; an unclosed one is taken out to the end.
+fn outside_json(text: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if depth == 0 {
+            if matches!(c, '{' | '[') {
+                depth = 1;
+            } else {
+                out.push(c);
+            }
+            continue;
+        }
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth -= 1,
+            _ => {}
+        }
+    }
+    out
 }
 
 /// A whole JSON object or array, as the model sometimes echoes a tool result.
@@ -806,6 +870,28 @@ pub fn lock(clock: &Mutex<PlayClock>) -> std::sync::MutexGuard<'_, PlayClock> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speech_is_what_is_left_outside_json() {
+        // Two values one after another (a call, then an echoed result): no speech.
+        assert!(!is_speech(r#"{"name": "verify_member", "arguments": {"member_id": "1001"}}
+{"say":"Thank you, Maria, you're verified."}"#));
+        assert!(!is_speech("  "));
+        assert!(!is_speech(r#"[1, 2] {"a": "}"}"#));
+        // An unclosed value hides the rest.
+        assert!(!is_speech(r#"{"say": "Your order is ready"#));
+        assert!(is_speech("Your order is ready."));
+        assert!(is_speech(r#"{"status": "ok"} Your order is ready."#));
+        assert!(is_speech(r#"Sure. {"x": "\"}"} "#));
+    }
+
+    #[test]
+    fn a_results_spoken_sentence_is_its_say() {
+        assert_eq!(spoken_sentence(r#"{"verified": true, "say": " Thank you, Maria. "}"#).as_deref(), Some("Thank you, Maria."));
+        assert_eq!(spoken_sentence(r#"{"say": ""}"#), None);
+        assert_eq!(spoken_sentence(r#"{"status": "ok"}"#), None);
+        assert_eq!(spoken_sentence("not json"), None);
+    }
 
     async fn phrases_of(pieces: Vec<TextPiece>) -> Vec<PhrasePiece> {
         let (text_tx, text_rx) = mpsc::channel(64);

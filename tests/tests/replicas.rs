@@ -138,7 +138,7 @@ fn pool(replicas: &[(&str, String)]) -> Arc<RemotePool> {
     RemotePool::new(RemoteConfig {
         replicas: replicas
             .iter()
-            .map(|(name, url)| ReplicaConfig { name: name.to_string(), base_url: url.clone(), api_key: None, model: "parley".into() })
+            .map(|(name, url)| ReplicaConfig { name: name.to_string(), base_url: url.clone(), api_key: None, model: "parley".into(), forward_repeat_penalty: false })
             .collect(),
         request_timeout_ms: 60_000,
         health_interval_ms: 500,

@@ -41,6 +41,13 @@ pub struct ReplicaConfig {
     /// The `model` field of each request (vLLM and SGLang check it against the model
     /// they serve; llama.cpp and Parley accept any).
     pub model: String,
+    /// Send the request's repeat penalty (`repetition_penalty`, `repeat_penalty`,
+    /// `repeat_last_n`). Off by default: llama.cpp's server and vLLM count the prompt
+    /// in the penalty window, so the penalty falls on the caller's own words and keeps
+    /// a small model from repeating their member ID in a tool call (the embedded
+    /// engine counts only the reply's tokens).
+    #[serde(default)]
+    pub forward_repeat_penalty: bool,
 }
 
 /// Defaults: a 30 s silence limit (a CPU replica prefilling a long call is slow),
@@ -103,7 +110,7 @@ mod tests {
     use super::*;
 
     fn replica(name: &str, url: &str) -> ReplicaConfig {
-        ReplicaConfig { name: name.into(), base_url: url.into(), api_key: None, model: "m".into() }
+        ReplicaConfig { name: name.into(), base_url: url.into(), api_key: None, model: "m".into(), forward_repeat_penalty: false }
     }
 
     #[test]

@@ -16,8 +16,8 @@
 //! # fn main() -> Result<(), parley_llm::LlmError> {
 //! let pool = RemotePool::new(RemoteConfig {
 //!     replicas: vec![
-//!         ReplicaConfig { name: "a".into(), base_url: "http://10.0.0.5:8000/v1".into(), api_key: None, model: "qwen2.5-0.5b-instruct".into() },
-//!         ReplicaConfig { name: "b".into(), base_url: "http://10.0.0.6:8000/v1".into(), api_key: None, model: "qwen2.5-0.5b-instruct".into() },
+//!         ReplicaConfig { name: "a".into(), base_url: "http://10.0.0.5:8000/v1".into(), api_key: None, model: "qwen2.5-0.5b-instruct".into(), forward_repeat_penalty: false },
+//!         ReplicaConfig { name: "b".into(), base_url: "http://10.0.0.6:8000/v1".into(), api_key: None, model: "qwen2.5-0.5b-instruct".into(), forward_repeat_penalty: false },
 //!     ],
 //!     ..RemoteConfig::default()
 //! })?;

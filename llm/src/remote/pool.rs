@@ -85,6 +85,8 @@ impl Drop for OwnedRuntime {
 struct Replica {
     name: String,
     model: String,
+    /// [`super::ReplicaConfig::forward_repeat_penalty`].
+    forward_repeat_penalty: bool,
     endpoint: Endpoint,
     healthy: AtomicBool,
     /// Requests in flight.
@@ -202,6 +204,7 @@ impl RemotePool {
                 Ok(Arc::new(Replica {
                     name: r.name.clone(),
                     model: r.model.clone(),
+                    forward_repeat_penalty: r.forward_repeat_penalty,
                     endpoint,
                     healthy: AtomicBool::new(true),
                     outstanding: AtomicUsize::new(0),
@@ -467,7 +470,7 @@ impl Inner {
     ) -> Result<GenerationStats, AttemptError> {
         let fail = |failure| AttemptError { failure, emitted: false };
         let replica = &self.replicas[idx];
-        let body = serde_json::to_vec(&request_body(&replica.model, messages, options))
+        let body = serde_json::to_vec(&request_body(&replica.model, messages, options, replica.forward_repeat_penalty))
             .map_err(|e| fail(Failure::Request(format!("cannot encode the request: {e}"))))?;
         let handle = self.handle().map_err(|e| fail(Failure::Replica(e.to_string())))?;
         let _in_flight = InFlight::start(replica);

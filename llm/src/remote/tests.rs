@@ -256,7 +256,7 @@ fn pool(fakes: &[&Fake], tweak: impl FnOnce(&mut RemoteConfig)) -> Arc<RemotePoo
         replicas: fakes
             .iter()
             .enumerate()
-            .map(|(i, f)| ReplicaConfig { name: ["a", "b", "c"][i].into(), base_url: f.url(), api_key: Some(format!("key-{i}")), model: "fake-model".into() })
+            .map(|(i, f)| ReplicaConfig { name: ["a", "b", "c"][i].into(), base_url: f.url(), api_key: Some(format!("key-{i}")), model: "fake-model".into(), forward_repeat_penalty: false })
             .collect(),
         request_timeout_ms: 2_000,
         health_interval_ms: 60_000,

@@ -14,11 +14,12 @@ use crate::{ChatMessage, GenerateOptions, Role, ToolCall, ToolChoice};
 
 /// The JSON body of a streamed chat-completions request.
 ///
-/// Besides the standard fields it sends the repeat penalty under the names vLLM and
-/// SGLang (`repetition_penalty`) and llama.cpp's server (`repeat_penalty`,
-/// `repeat_last_n`) read, when the penalty is on: greedy decoding with small models
-/// loops without it, and these servers ignore the names they do not know.
-pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOptions) -> Value {
+/// With `repeat_penalty`, it also sends the request's repeat penalty (when on) under
+/// the names vLLM and SGLang (`repetition_penalty`) and llama.cpp's server
+/// (`repeat_penalty`, `repeat_last_n`) read; these servers ignore the names they do
+/// not know. See [`super::ReplicaConfig::forward_repeat_penalty`] for why it is off
+/// by default.
+pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOptions, repeat_penalty: bool) -> Value {
     let mut body = json!({
         "model": model,
         "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
@@ -29,12 +30,17 @@ pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOpt
         "top_p": options.top_p,
         "seed": options.seed,
     });
-    if options.repeat_penalty != 1.0 {
+    if repeat_penalty && options.repeat_penalty != 1.0 {
         body["repetition_penalty"] = json!(options.repeat_penalty);
         body["repeat_penalty"] = json!(options.repeat_penalty);
         body["repeat_last_n"] = json!(options.repeat_last_n);
     }
-    if !options.tools.is_empty() {
+    // A reply that may not call a tool is sent without them: llama.cpp's server
+    // still lays the tools out in the prompt under `"tool_choice": "none"`, and a
+    // small model then keeps writing calls as text (never spoken, so the caller
+    // hears nothing). The prompt's tools block already changes between rounds as
+    // ids become known, so a replica's prefix cache loses nothing more by this.
+    if !options.tools.is_empty() && options.tool_choice != ToolChoice::None {
         // The tools as they may be called now: ids narrowed to the known ones
         // (servers that constrain tool calls with the schema, such as llama.cpp's
         // with --jinja, then cannot invent one).
@@ -390,7 +396,9 @@ mod tests {
             tools: vec![ToolSpec { name: "lookup".into(), description: "Find a member".into(), parameters: json!({"type": "object"}) }],
             ..GenerateOptions::default()
         };
-        let body = request_body("qwen", &messages, &options);
+        let body = request_body("qwen", &messages, &options, false);
+        assert!(body.get("repeat_penalty").is_none(), "a penalty by default: {body}");
+        assert_eq!(request_body("qwen", &messages, &options, true)["repeat_penalty"], json!(options.repeat_penalty));
         assert_eq!(body["stream"], true);
         assert_eq!(body["model"], "qwen");
         assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["arguments"], "{\"member_id\":\"1001\"}");
@@ -400,7 +408,7 @@ mod tests {
         assert_eq!(body["tools"][0]["function"]["name"], "lookup");
         assert_eq!(body["tool_choice"], "auto");
         assert!(body["messages"][0].get("tool_calls").is_none());
-        let plain = request_body("qwen", &messages[..2], &GenerateOptions { repeat_penalty: 1.0, ..GenerateOptions::default() });
+        let plain = request_body("qwen", &messages[..2], &GenerateOptions { repeat_penalty: 1.0, ..GenerateOptions::default() }, true);
         assert!(plain.get("tools").is_none() && plain.get("repetition_penalty").is_none());
     }
 }
