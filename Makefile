@@ -16,7 +16,7 @@ run: build models
 
 test: build models llama-server
 	@$(CARGO) build --release --quiet -p parley-load
-	PARLEY_LLAMA_SERVER=$$(bash scripts/llama-server.sh) $(CARGO) test --workspace --release --quiet -- --test-threads 2
+	PARLEY_LLAMA_SERVER=$$(bash scripts/llama-server.sh) $(CARGO) test --workspace --release --quiet --no-fail-fast -- --test-threads 2
 	@PY=$$(bash scripts/python-env.sh) && $$PY -m pytest -q tests/python
 
 setup:
