@@ -214,7 +214,7 @@ mod tests {
     use super::*;
 
     fn fixture_speech() -> Vec<f32> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+        let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../audio/tests/fixtures/speech16k.wav");
         let (samples, _) = parley_audio::wav::read_wav(&path).expect("fixture");
         samples[14_400..46_400].to_vec()
     }

@@ -28,6 +28,7 @@ mod events;
 mod ids;
 mod input;
 mod pacing;
+mod parrot;
 mod reply_text;
 mod response;
 mod settings;

@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, warn};
 
 use crate::events::{AgentEvent, ErrorCode, ResponseStatus};
 use crate::pacing::PlayClock;
+use crate::parrot::Parrot;
 use crate::settings::{PacingSettings, ToolPolicy};
 use crate::tools::{CallScope, ToolError, ToolRegistry};
 use crate::Engines;
@@ -155,6 +156,7 @@ pub async fn run(
     let (text_tx, text_rx) = mpsc::channel::<TextPiece>(TEXT_QUEUE);
     let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
+    let parrot = Arc::new(Parrot::for_messages(&job.messages));
 
     let think = tokio::spawn(
         think(
@@ -168,11 +170,12 @@ pub async fn run(
             reports,
             cancel.clone(),
             first_token_at.clone(),
+            parrot.clone(),
         )
         .in_current_span(),
     );
 
-    let chunker = tokio::spawn(chunk_phrases(text_rx, phrase_tx, cancel.clone()).in_current_span());
+    let chunker = tokio::spawn(chunk_phrases(text_rx, phrase_tx, parrot, cancel.clone()).in_current_span());
     let synth = tokio::spawn(
         synthesize_phrases(phrase_rx, frame_tx, engines.clone(), job.output_format, job.pacing, events.clone(), cancel.clone())
             .in_current_span(),
@@ -230,8 +233,11 @@ async fn think(
     reports: mpsc::Sender<ToolReport>,
     cancel: CancellationToken,
     first_token: Arc<OnceLock<Instant>>,
+    parrot: Arc<Parrot>,
 ) -> Result<GenerationStats, String> {
     let mut total = GenerationStats::default();
+    // Whether any round said something to the caller (not JSON, not a repeat).
+    let mut spoke = false;
     let registry = &tools.registry;
     // Calls run in this response and their results: a repeat is answered from here.
     let mut answered: Vec<(ToolCall, String)> = Vec::new();
@@ -249,9 +255,15 @@ async fn think(
             }
             Err(e) => return Err(e.to_string()),
         };
-        if stats.tool_calls.is_empty() && !retried && round > 1 && !is_speech(&said) {
+        let repeated = parrot.repeats(&said);
+        spoke |= is_speech(&said) && !repeated;
+        if stats.tool_calls.is_empty() && !retried && ((round > 1 && !is_speech(&said)) || repeated) {
             // After a tool result the small model sometimes echoes JSON instead of
-            // speaking (the guard keeps that from being spoken); ask once more, plainly.
+            // speaking, or it reads the caller's line back (the guards keep either
+            // from being spoken); ask once more, plainly.
+            if repeated {
+                debug!("the reply only repeated the caller or an example; asking again");
+            }
             retried = true;
             round -= 1;
             messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
@@ -264,6 +276,9 @@ async fn think(
             total.tool_calls.extend(stats.tool_calls.iter().cloned());
         }
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
+            if !spoke {
+                say_last_result(&answered, &text, &cancel).await;
+            }
             return Ok(total);
         }
         // A call to a tool nobody offered (the 0.5B model invents `say_hello`) is
@@ -376,15 +391,8 @@ async fn think(
             String::new()
         }
     };
-    if !is_speech(&said) && !cancel.is_cancelled() {
-        // The model still wrote no words (an engine that cannot forbid calls, and a
-        // model that writes them as text anyway): the caller hears the last result's
-        // own spoken sentence rather than silence.
-        if let Some(say) = answered.iter().rev().find_map(|(_, output)| spoken_sentence(output)) {
-            debug!("no words after the tool results; speaking the last result's say sentence");
-            let _ = text.send(TextPiece::Text(say)).await;
-            let _ = text.send(TextPiece::SegmentEnd).await;
-        }
+    if !spoke && !(is_speech(&said) && !parrot.repeats(&said)) {
+        say_last_result(&answered, &text, &cancel).await;
     }
     Ok(total)
 }
@@ -400,6 +408,31 @@ const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short 
 fn asks_uninterruptible(output: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v.get("uninterruptible").and_then(serde_json::Value::as_bool) == Some(true))
 }
+
+/// When the model said nothing worth hearing (JSON an engine could not forbid, a
+/// repeat of the caller), the caller hears the last tool result's own spoken
+/// sentence, or with none, [`SAY_AGAIN`], rather than silence.
+async fn say_last_result(answered: &[(ToolCall, String)], text: &mpsc::Sender<TextPiece>, cancel: &CancellationToken) {
+    if cancel.is_cancelled() {
+        return;
+    }
+    let line = match answered.iter().rev().find_map(|(_, output)| spoken_sentence(output)) {
+        Some(say) => {
+            debug!("no words from the model after the tool results; speaking the last result's say sentence");
+            say
+        }
+        None => {
+            debug!("no words from the model; asking the caller to say it again");
+            SAY_AGAIN.to_string()
+        }
+    };
+    let _ = text.send(TextPiece::Text(line)).await;
+    let _ = text.send(TextPiece::SegmentEnd).await;
+}
+
+/// Said when the model had nothing to say and no tool result speaks for it: the
+/// caller is never left in silence.
+const SAY_AGAIN: &str = "Sorry, I didn't quite get that. Could you say it another way?";
 
 /// A tool result's `say` sentence, which tools built for voice put in every result.
 fn spoken_sentence(output: &str) -> Option<String> {
@@ -446,12 +479,6 @@ fn outside_json(text: &str) -> String {
         }
     }
     out
-}
-
-/// A whole JSON object or array, as the model sometimes echoes a tool result.
-fn looks_like_json(text: &str) -> bool {
-    let t = text.trim();
-    (t.starts_with('{') || t.starts_with('[')) && serde_json::from_str::<serde_json::Value>(t).is_ok()
 }
 
 /// The server's tools and the call's memory they share.
@@ -548,7 +575,7 @@ async fn generate(
 /// JSON: data is never read out to a caller. Each phrase gets a last look
 /// ([`crate::reply_text::speakable`]): glued sentences mended, codes spelled out,
 /// text addressed to the model dropped.
-async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sender<PhrasePiece>, cancel: CancellationToken) {
+async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sender<PhrasePiece>, parrot: Arc<Parrot>, cancel: CancellationToken) {
     /// Where the current generation's text stands.
     enum Segment {
         /// Only whitespace so far.
@@ -557,6 +584,10 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
         Speech,
         /// Starts like JSON: held until the generation ends.
         Held(String),
+        /// So far word for word the caller's line or an example's
+        /// ([`Parrot::may_repeat`]): held until it parts from it, or dropped at the
+        /// end if it never does.
+        Repeating(String),
     }
     let mut chunker = PhraseChunker::new();
     let mut segment = Segment::Start(String::new());
@@ -589,13 +620,15 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
                         held.push_str(piece);
                         Segment::Held(held)
                     }
-                    Segment::Start(mut start) => {
+                    Segment::Start(mut start) | Segment::Repeating(mut start) => {
                         start.push_str(piece);
                         let t = start.trim_start();
                         if t.starts_with('{') || t.starts_with('[') {
                             Segment::Held(start)
                         } else if t.is_empty() {
                             Segment::Start(start)
+                        } else if parrot.may_repeat(t) {
+                            Segment::Repeating(start)
                         } else {
                             ready.extend(chunker.push(&start));
                             Segment::Speech
@@ -609,11 +642,14 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
             // The next generation (after a tool round) starts a new sentence.
             ready.extend(chunker.push(" "));
         }
-        if ended && let Segment::Held(held) = std::mem::replace(&mut segment, Segment::Start(String::new())) {
-            if looks_like_json(&held) {
-                debug!(chars = held.len(), "dropped a JSON reply instead of speaking it");
-            } else {
-                ready.extend(chunker.push(&held));
+        if ended {
+            match std::mem::replace(&mut segment, Segment::Start(String::new())) {
+                Segment::Held(held) if !is_speech(&held) => debug!(chars = held.len(), "dropped a JSON reply instead of speaking it"),
+                // Words around the JSON: only the words are said.
+                Segment::Held(held) => ready.extend(chunker.push(&outside_json(&held))),
+                Segment::Repeating(held) if parrot.repeats(&held) => debug!(chars = held.len(), "dropped a reply that only repeated the caller or an example"),
+                Segment::Repeating(held) => ready.extend(chunker.push(&held)),
+                Segment::Start(_) | Segment::Speech => {}
             }
         }
         if piece.is_none() {
@@ -871,6 +907,18 @@ pub fn lock(clock: &Mutex<PlayClock>) -> std::sync::MutexGuard<'_, PlayClock> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_reply_that_repeats_the_caller_is_not_spoken() {
+        let parrot = Parrot::for_messages(&[ChatMessage::new(parley_llm::Role::User, "Please refill my prescription R X one.")]);
+        let echo = vec![text("Please "), text("refill my "), text("prescription R X one."), TextPiece::SegmentEnd];
+        assert!(phrases_guarded(echo, parrot.clone()).await.is_empty());
+        // One that parts from the caller's words is spoken whole, from its start.
+        let reply = vec![text("Please "), text("refill my "), text("order? I can help."), TextPiece::SegmentEnd];
+        let said: Vec<PhrasePiece> = phrases_guarded(reply, parrot).await;
+        let said: String = said.iter().filter_map(|p| if let PhrasePiece::Phrase(t) = p { Some(t.as_str()) } else { None }).collect::<Vec<_>>().join(" ");
+        assert!(said.starts_with("Please refill my order?"), "{said}");
+    }
+
     #[test]
     fn speech_is_what_is_left_outside_json() {
         // Two values one after another (a call, then an echoed result): no speech.
@@ -894,13 +942,17 @@ mod tests {
     }
 
     async fn phrases_of(pieces: Vec<TextPiece>) -> Vec<PhrasePiece> {
+        phrases_guarded(pieces, Parrot::default()).await
+    }
+
+    async fn phrases_guarded(pieces: Vec<TextPiece>, parrot: Parrot) -> Vec<PhrasePiece> {
         let (text_tx, text_rx) = mpsc::channel(64);
         let (phrase_tx, mut phrase_rx) = mpsc::channel(64);
         for piece in pieces {
             text_tx.send(piece).await.expect("queue");
         }
         drop(text_tx);
-        chunk_phrases(text_rx, phrase_tx, CancellationToken::new()).await;
+        chunk_phrases(text_rx, phrase_tx, Arc::new(parrot), CancellationToken::new()).await;
         let mut out = Vec::new();
         while let Ok(piece) = phrase_rx.try_recv() {
             out.push(piece);

@@ -130,7 +130,7 @@ async fn start_with(engines: Arc<Engines>, settings: SessionSettings) -> (CallHa
 
 /// The audio fixture (espeak speech, 1 s of silence each side) as PCM16 24 kHz bytes.
 fn speech_pcm24k() -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+    let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../audio/tests/fixtures/speech16k.wav");
     let (samples, rate) = parley_audio::wav::read_wav(&path).expect("fixture");
     let mut r = parley_audio::resample::StreamResampler::new(rate, 24_000).expect("resampler");
     let mut s = r.process(&samples);
@@ -284,7 +284,8 @@ impl LlmSession for RepeatingSession {
     fn generate(&mut self, messages: &[ChatMessage], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> ControlFlow<()>) -> Result<GenerationStats, LlmError> {
         let mut stats = GenerationStats::default();
         let calls = messages.iter().map(|m| m.tool_calls.len()).sum::<usize>();
-        if let Some(tool) = options.tools.first().filter(|_| calls < 3) {
+        // Like a real engine, it calls nothing when calls are not allowed.
+        if let Some(tool) = options.tools.first().filter(|_| calls < 3 && options.tool_choice != parley_llm::ToolChoice::None) {
             stats.tool_calls.push(ToolCall { id: format!("call_{calls}"), name: tool.name.clone(), arguments: serde_json::json!({"member_id": "1001"}) });
             return Ok(stats);
         }
@@ -458,7 +459,7 @@ impl Synthesizer for SpeechTts {
 
 /// The fixture's speech (0.9–2.9 s), 16 kHz.
 fn fixture_speech() -> Vec<f32> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+    let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../audio/tests/fixtures/speech16k.wav");
     let (samples, _) = parley_audio::wav::read_wav(&path).expect("fixture");
     samples[14_400..46_400].to_vec()
 }

@@ -172,9 +172,9 @@ mod tests {
     use super::*;
 
     fn speech() -> Vec<f32> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/speech16k.wav");
+        let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("tests/fixtures/speech16k.wav");
         // The fixture's speech runs from 0.9 s to 2.95 s.
-        crate::wav::read_wav(std::path::Path::new(path)).expect("fixture").0[14_400..47_200].to_vec()
+        crate::wav::read_wav(&path).expect("fixture").0[14_400..47_200].to_vec()
     }
 
     /// Plays `played` from `t0`, then returns input that is the reference delayed by

@@ -18,7 +18,7 @@ const SPEECH_START_MS: u64 = 1000;
 const SPEECH_END_MS: u64 = 2970;
 
 fn speech() -> Vec<f32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/speech16k.wav");
+    let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("tests/fixtures/speech16k.wav");
     let (samples, rate) = read_wav(&path).unwrap();
     assert_eq!(rate, 16_000);
     samples

@@ -10,6 +10,12 @@
 //! left out of what the model may call (the prompt still shows it, so the KV cache
 //! of the system prompt stays shared). The embedded engine enforces the narrowed
 //! schemas with its grammar; remote replicas get them as their tools' parameters.
+//!
+//! A tool can also wait for another: `"x-parley-after": "verify_member"` on its
+//! parameters makes it callable only once the conversation holds a result of that
+//! tool that is not an error (a JSON object without an `error` key). With it, a
+//! desk's look-ups cannot be the first call of a caller who has not proved who they
+//! are: the check is the only call the model can make.
 
 use regex::RegexBuilder;
 use serde_json::{Map, Value};
@@ -19,14 +25,24 @@ use crate::{ChatMessage, GenerateOptions, Role, ToolChoice, ToolSpec};
 /// The annotation that asks for a parameter to be narrowed to known values.
 pub const KNOWN: &str = "x-parley-known";
 
+/// The annotation (on a tool's parameters) that names the tool whose successful
+/// result must come first.
+pub const AFTER: &str = "x-parley-after";
+
 /// The tools as they may be called after `messages`: each known-id parameter an
 /// `enum` of the values the conversation holds, in the order they appeared; tools
 /// whose required ids have none are dropped. Tools without annotations are kept as
 /// they are (minus our annotations).
 pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
     let mut heard: Option<Vec<String>> = None;
+    let mut succeeded: Option<Vec<String>> = None;
     let mut out = Vec::with_capacity(tools.len());
     'tools: for tool in tools {
+        if let Some(first) = tool.parameters.get(AFTER).and_then(Value::as_str)
+            && !succeeded.get_or_insert_with(|| succeeded_tools(messages)).iter().any(|t| t == first)
+        {
+            continue;
+        }
         let mut parameters = tool.parameters.clone();
         if let Some(Value::Object(properties)) = parameters.get_mut("properties") {
             let required: Vec<String> = tool
@@ -73,6 +89,17 @@ pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<Tool
             narrow(&named, messages)
         }
     }
+}
+
+/// Names of the tools whose calls in `messages` have a result that is not an error.
+fn succeeded_tools(messages: &[ChatMessage]) -> Vec<String> {
+    let ok_results: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == Role::Tool)
+        .filter(|m| serde_json::from_str::<Value>(&m.content).is_ok_and(|v| v.is_object() && v.get("error").is_none()))
+        .filter_map(|m| m.tool_call_id.as_deref())
+        .collect();
+    messages.iter().flat_map(|m| &m.tool_calls).filter(|c| ok_results.contains(&c.id.as_str())).map(|c| c.name.clone()).collect()
 }
 
 /// The tools as the prompt shows them: our annotations removed.
@@ -177,6 +204,28 @@ mod tests {
                 "required": ["order_id"]
             }),
         }
+    }
+
+    #[test]
+    fn a_tool_that_waits_for_another_is_callable_only_after_its_success() {
+        let verify = ToolSpec { name: "verify_member".into(), description: String::new(), parameters: json!({"type": "object", "properties": {}}) };
+        let orders = ToolSpec {
+            name: "list_orders".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {}, "x-parley-after": "verify_member"}),
+        };
+        let tools = [verify, orders];
+        let names = |m: &[ChatMessage]| narrow(&tools, m).into_iter().map(|t| t.name).collect::<Vec<_>>();
+        let call = |id: &str| ChatMessage::tool_calls("", vec![ToolCall { id: id.into(), name: "verify_member".into(), arguments: json!({}) }]);
+        let mut messages = vec![ChatMessage::new(Role::User, "my member ID is 1001")];
+        assert_eq!(names(&messages), ["verify_member"]);
+        // A failed check does not open it.
+        messages.extend([call("c1"), ChatMessage::tool_result("c1", r#"{"error": "no match"}"#)]);
+        assert_eq!(names(&messages), ["verify_member"]);
+        messages.extend([call("c2"), ChatMessage::tool_result("c2", r#"{"verified": true}"#)]);
+        assert_eq!(names(&messages), ["verify_member", "list_orders"]);
+        // The annotation is not shown to the model.
+        assert!(narrow(&tools, &messages)[1].parameters.get("x-parley-after").is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 """Starts one real `parley serve` on a free port for the Python client tests."""
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -18,15 +19,20 @@ def parley_bin() -> str:
     return str(pathlib.Path(target) / "release" / "parley")
 
 
-@pytest.fixture(scope="session")
-def server():
-    env = dict(os.environ)
-    env.setdefault("PARLEY_LOG", "warn")
+@contextlib.contextmanager
+def running_parley(*args, env=None, stderr=None, ready=None):
+    """Runs `parley serve --listen 127.0.0.1:0 ARGS` until the block ends: waits
+    for its address, then until `ready(addr)` is true (by default, until /readyz
+    answers 200), and yields the address. One start-up for every test file."""
+    full_env = dict(os.environ)
+    full_env.setdefault("PARLEY_LOG", "warn")
+    full_env.update(env or {})
     proc = subprocess.Popen(
-        [parley_bin(), "serve", "--listen", "127.0.0.1:0"],
+        [parley_bin(), "serve", "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
-        env=env,
+        env=full_env,
     )
     try:
         addr = None
@@ -36,13 +42,8 @@ def server():
                 break
         assert addr, "parley exited before listening"
         deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{addr}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+        while not (ready or readyz)(addr):
+            assert proc.poll() is None, f"parley exited with {proc.returncode} before it was ready"
             assert time.time() < deadline, "parley did not become ready"
             time.sleep(0.2)
         yield addr
@@ -52,3 +53,18 @@ def server():
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def readyz(addr) -> bool:
+    """True once the server's models are loaded."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server():
+    with running_parley() as addr:
+        yield addr

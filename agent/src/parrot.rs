@@ -1,0 +1,117 @@
+//! Replies that only repeat a line back: the caller's last words, or a caller's line
+//! from the prompt's examples. A small model does this when it does not know what to
+//! say ("Yes, please go ahead with that refill." from an example; the caller's own
+//! "Please refill my prescription." read back to them). Such a reply is held while it
+//! still could be a repeat, and dropped if it was one, so the agent can try again.
+
+use parley_llm::{ChatMessage, Role};
+
+/// Fewest words a repeat must have to be dropped: "Yes." or "Thank you." said back
+/// may be a fine reply.
+const MIN_WORDS: usize = 3;
+
+/// The lines a reply must not merely repeat, as lowercase words.
+#[derive(Debug, Default, Clone)]
+pub struct Parrot {
+    lines: Vec<Vec<String>>,
+}
+
+impl Parrot {
+    /// The caller's last message, and each example caller line (`Caller: …`) of the
+    /// system prompt.
+    pub fn for_messages(messages: &[ChatMessage]) -> Self {
+        let mut lines: Vec<Vec<String>> = Vec::new();
+        if let Some(user) = messages.iter().rev().find(|m| m.role == Role::User) {
+            lines.push(words(&user.content).0);
+        }
+        for system in messages.iter().filter(|m| m.role == Role::System) {
+            for line in system.content.lines() {
+                if let Some(example) = line.strip_prefix("Caller: ") {
+                    lines.push(words(example).0);
+                }
+            }
+        }
+        lines.retain(|l| l.len() >= MIN_WORDS);
+        Self { lines }
+    }
+
+    /// True while `text` (a reply so far, maybe ending inside a word) is the start of
+    /// one of the lines: it could still turn out to be a repeat.
+    pub fn may_repeat(&self, text: &str) -> bool {
+        let (said, partial) = words(text);
+        !said.is_empty() && self.lines.iter().any(|line| starts(line, &said, partial))
+    }
+
+    /// True when the whole reply is one of the lines, or at least its first
+    /// [`MIN_WORDS`] words and nothing else.
+    pub fn repeats(&self, text: &str) -> bool {
+        let (said, _) = words(text);
+        said.len() >= MIN_WORDS && self.lines.iter().any(|line| starts(line, &said, false))
+    }
+}
+
+/// Whether `said` begins `line`; with `partial`, its last word may be unfinished.
+fn starts(line: &[String], said: &[String], partial: bool) -> bool {
+    if said.len() > line.len() {
+        return false;
+    }
+    let whole = if partial { said.len() - 1 } else { said.len() };
+    line[..whole] == said[..whole] && (!partial || line[whole].starts_with(&said[whole]))
+}
+
+/// The text's words, lowercase (letters, digits, apostrophes; "your" and "you" as
+/// "my" and "I"), and whether the last one may be cut short (the text ends inside it).
+fn words(text: &str) -> (Vec<String>, bool) {
+    let words: Vec<String> = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(|w| match w.to_lowercase().as_str() {
+            // Read back, "my prescription" becomes "your prescription".
+            "your" => "my".to_string(),
+            "you" => "i".to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    let partial = text.chars().last().is_some_and(|c| c.is_alphanumeric() || c == '\'');
+    (words, partial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parrot() -> Parrot {
+        Parrot::for_messages(&[
+            ChatMessage::new(Role::System, "Rules.\nExamples:\nCaller: Yes, please go ahead with that refill.\nYou: <tool_call>"),
+            ChatMessage::new(Role::User, "Hi. Is my order ready?"),
+            ChatMessage::new(Role::Assistant, "Your member ID, please."),
+            ChatMessage::new(Role::User, "Please refill my prescription R X one zero zero two."),
+        ])
+    }
+
+    #[test]
+    fn the_callers_last_line_and_the_examples_are_not_replies() {
+        let p = parrot();
+        assert!(p.repeats("Please refill my prescription R X one zero zero two."));
+        assert!(p.repeats("please refill my prescription"));
+        assert!(p.repeats("Please refill your prescription R X one zero zero two."));
+        assert!(p.repeats("Yes, please go ahead with that refill."));
+        // An earlier caller line is not guarded; short agreement is a fine reply.
+        assert!(!p.repeats("Hi. Is my order ready?"));
+        assert!(!p.repeats("Yes, please."));
+        assert!(!p.repeats("Please hold while I check your prescription."));
+    }
+
+    #[test]
+    fn a_reply_is_held_only_while_it_could_still_be_a_repeat() {
+        let p = parrot();
+        assert!(p.may_repeat("Ye"));
+        assert!(p.may_repeat("Yes, please go ahe"));
+        assert!(p.may_repeat("Please refill"));
+        assert!(!p.may_repeat("Please hold"));
+        assert!(!p.may_repeat("Sure"));
+        assert!(!p.may_repeat("   "));
+        // Past the end of every line.
+        assert!(!p.may_repeat("Yes, please go ahead with that refill. And"));
+    }
+}
