@@ -411,6 +411,6 @@ fn tool_calls_come_back_through_the_pool() {
             ControlFlow::Continue(())
         })
         .expect("the answer after the tool result");
-    assert!(has(&answer, "process"), "answered {answer:?}");
+    assert!(words(&answer).iter().any(|w| w.starts_with("process")), "answered {answer:?}");
     assert_eq!(pool.replica_stats()[0].requests, 2);
 }
