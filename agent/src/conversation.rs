@@ -54,6 +54,10 @@ impl Item {
 pub const AFTER_TOOL_NUDGE: &str =
     "Now answer the caller in one to three short spoken sentences from the tool result (its \"say\" sentence, when it has one). Do not show JSON.";
 
+/// How an interrupted reply is marked for the model. Models copy it into their next
+/// reply; [`crate::reply_text::speakable`] takes it out again.
+pub const INTERRUPTED_MARK: &str = "[interrupted by the caller]";
+
 /// The ordered items of one call. Only the call's own task touches it.
 #[derive(Debug, Default)]
 pub struct Conversation {
@@ -122,7 +126,7 @@ impl Conversation {
                         push_text(&mut out, Role::Assistant, text);
                     }
                     let Some(text) = text.as_deref().map(str::trim).filter(|t| !t.is_empty()) else { continue };
-                    let text = if *interrupted { format!("{text} [interrupted by the caller]") } else { text.to_string() };
+                    let text = if *interrupted { format!("{text} {INTERRUPTED_MARK}") } else { text.to_string() };
                     let calls_follow = matches!(self.items.get(i + 1).map(|n| &n.content), Some(ItemContent::FunctionCall(_)));
                     match role {
                         ItemRole::Assistant if calls_follow => held = Some(text),

@@ -12,6 +12,12 @@ const MODEL_DIRECTED: &[&str] =
 
 /// The phrase as it should be spoken, or `None` when it must not be spoken at all.
 pub fn speakable(phrase: &str) -> Option<String> {
+    // The model copying the history's interruption mark says what came before it.
+    let unmarked = phrase.replace(crate::conversation::INTERRUPTED_MARK, "");
+    let phrase = unmarked.trim();
+    if phrase.is_empty() {
+        return None;
+    }
     let lower = phrase.to_lowercase();
     if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) {
         tracing::debug!(phrase, "dropped a phrase addressed to the model");
@@ -44,6 +50,12 @@ fn spell_code(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copied_interruption_mark_is_taken_out() {
+        assert_eq!(speakable("A dragon, a [interrupted by the caller]").as_deref(), Some("A dragon, a"));
+        assert_eq!(speakable(" [interrupted by the caller] "), None);
+    }
 
     #[test]
     fn codes_are_spelled_and_glued_sentences_mended() {
