@@ -864,8 +864,14 @@ async fn pace_frames(
             at
         };
         {
+            // The echo check compares the caller's input with what the caller plays:
+            // the decoded payload for the stateless formats (G.711's quantization
+            // included), the frame itself for Opus (a second decoder per call would
+            // cost more than the codec's small difference is worth).
+            let decoded = if job.output_format.is_stateful() { None } else { job.output_format.decode(&audio).ok() };
+            let played = decoded.as_deref().unwrap_or(&frame.samples);
             let mut echo = playback.echo.lock().unwrap_or_else(|p| p.into_inner());
-            echo.push_played(&frame.samples, job.output_format.sample_rate(), plays_at);
+            echo.push_played(played, job.output_format.sample_rate(), plays_at);
         }
         sent.first_audio_at.get_or_insert_with(Instant::now);
         let delta = AgentEvent::AudioDelta { response_id: response_id.into(), item_id: item_id.into(), audio };
