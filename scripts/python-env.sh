@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) the Python environment the client tests use: the official openai
-# SDK, websockets and pytest at pinned versions. Prints the venv's python path.
+# SDK, websockets, pytest and PyAV (FFmpeg's Opus codecs, a decoder that is not
+# Parley's) at pinned versions. Prints the venv's python path.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PARLEY_VENV:-$HOME/.cache/parley/venv}

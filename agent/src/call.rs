@@ -17,7 +17,7 @@ use crate::events::{AgentEvent, CallInput, ErrorCode, ResponseStatus, TurnMetric
 use crate::ids::new_id;
 use crate::input::{InputAudio, InputEvent};
 use crate::pacing::PlayClock;
-use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedSession, ToolReport};
+use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedEncoder, SharedSession, ToolReport};
 use crate::settings::{ResponseOptions, SessionSettings};
 use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
 use crate::turns::{Barge, EarlyTranscript, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots};
@@ -228,6 +228,9 @@ struct CallState {
     events: mpsc::Sender<AgentEvent>,
     cancel: CancellationToken,
     input: InputAudio,
+    /// The call's one output encoder, lent to every response (an Opus stream spans
+    /// the whole call); a new one only when the output format changes.
+    encoder: SharedEncoder,
     conversation: Conversation,
     session: SharedSession,
     response: Option<ActiveResponse>,
@@ -276,6 +279,10 @@ impl CallState {
             Ok(i) => i,
             Err(e) => return Err((events, format!("cannot set up input audio: {e}"))),
         };
+        let encoder = match settings.output_format.encoder() {
+            Ok(e) => Arc::new(Mutex::new(e)),
+            Err(e) => return Err((events, format!("cannot set up output audio: {e}"))),
+        };
         let session = Arc::new(Mutex::new(engines.llm.new_session()));
         let (transcribed_tx, transcribed_rx) = mpsc::channel(16);
         let (reports_tx, reports_rx) = mpsc::channel(64);
@@ -286,6 +293,7 @@ impl CallState {
             events,
             cancel,
             input,
+            encoder,
             conversation: Conversation::default(),
             session,
             response: None,
@@ -408,9 +416,24 @@ impl CallState {
             }
             CallInput::Update(settings) => {
                 let vad = settings.turn_detection.as_ref().map(|t| t.vad.clone());
+                // A reply already playing keeps the encoder it was given.
+                let encoder = if settings.output_format == self.settings.output_format {
+                    None
+                } else {
+                    match settings.output_format.encoder() {
+                        Ok(e) => Some(Arc::new(Mutex::new(e))),
+                        Err(e) => {
+                            self.error(ErrorCode::InvalidAudio, format!("cannot use that output format: {e}")).await;
+                            return;
+                        }
+                    }
+                };
                 if let Err(e) = self.input.reconfigure(settings.input_format, vad, settings.max_buffer_ms) {
                     self.error(ErrorCode::InvalidAudio, format!("cannot use that input format: {e}")).await;
                     return;
+                }
+                if let Some(encoder) = encoder {
+                    self.encoder = encoder;
                 }
                 self.settings = *settings;
                 self.emit(AgentEvent::SessionUpdated(Box::new(self.settings.clone()))).await;
@@ -853,6 +876,7 @@ impl CallState {
             messages: self.conversation.to_messages(&instructions),
             options,
             output_format: self.settings.output_format,
+            encoder: self.encoder.clone(),
             pacing: self.settings.pacing,
             tool_policy: self.settings.tool_policy.clone(),
             interruptible: request.interruptible,

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use parley_audio::codec::AudioDecoder;
 use parley_audio::format::AudioFormat;
 use parley_audio::resample::StreamResampler;
 use parley_audio::vad::{TurnDetector, TurnEvent, TurnSettings};
@@ -40,7 +41,8 @@ pub enum InputEvent {
 
 /// Input audio state of one call.
 pub struct InputAudio {
-    format: AudioFormat,
+    /// The call's one decoder: Opus packets decode only in order, through one state.
+    decoder: AudioDecoder,
     resampler: StreamResampler,
     detector: Option<TurnDetector>,
     prefix_padding_ms: u64,
@@ -62,7 +64,7 @@ impl InputAudio {
     pub fn new(format: AudioFormat, vad: Option<TurnSettings>, max_buffer_ms: u32) -> Result<Self, AudioError> {
         let prefix_padding_ms = vad.as_ref().map_or(0, |v| u64::from(v.prefix_padding_ms));
         Ok(Self {
-            format,
+            decoder: format.decoder()?,
             resampler: StreamResampler::new(format.sample_rate(), ASR_RATE)?,
             detector: vad.map(TurnDetector::new),
             prefix_padding_ms,
@@ -75,12 +77,14 @@ impl InputAudio {
         })
     }
 
-    /// Applies new settings; keeps the stream position, restarts the detector and
-    /// the resampler if the format changed.
+    /// Applies new settings; keeps the stream position, restarts the detector, and
+    /// the decoder and resampler if the format changed (a new Opus stream starts
+    /// with a fresh decoder; the same format keeps its decoder's state).
     pub fn reconfigure(&mut self, format: AudioFormat, vad: Option<TurnSettings>, max_buffer_ms: u32) -> Result<(), AudioError> {
-        if format != self.format {
-            self.resampler = StreamResampler::new(format.sample_rate(), ASR_RATE)?;
-            self.format = format;
+        if format != self.decoder.format() {
+            let resampler = StreamResampler::new(format.sample_rate(), ASR_RATE)?;
+            self.decoder = format.decoder()?;
+            self.resampler = resampler;
         }
         self.prefix_padding_ms = vad.as_ref().map_or(0, |v| u64::from(v.prefix_padding_ms));
         match (&mut self.detector, vad) {
@@ -101,9 +105,9 @@ impl InputAudio {
         self.detector.as_ref().is_some_and(TurnDetector::in_speech)
     }
 
-    /// Decodes and processes one chunk of wire audio.
+    /// Decodes and processes one chunk of wire audio (for Opus, exactly one packet).
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<InputEvent>, AudioError> {
-        let decoded = self.format.decode(bytes)?;
+        let decoded = self.decoder.decode(bytes)?;
         let samples = self.resampler.process(&decoded);
         let arrived = Instant::now();
         self.last_arrival = arrived;

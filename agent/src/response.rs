@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use parley_audio::codec::AudioEncoder;
 use parley_audio::echo::EchoReference;
 use parley_audio::format::AudioFormat;
 use parley_audio::frame::Framer;
@@ -37,6 +38,10 @@ const FRAME_QUEUE: usize = 50;
 /// A call's LLM session, shared between the call and the thread generating.
 pub type SharedSession = Arc<Mutex<Box<dyn LlmSession>>>;
 
+/// A call's output encoder, owned by the call and lent to each response: Opus
+/// packets of every reply continue one stream, as the caller's one decoder expects.
+pub type SharedEncoder = Arc<Mutex<AudioEncoder>>;
+
 /// What a response needs to run.
 pub struct ResponseJob {
     pub response_id: String,
@@ -45,6 +50,9 @@ pub struct ResponseJob {
     /// Sampling settings; `options.tools` holds every tool offered (server and client).
     pub options: GenerateOptions,
     pub output_format: AudioFormat,
+    /// The call's encoder for `output_format`. Frames are encoded as they are sent,
+    /// so audio a barge-in drops never advances it past what the caller received.
+    pub encoder: SharedEncoder,
     pub pacing: PacingSettings,
     /// Timeouts, holding phrase and round limit of the tool loop.
     pub tool_policy: ToolPolicy,
@@ -102,7 +110,8 @@ pub struct ResponseOutcome {
 
 /// A phrase's audio cut into frames; the first frame carries the phrase text.
 struct Frame {
-    audio: Vec<u8>,
+    /// Samples at the output format's rate, encoded only when the frame is sent.
+    samples: Vec<f32>,
     ms: f64,
     phrase: Option<(String, f64)>,
     /// From this frame on the reply may not be interrupted.
@@ -110,9 +119,17 @@ struct Frame {
 }
 
 impl Frame {
-    fn audio(audio: Vec<u8>, ms: f64, phrase: Option<(String, f64)>) -> Self {
-        Self { audio, ms, phrase, uninterruptible: false }
+    fn audio(samples: Vec<f32>, ms: f64, phrase: Option<(String, f64)>) -> Self {
+        Self { samples, ms, phrase, uninterruptible: false }
     }
+}
+
+/// Samples per outbound frame and the frame's duration in ms: the pacing setting,
+/// except for Opus, whose every frame is one 20 ms packet.
+fn frame_size(format: AudioFormat, pacing: PacingSettings) -> (usize, f64) {
+    let rate = format.sample_rate();
+    let len = (rate as usize * format.frame_ms(pacing.frame_ms) as usize / 1000).max(1);
+    (len, len as f64 * 1000.0 / f64::from(rate))
 }
 
 /// What the model's side sends the chunker. Control marks are variants, not text,
@@ -686,8 +703,7 @@ async fn synthesize_phrases(
             return None;
         }
     };
-    let frame_len = (out_rate as usize * pacing.frame_ms as usize / 1000).max(1);
-    let frame_ms = frame_len as f64 * 1000.0 / f64::from(out_rate);
+    let (frame_len, frame_ms) = frame_size(format, pacing);
     let mut framer = Framer::new(frame_len);
     let mut first_tts_ms = None;
     loop {
@@ -733,7 +749,7 @@ async fn synthesize_phrases(
         let converted = resampler.process(&samples);
         let mut marker = Some((phrase, duration_ms));
         for frame in framer.push(&converted) {
-            let f = Frame::audio(format.encode(&frame), frame_ms, marker.take());
+            let f = Frame::audio(frame, frame_ms, marker.take());
             if frames.send(f).await.is_err() {
                 return first_tts_ms;
             }
@@ -750,7 +766,7 @@ async fn synthesize_phrases(
     let mut last = framer.push(&tail);
     last.extend(framer.flush());
     for frame in last {
-        if frames.send(Frame::audio(format.encode(&frame), frame_ms, None)).await.is_err() {
+        if frames.send(Frame::audio(frame, frame_ms, None)).await.is_err() {
             break;
         }
     }
@@ -771,8 +787,7 @@ async fn play_back(audio: Vec<f32>, job: &ResponseJob, events: &mpsc::Sender<Age
                 Ok(r) => r,
                 Err(e) => return Err(format!("cannot resample the echo: {e}")),
             };
-            let frame_len = (out_rate as usize * pacing.frame_ms as usize / 1000).max(1);
-            let frame_ms = frame_len as f64 * 1000.0 / f64::from(out_rate);
+            let (frame_len, frame_ms) = frame_size(format, pacing);
             let duration_ms = audio.len() as f64 * 1000.0 / f64::from(crate::input::ASR_RATE);
             let mut framer = Framer::new(frame_len);
             let mut converted = resampler.process(&audio);
@@ -781,7 +796,7 @@ async fn play_back(audio: Vec<f32>, job: &ResponseJob, events: &mpsc::Sender<Age
             frames.extend(framer.flush());
             let mut marker = Some((text, duration_ms));
             for frame in frames {
-                if frame_tx.send(Frame::audio(format.encode(&frame), frame_ms, marker.take())).await.is_err() {
+                if frame_tx.send(Frame::audio(frame, frame_ms, marker.take())).await.is_err() {
                     break;
                 }
             }
@@ -857,25 +872,45 @@ async fn pace_frames(
                 return sent;
             }
         }
-        if frame.audio.is_empty() {
+        if frame.samples.is_empty() {
             continue;
         }
         // A pause that began while this frame waited holds it too.
         if !wait_while_paused(&mut playback.paused, clock, cancel).await || cancel.is_cancelled() {
             return sent;
         }
+        // Encoded now, not when synthesized: the call's encoder only ever sees the
+        // frames the caller receives, in order (one Opus packet per frame).
+        let encoded = job.encoder.lock().unwrap_or_else(|p| p.into_inner()).encode(&frame.samples);
+        let audio = match encoded {
+            Ok(audio) => audio,
+            Err(e) => {
+                warn!(error = %e, "cannot encode an output frame; skipping it");
+                let error = AgentEvent::Error { code: ErrorCode::ModelFailed, message: format!("cannot encode the reply audio: {e}") };
+                if events.send(error).await.is_err() {
+                    return sent;
+                }
+                continue;
+            }
+        };
         let plays_at = {
             let mut c = lock(clock);
             let at = c.next_play_at();
             c.sent(frame.ms);
             at
         };
-        if let Ok(samples) = job.output_format.decode(&frame.audio) {
+        {
+            // The echo check compares the caller's input with what the caller plays:
+            // the decoded payload for the stateless formats (G.711's quantization
+            // included), the frame itself for Opus (a second decoder per call would
+            // cost more than the codec's small difference is worth).
+            let decoded = if job.output_format.is_stateful() { None } else { job.output_format.decode(&audio).ok() };
+            let played = decoded.as_deref().unwrap_or(&frame.samples);
             let mut echo = playback.echo.lock().unwrap_or_else(|p| p.into_inner());
-            echo.push_played(&samples, job.output_format.sample_rate(), plays_at);
+            echo.push_played(played, job.output_format.sample_rate(), plays_at);
         }
         sent.first_audio_at.get_or_insert_with(Instant::now);
-        let delta = AgentEvent::AudioDelta { response_id: response_id.into(), item_id: item_id.into(), audio: frame.audio };
+        let delta = AgentEvent::AudioDelta { response_id: response_id.into(), item_id: item_id.into(), audio };
         if events.send(delta).await.is_err() {
             return sent;
         }

@@ -193,6 +193,54 @@ async fn server_vad_turn_is_transcribed_and_answered() {
     call.close().await;
 }
 
+/// The audio fixture as 20 ms Opus packets (48 kHz mono), one stream.
+fn speech_opus_packets() -> Vec<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../audio/tests/fixtures/speech16k.wav");
+    let (samples, rate) = parley_audio::wav::read_wav(&path).expect("fixture");
+    let mut r = parley_audio::resample::StreamResampler::new(rate, 48_000).expect("resampler");
+    let mut s = r.process(&samples);
+    s.extend(r.flush());
+    let mut encoder = AudioFormat::Opus.encoder().expect("encoder");
+    s.chunks(960).map(|frame| encoder.encode(frame).expect("encode")).collect()
+}
+
+#[tokio::test]
+async fn an_opus_call_hears_packets_and_replies_one_20_ms_packet_per_delta_in_one_stream() {
+    let settings = SessionSettings { input_format: AudioFormat::Opus, output_format: AudioFormat::Opus, ..SessionSettings::default() };
+    let (call, mut rx) = start(settings).await;
+    // A payload that is not Opus is refused; the call goes on.
+    call.send(CallInput::Audio(vec![0xFF, 0xFF, 0xFF, 0xFF])).await.expect("send");
+    let AgentEvent::Error { code, message } = next(&mut rx).await else { panic!("no error for a bad packet") };
+    assert_eq!(code, ErrorCode::InvalidAudio);
+    assert!(message.contains("Opus"), "{message}");
+    for packet in speech_opus_packets() {
+        call.send(CallInput::Audio(packet)).await.expect("send");
+    }
+    let first = until(&mut rx, is_done).await;
+    let kinds: Vec<&str> = first.iter().map(kind).collect();
+    assert!(kinds.contains(&"speech_started") && kinds.contains(&"transcript"), "{kinds:?}");
+    // A second reply continues the same Opus stream: one decoder takes both.
+    call.send(CallInput::UserText("and then?".into())).await.expect("send");
+    call.send(CallInput::CreateResponse).await.expect("send");
+    let second = until(&mut rx, is_done).await;
+    let mut decoder = AudioFormat::Opus.decoder().expect("decoder");
+    let mut decoded = Vec::new();
+    let mut packets = 0;
+    for event in first.iter().chain(&second) {
+        if let AgentEvent::AudioDelta { audio, .. } = event {
+            assert_eq!(opus::packet::get_nb_samples(audio, 48_000).expect("an Opus packet"), 960, "one 20 ms packet per delta");
+            let samples = decoder.decode(audio).expect("decodes in order");
+            assert_eq!(samples.len(), 960);
+            decoded.extend(samples);
+            packets += 1;
+        }
+    }
+    assert!(packets > 50, "only {packets} packets");
+    let rms = (decoded.iter().map(|s| s * s).sum::<f32>() / decoded.len() as f32).sqrt();
+    assert!(rms > 0.05, "the reply decodes to sound, not silence (rms {rms})");
+    call.close().await;
+}
+
 #[tokio::test]
 async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
     let (call, mut rx) = start(SessionSettings::default()).await;

@@ -1,7 +1,7 @@
 //! Audio plumbing for Parley: plain synchronous code, no async runtime.
 //!
 //! Every call's audio passes through this crate twice. Inbound, wire bytes are
-//! decoded ([`format`](mod@format)), resampled to the 16 kHz the models hear ([`resample`]),
+//! decoded ([`format`](mod@format), or a call's stateful [`codec`] for Opus), resampled to the 16 kHz the models hear ([`resample`]),
 //! and watched for turns ([`vad`]). Outbound, synthesized speech is resampled to
 //! the caller's rate, cut into real-time frames ([`frame`]) and encoded again.
 //! [`wav`] reads and writes files for the CLI caller and tests.
@@ -25,6 +25,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod error;
+pub mod codec;
 pub mod echo;
 pub mod format;
 pub mod frame;

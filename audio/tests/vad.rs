@@ -55,7 +55,7 @@ fn through_phone(audio: &[f32]) -> Vec<f32> {
     let mut down = StreamResampler::new(16_000, 8_000).unwrap();
     let mut narrow = down.process(audio);
     narrow.extend(down.flush());
-    let wire = AudioFormat::Pcmu.encode(&narrow);
+    let wire = AudioFormat::Pcmu.encode(&narrow).unwrap();
     let decoded = AudioFormat::Pcmu.decode(&wire).unwrap();
     let mut up = StreamResampler::new(8_000, 16_000).unwrap();
     let mut wide = up.process(&decoded);

@@ -346,9 +346,39 @@ impl Client {
 
     /// Sends PCM16 audio as one append.
     pub async fn append(&mut self, samples: &[f32]) -> Result<()> {
-        let bytes = parley_audio::pcm::encode_pcm16le(samples);
-        let audio = base64::engine::general_purpose::STANDARD.encode(bytes);
+        self.append_bytes(&parley_audio::pcm::encode_pcm16le(samples)).await
+    }
+
+    /// Sends a payload in the session's input format (one Opus packet, say) as one append.
+    pub async fn append_bytes(&mut self, payload: &[u8]) -> Result<()> {
+        let audio = base64::engine::general_purpose::STANDARD.encode(payload);
         self.send(json!({"type": "input_audio_buffer.append", "audio": audio})).await
+    }
+
+    /// Streams payloads of 20 ms each (Opus packets) in real time, one append per
+    /// payload, collecting events meanwhile. Stops early when `until` arrives.
+    pub async fn stream_packets(&mut self, packets: &[Vec<u8>], until: Option<&str>) -> Result<Option<Value>> {
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        for packet in packets {
+            ticker.tick().await;
+            self.append_bytes(packet).await?;
+            for v in self.drain().await? {
+                if until.is_some_and(|k| v["type"] == k) {
+                    return Ok(Some(v));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The raw payloads of a response's `response.output_audio.delta` events, in
+    /// order (one Opus packet each for an Opus session).
+    pub fn response_payloads(&self, response_id: &str) -> Result<Vec<Vec<u8>>> {
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "response.output_audio.delta" && e["response_id"] == response_id)
+            .map(|e| Ok(base64::engine::general_purpose::STANDARD.decode(e["delta"].as_str().unwrap_or(""))?))
+            .collect()
     }
 
     /// Next event, or an error after `timeout`.

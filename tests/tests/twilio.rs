@@ -60,7 +60,7 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// μ-law 8 kHz bytes of speech made at the test rate.
 fn mulaw(samples_24k: &[f32]) -> Vec<u8> {
     let at_8k = resample(samples_24k, RATE, 8000).expect("resample");
-    AudioFormat::Pcmu.encode(&at_8k)
+    AudioFormat::Pcmu.encode(&at_8k).expect("μ-law is stateless")
 }
 
 /// A message from the server and when it arrived.

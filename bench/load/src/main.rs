@@ -349,7 +349,7 @@ async fn twilio_call(addr: &str, script: &Script, chunk_ms: u64, until: Instant,
             _ = &mut deadline => break,
             _ = tick.tick() => {
                 let (samples, turn_end) = talker.next();
-                let payload = base64::engine::general_purpose::STANDARD.encode(AudioFormat::Pcmu.encode(&samples));
+                let payload = base64::engine::general_purpose::STANDARD.encode(AudioFormat::Pcmu.encode(&samples).context("encoding μ-law")?);
                 let media = json!({"event": "media", "sequenceNumber": seq.to_string(), "streamSid": sid,
                     "media": {"track": "inbound", "chunk": (seq - 1).to_string(), "timestamp": ((seq - 2) * chunk_ms).to_string(), "payload": payload}});
                 seq += 1;

@@ -164,7 +164,7 @@ impl Driver {
         let mut converted = resampler.process(&samples);
         converted.extend(resampler.flush());
         converted.extend(std::iter::repeat_n(0.0, format.sample_rate() as usize / 2));
-        Ok(format.encode(&converted))
+        format.encode(&converted).with_context(|| format!("encoding the caller's turn as {format:?} (eval calls speak a stateless format)"))
     }
 }
 

@@ -64,7 +64,7 @@ pub struct SessionPatch {
     pub instructions: Option<String>,
     /// GA: `audio.input` / `audio.output`.
     pub audio: Option<AudioPatch>,
-    /// Beta: `"pcm16" | "g711_ulaw" | "g711_alaw"`.
+    /// Beta: `"pcm16" | "g711_ulaw" | "g711_alaw" | "opus"` (`opus`: Parley's extension).
     pub input_audio_format: Option<String>,
     /// Beta.
     pub output_audio_format: Option<String>,
@@ -118,7 +118,7 @@ pub struct AudioOutputPatch {
     pub voice: Option<String>,
 }
 
-/// `{"type": "audio/pcm", "rate": 24000}` and friends.
+/// `{"type": "audio/pcm", "rate": 24000}` and friends (`audio/opus`, 48 kHz, is Parley's extension).
 #[derive(Debug, Deserialize)]
 pub struct FormatPatch {
     #[serde(rename = "type")]

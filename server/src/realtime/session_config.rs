@@ -2,7 +2,7 @@
 //! server reports back in `session.created` / `session.updated`.
 
 use parley_agent::{SessionSettings, TurnDetection};
-use parley_audio::format::AudioFormat;
+use parley_audio::format::{AudioFormat, OPUS_RATE};
 use serde_json::{Value, json};
 
 use super::client_events::{FormatPatch, ProtocolError, SessionPatch, TurnDetectionPatch};
@@ -27,7 +27,12 @@ fn ga_format(f: &FormatPatch) -> Result<AudioFormat, ProtocolError> {
         }
         "audio/pcmu" => Ok(AudioFormat::Pcmu),
         "audio/pcma" => Ok(AudioFormat::Pcma),
-        other => Err(invalid(format!("unknown audio format `{other}`; use audio/pcm, audio/pcmu or audio/pcma"))),
+        // Parley's extension: one Opus packet per message, always 48 kHz mono.
+        "audio/opus" => match f.rate {
+            None | Some(OPUS_RATE) => Ok(AudioFormat::Opus),
+            Some(rate) => Err(invalid(format!("audio/opus rate {rate} is not supported; Opus is spoken at {OPUS_RATE} Hz only"))),
+        },
+        other => Err(invalid(format!("unknown audio format `{other}`; use audio/pcm, audio/pcmu, audio/pcma or audio/opus"))),
     }
 }
 
@@ -36,7 +41,8 @@ fn beta_format(name: &str) -> Result<AudioFormat, ProtocolError> {
         "pcm16" => Ok(AudioFormat::Pcm16 { rate: 24_000 }),
         "g711_ulaw" => Ok(AudioFormat::Pcmu),
         "g711_alaw" => Ok(AudioFormat::Pcma),
-        other => Err(invalid(format!("unknown audio format `{other}`; use pcm16, g711_ulaw or g711_alaw"))),
+        "opus" => Ok(AudioFormat::Opus),
+        other => Err(invalid(format!("unknown audio format `{other}`; use pcm16, g711_ulaw, g711_alaw or opus"))),
     }
 }
 
@@ -218,6 +224,7 @@ fn ga_format_json(f: AudioFormat) -> Value {
         AudioFormat::Pcm16 { rate } => json!({"type": "audio/pcm", "rate": rate}),
         AudioFormat::Pcmu => json!({"type": "audio/pcmu"}),
         AudioFormat::Pcma => json!({"type": "audio/pcma"}),
+        AudioFormat::Opus => json!({"type": "audio/opus", "rate": OPUS_RATE}),
     }
 }
 
@@ -226,6 +233,7 @@ fn beta_format_name(f: AudioFormat) -> &'static str {
         AudioFormat::Pcm16 { .. } => "pcm16",
         AudioFormat::Pcmu => "g711_ulaw",
         AudioFormat::Pcma => "g711_alaw",
+        AudioFormat::Opus => "opus",
     }
 }
 
@@ -327,5 +335,25 @@ mod tests {
         assert!(s.turn_detection.is_none());
         let e = apply(&d, patch(r#"{"type":"session.update","session":{"audio":{"output":{"format":{"type":"audio/pcm","rate":11025}}}}}"#), &d);
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn opus_is_accepted_in_both_dialects_at_48_khz_only_and_echoed_back() {
+        let d = SessionSettings::default();
+        let s = apply(&d, patch(r#"{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/opus"}},
+            "output":{"format":{"type":"audio/opus","rate":48000}}}}}"#), &d).expect("valid");
+        assert_eq!((s.input_format, s.output_format), (AudioFormat::Opus, AudioFormat::Opus));
+        let ga = session_json("s", &s, Dialect::Ga);
+        assert_eq!(ga["audio"]["input"]["format"], json!({"type": "audio/opus", "rate": 48000}));
+        assert_eq!(ga["audio"]["output"]["format"], json!({"type": "audio/opus", "rate": 48000}));
+
+        let e = apply(&d, patch(r#"{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/opus","rate":16000}}}}}"#), &d);
+        let message = e.expect_err("16 kHz Opus is refused").to_string();
+        assert!(message.contains("audio/opus rate 16000") && message.contains("48000"), "{message}");
+
+        let s = apply(&d, patch(r#"{"type":"session.update","session":{"input_audio_format":"opus","output_audio_format":"opus"}}"#), &d).expect("valid");
+        assert_eq!((s.input_format, s.output_format), (AudioFormat::Opus, AudioFormat::Opus));
+        let beta = session_json("s", &s, Dialect::Beta);
+        assert_eq!((&beta["input_audio_format"], &beta["output_audio_format"]), (&json!("opus"), &json!("opus")));
     }
 }
