@@ -863,11 +863,11 @@ async fn pace_frames(
         }
         if let Some((text, duration_ms)) = frame.phrase {
             lock(clock).phrase(text.clone(), duration_ms);
-            if !sent.text.is_empty() {
-                sent.text.push(' ');
-            }
-            sent.text.push_str(&text);
-            let delta = AgentEvent::TranscriptDelta { response_id: response_id.into(), item_id: item_id.into(), delta: text };
+            // Deltas are concatenated by clients: each phrase after the first
+            // carries the space that separates it from the one before.
+            let delta = if sent.text.is_empty() { text.clone() } else { format!(" {text}") };
+            sent.text.push_str(&delta);
+            let delta = AgentEvent::TranscriptDelta { response_id: response_id.into(), item_id: item_id.into(), delta };
             if events.send(delta).await.is_err() {
                 return sent;
             }

@@ -152,15 +152,20 @@ pub(super) fn verified(member_id: &str, name: &str, orders: &[Order], prescripti
     })
 }
 
-/// What the check's result says: who was verified, and the member's one order
-/// when there is just one (callers who give their ID usually ask about it next,
-/// and a small model tends to say only this sentence); with several, how many.
+/// What the check's result says: who was verified, and each of the member's
+/// orders in a sentence. Callers who give their ID usually ask about their orders
+/// next, and a small model tends to say only this sentence: a bare count ("You have
+/// two orders with us.") left it with nothing else to say (eval, session 5).
 fn verified_sentence(name: &str, orders: &[Order]) -> String {
     let thanks = format!("Thank you, {}, you're verified.", first_name(name));
     match orders {
         [] => thanks,
         [order] => format!("{thanks} {}", order_sentence(order)),
-        several => format!("{thanks} You have {} orders with us.", quantity(several.len() as i64)),
+        several => format!(
+            "{thanks} You have {} orders. {}",
+            quantity(several.len() as i64),
+            several.iter().map(order_sentence).collect::<Vec<_>>().join(" ")
+        ),
     }
 }
 
@@ -225,11 +230,11 @@ pub(super) const NEED_BIRTH_DATE: &str = "Thank you. To protect your privacy, I 
 /// The member ID and date of birth do not match (or there is no such member: the
 /// two are not told apart, so the desk does not confirm who is a member).
 pub(super) const NO_MATCH: &str =
-    "I'm sorry, that member ID and date of birth don't match our records. Could you check them and tell me again?";
+    "Sorry, that member ID and date of birth don't match our records. Could you check them and tell me again?";
 
 /// Too many failed checks in this call.
 pub(super) const LOCKED: &str =
-    "I'm sorry, I can't verify your identity over the phone after several tries. Please visit the pharmacy counter with a photo ID.";
+    "Sorry, I can't verify your identity over the phone after several tries. Please visit the pharmacy counter with a photo ID.";
 
 /// An order that is not on the verified member's account (missing or someone
 /// else's: the two are not told apart).
