@@ -2,7 +2,7 @@
 //! fitted to the audio and with the full 30 s window.
 //!
 //! ```text
-//! cargo run --release -p parley-asr --example transcribe -- MODEL.bin FILE.wav... [--runs N] [--threads N] [--fit-only|--full-only]
+//! cargo run --release -p parley-asr --example transcribe -- MODEL.bin FILE.wav... [--runs N] [--threads N] [--prompt TEXT] [--fit-only|--full-only]
 //! ```
 
 use std::path::PathBuf;
@@ -12,15 +12,16 @@ use parley_asr::{Transcriber, WhisperOptions, WhisperTranscriber};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut files, mut runs, mut threads) = (Vec::new(), 5usize, 2usize);
+    let (mut files, mut runs, mut threads, mut prompt) = (Vec::new(), 5usize, 2usize, String::new());
     let mut modes = vec![true, false];
     let model = PathBuf::from(args.next().ok_or(
-        "usage: transcribe MODEL.bin FILE.wav... [--runs N] [--threads N] [--fit-only|--full-only]",
+        "usage: transcribe MODEL.bin FILE.wav... [--runs N] [--threads N] [--prompt TEXT] [--fit-only|--full-only]",
     )?);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().ok_or("--runs N")?.parse()?,
             "--threads" => threads = args.next().ok_or("--threads N")?.parse()?,
+            "--prompt" => prompt = args.next().ok_or("--prompt TEXT")?,
             "--fit-only" => modes = vec![true],
             "--full-only" => modes = vec![false],
             _ => files.push(PathBuf::from(arg)),
@@ -31,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             threads,
             fit_audio_ctx,
             pool_size: 1,
+            prompt: prompt.clone(),
             ..WhisperOptions::default()
         };
         let asr = WhisperTranscriber::load(&model, options)?;

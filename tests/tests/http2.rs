@@ -6,15 +6,21 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use parley_tests::{Server, metric, self_signed_cert, start_server, start_server_with_config, wait_metric};
+use parley_tests::{Server, metric, self_signed_cert, start_server_with_config, wait_metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Tests that open calls take turns: each checks that the calls gauge returns to 0
 /// on the servers this file shares, which another test's call would hold up.
 static ONE_CALL_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Streams one HTTP/2 connection may have open at once on [`plain`]: low, so a
+/// test can go past it.
+const MAX_STREAMS: u32 = 4;
+
 fn plain() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| start_server(&[]).expect("start parley"))
+    S.get_or_init(|| start_server_with_config(&format!("[server.http]\nh2_max_concurrent_streams = {MAX_STREAMS}\n"), &[]).expect("start parley"))
 }
 
 fn tls() -> &'static Server {
@@ -172,4 +178,143 @@ async fn one_http2_stream_is_one_full_duplex_call_on_h2c_and_tls() {
 async fn the_stream_refuses_other_content_types() {
     let (body, _) = curl(&["--http2-prior-knowledge", "-X", "POST", "-H", "content-type: text/plain", "--data", "hi"], &format!("http://{}/v1/stream", plain().addr));
     assert!(body.contains("unsupported_media_type"), "{body}");
+}
+
+/// A bare HTTP/2 client, frames written by hand: it does not hold back new streams
+/// when the server's limit is reached, as real clients (nghttp2, Node) do, so it can
+/// show what the server does with one that ignores the limit.
+mod raw_h2 {
+    use super::*;
+
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+    /// RST_STREAM's REFUSED_STREAM code (RFC 9113 §7).
+    pub const REFUSED_STREAM: u32 = 0x7;
+
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    pub struct Conn {
+        tcp: TcpStream,
+    }
+
+    impl Conn {
+        /// Connects with prior knowledge, trades SETTINGS, and acknowledges the
+        /// server's (so its limits are in force for this connection).
+        pub async fn open(addr: &str) -> Conn {
+            let mut c = Conn { tcp: TcpStream::connect(addr).await.expect("connect") };
+            c.tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
+            c.send(SETTINGS, 0, 0, &[]).await;
+            loop {
+                let f = c.next().await.expect("the server's SETTINGS");
+                if f.kind == SETTINGS && f.flags & ACK == 0 {
+                    c.send(SETTINGS, ACK, 0, &[]).await;
+                    return c;
+                }
+            }
+        }
+
+        pub async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let len = payload.len() as u32;
+            let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            frame.extend_from_slice(&stream.to_be_bytes());
+            frame.extend_from_slice(payload);
+            self.tcp.write_all(&frame).await.expect("write a frame");
+        }
+
+        /// Opens stream `id` as a call: `POST /v1/stream`, NDJSON, body left open.
+        pub async fn open_call(&mut self, id: u32, authority: &str) {
+            // HPACK (RFC 7541), no Huffman: indexed `:method: POST` (3) and `:scheme:
+            // http` (6); literals without indexing named by static entries `:path`
+            // (4), `:authority` (1) and `content-type` (31, past the 4-bit prefix).
+            let mut block = vec![0x83, 0x86];
+            for (name, value) in [(&[0x04u8][..], "/v1/stream"), (&[0x01], authority), (&[0x0f, 0x10], "application/x-ndjson")] {
+                block.extend_from_slice(name);
+                assert!(value.len() < 127);
+                block.push(value.len() as u8);
+                block.extend_from_slice(value.as_bytes());
+            }
+            self.send(HEADERS, END_HEADERS, id, &block).await;
+        }
+
+        /// The next frame, or `None` when the connection closes or nothing comes
+        /// for 30 s.
+        pub async fn next(&mut self) -> Option<Frame> {
+            let read = async {
+                let mut head = [0u8; 9];
+                self.tcp.read_exact(&mut head).await.ok()?;
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                self.tcp.read_exact(&mut payload).await.ok()?;
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                Some(Frame { kind: head[3], flags: head[4], stream, payload })
+            };
+            tokio::time::timeout(Duration::from_secs(30), read).await.ok().flatten()
+        }
+
+        /// Reads frames until `want` matches one; panics on GOAWAY or a closed connection.
+        pub async fn until(&mut self, what: &str, want: impl Fn(&Frame) -> bool) -> Frame {
+            loop {
+                let f = self.next().await.unwrap_or_else(|| panic!("connection closed or silent while waiting for {what}"));
+                if want(&f) {
+                    return f;
+                }
+                assert!(f.kind != GOAWAY, "GOAWAY while waiting for {what}: {:?}", f.payload);
+                if f.kind == SETTINGS && f.flags & ACK == 0 {
+                    self.send(SETTINGS, ACK, 0, &[]).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_limit_on_one_connection_are_refused_and_the_calls_go_on() {
+    use raw_h2::*;
+    let _turn = ONE_CALL_AT_A_TIME.lock().await;
+    let s = plain();
+    let mut c = Conn::open(&s.addr).await;
+    // As many calls as the limit allows, and one more: client stream ids are odd.
+    let ids: Vec<u32> = (0..=MAX_STREAMS).map(|i| 1 + 2 * i).collect();
+    for &id in &ids {
+        c.open_call(id, &s.addr).await;
+    }
+    let extra = *ids.last().expect("ids");
+    // The extra stream is refused; the calls within the limit are answered (their
+    // response headers), in whatever order the frames come.
+    let (mut refused, mut answered) = (None, Vec::new());
+    while refused.is_none() || answered.len() < MAX_STREAMS as usize {
+        let f = c.until("the calls' answers and the extra stream's reset", |f| f.kind == HEADERS || f.kind == RST_STREAM).await;
+        if f.kind == RST_STREAM {
+            assert_eq!(f.stream, extra, "only the stream past the limit is reset");
+            refused = Some(u32::from_be_bytes(f.payload[..4].try_into().expect("error code")));
+        } else {
+            answered.push(f.stream);
+        }
+    }
+    assert_eq!(refused, Some(REFUSED_STREAM));
+    answered.sort_unstable();
+    assert_eq!(answered, ids[..MAX_STREAMS as usize]);
+    wait_metric(&s.addr, "parley_calls_active", f64::from(MAX_STREAMS), Duration::from_secs(10)).await.expect("the calls within the limit run");
+    // One call ends (the client ends its body); its slot on the connection is free
+    // again for a new stream.
+    c.send(DATA, END_STREAM, 1, &[]).await;
+    c.until("the first call's end", |f| f.stream == 1 && (f.kind == DATA || f.kind == HEADERS) && f.flags & END_STREAM != 0).await;
+    let next = extra + 2;
+    c.open_call(next, &s.addr).await;
+    let f = c.until("the new stream's answer", |f| f.stream == next && (f.kind == HEADERS || f.kind == RST_STREAM)).await;
+    assert_eq!(f.kind, HEADERS, "a stream opened after one ended should be accepted");
+    // The client vanishes: every call on the connection is freed.
+    drop(c);
+    wait_calls_freed(s, Duration::from_secs(30)).await;
 }
