@@ -1,8 +1,11 @@
 //! `parley-load`: N concurrent callers against a Parley server, to find its limit.
 //!
 //! Each caller streams audio paced from a monotonic clock (a WAV on a loop with a
-//! pause after each turn, or silence) over `/twilio` or `/v1/realtime`, and records
-//! the agent's outbound frames. A sampler reads the server's RSS, CPU and open file
+//! pause after each turn, or silence) over `/twilio`, `/v1/realtime` (WebSockets) or
+//! `POST /v1/stream` (one HTTP/2 stream per call, on its own connection or on a few
+//! shared ones: `--h2-connections`), and records the agent's outbound frames. One
+//! call loop drives every transport: a [`wire::Dialect`] says what the messages are,
+//! a [`pipe::Pipe`] carries them. A sampler reads the server's RSS, CPU and open file
 //! descriptors from `/proc/PID`. A run writes `calls.csv` (one row per call),
 //! `samples.csv` (one row a second), `summary.json` and `plot.png`, and prints the
 //! summary as one `key=value` line for scripts.
@@ -12,24 +15,23 @@
 //! arrival + the audio before it) leaves the caller a gap. That lateness is the
 //! pacing error; `drift` is the lateness of each reply's last frame.
 
+mod pipe;
 mod plot;
 mod stats;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use base64::Engine as _;
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use futures_util::{SinkExt, StreamExt};
-use parley_audio::format::AudioFormat;
-use serde_json::{Value, json};
 use tokio::sync::Mutex;
-use tokio_tungstenite::tungstenite::Message;
 
+use crate::pipe::{H2Pool, Pipe};
 use crate::stats::{CallReport, Sample};
+use crate::wire::{Dialect, Heard};
 
 /// Which endpoint the callers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,6 +40,8 @@ enum Transport {
     Twilio,
     /// OpenAI Realtime: PCM16 24 kHz appends.
     Realtime,
+    /// `POST /v1/stream`: the Realtime events as NDJSON on one HTTP/2 stream (h2c).
+    Stream,
     /// Every other call on each.
     Mixed,
 }
@@ -78,6 +82,12 @@ struct Args {
     /// The server's pid, for RSS, CPU and file descriptors from /proc.
     #[arg(long)]
     pid: Option<u32>,
+    /// `stream` only: HTTP/2 connections the calls share (call i on connection
+    /// i mod K); 0 opens one connection per call. The server's
+    /// `server.http.h2_max_concurrent_streams` (64 by default) must cover
+    /// calls / K.
+    #[arg(long, default_value_t = 0)]
+    h2_connections: usize,
     /// Folder for calls.csv, samples.csv, summary.json and plot.png.
     #[arg(long, default_value = "load-out")]
     out: PathBuf,
@@ -125,8 +135,9 @@ async fn run(args: Args) -> Result<stats::Summary> {
         let clip_ms = clip.len() as u64 * 1000 / u64::from(rate);
         Ok(Script { clip: Arc::new(clip), gap_ms: args.gap_ms.unwrap_or(clip_ms + 1500) })
     };
-    let twilio = scripts(8_000)?;
-    let realtime = scripts(24_000)?;
+    let twilio = scripts(wire::Twilio::new().rate())?;
+    let realtime = scripts(wire::Realtime.rate())?;
+    let h2 = Arc::new(H2Pool::new(&args.addr, args.h2_connections));
 
     let live = Arc::new(Live::default());
     let reports: Arc<Mutex<Vec<CallReport>>> = Arc::default();
@@ -170,7 +181,7 @@ async fn run(args: Args) -> Result<stats::Summary> {
             t => t,
         };
         let script = if transport == Transport::Twilio { twilio.clone() } else { realtime.clone() };
-        let (live, reports, args) = (live.clone(), reports.clone(), args.clone());
+        let (live, reports, args, h2) = (live.clone(), reports.clone(), args.clone(), h2.clone());
         slots.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
             let mut n = 0;
@@ -179,7 +190,7 @@ async fn run(args: Args) -> Result<stats::Summary> {
                 let until = if args.call_s > 0.0 { (Instant::now() + Duration::from_secs_f64(args.call_s)).min(end) } else { end };
                 let id = format!("{i}.{n}");
                 n += 1;
-                let report = one_call(&args.addr, transport, &script, args.chunk_ms, until, &live, id).await;
+                let report = one_call(&args.addr, &h2, i, transport, &script, args.chunk_ms, until, &live, id).await;
                 if report.error.is_some() {
                     live.failed.fetch_add(1, Ordering::Relaxed);
                     // A refused call is not retried in a busy loop.
@@ -209,7 +220,12 @@ async fn run(args: Args) -> Result<stats::Summary> {
 
 fn args_label(args: &Args) -> String {
     let audio = if args.wav.is_some() { "talking" } else { "silent" };
-    format!("{} calls, {:?}, {audio}", args.calls, args.transport).to_lowercase()
+    let connections = match (args.transport, args.h2_connections) {
+        (Transport::Stream, 0) => ", one connection per call".to_string(),
+        (Transport::Stream, k) => format!(", {k} h2 connection{}", if k == 1 { "" } else { "s" }),
+        _ => String::new(),
+    };
+    format!("{} calls, {:?}{connections}, {audio}", args.calls, args.transport).to_lowercase()
 }
 
 /// What one call saw of the agent's audio.
@@ -266,13 +282,24 @@ impl Outbound {
 }
 
 /// One call from connect to hang-up at `until`.
-async fn one_call(addr: &str, transport: Transport, script: &Script, chunk_ms: u64, until: Instant, live: &Live, id: String) -> CallReport {
+#[allow(clippy::too_many_arguments)]
+async fn one_call(addr: &str, h2: &H2Pool, slot: usize, transport: Transport, script: &Script, chunk_ms: u64, until: Instant, live: &Live, id: String) -> CallReport {
     let started = Instant::now();
     let mut report = CallReport { id, transport: format!("{transport:?}").to_lowercase(), ..CallReport::default() };
     let mut out = Outbound::default();
     let result = match transport {
-        Transport::Twilio => twilio_call(addr, script, chunk_ms, until, live, &mut out).await,
-        _ => realtime_call(addr, script, chunk_ms, until, live, &mut out).await,
+        Transport::Twilio => match Pipe::websocket(&format!("ws://{addr}/twilio")).await {
+            Ok(pipe) => call(pipe, wire::Twilio::new(), script, chunk_ms, until, live, &mut out).await,
+            Err(e) => Err(e),
+        },
+        Transport::Stream => match open_stream(addr, h2, slot).await {
+            Ok(pipe) => call(pipe, wire::Realtime, script, chunk_ms, until, live, &mut out).await,
+            Err(e) => Err(e),
+        },
+        _ => match Pipe::websocket(&format!("ws://{addr}/v1/realtime")).await {
+            Ok(pipe) => call(pipe, wire::Realtime, script, chunk_ms, until, live, &mut out).await,
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         report.error = Some(format!("{e:#}"));
@@ -280,6 +307,12 @@ async fn one_call(addr: &str, transport: Transport, script: &Script, chunk_ms: u
     report.seconds = started.elapsed().as_secs_f64();
     report.fill(&out.inter_ms, &out.late_ms, &out.drift_ms, &out.turn_ms, out.frames, out.replies);
     report
+}
+
+/// `POST /v1/stream` on slot `slot`'s HTTP/2 connection.
+async fn open_stream(addr: &str, h2: &H2Pool, slot: usize) -> Result<Pipe> {
+    let conn = h2.connection(slot).await?;
+    Pipe::stream(conn, addr).await
 }
 
 /// Streams the caller's audio every `chunk_ms` from a monotonic clock: the clip,
@@ -318,84 +351,17 @@ impl Talker {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str) -> Result<Ws> {
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await.context("connect timed out")?.context("connect")?;
-    Ok(ws)
-}
-
-/// A call over `/twilio`.
-async fn twilio_call(addr: &str, script: &Script, chunk_ms: u64, until: Instant, live: &Live, out: &mut Outbound) -> Result<()> {
-    let ws = connect(&format!("ws://{addr}/twilio")).await?;
-    let (mut sink, mut stream) = ws.split();
-    let sid = "MZ00000000000000000000000000load00";
-    sink.send(Message::text(json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}).to_string())).await?;
-    let start = json!({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
-        "accountSid": "AC00000000000000000000000000load0", "streamSid": sid, "callSid": "CA00000000000000000000000000load1",
-        "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}, "customParameters": {}}});
-    sink.send(Message::text(start.to_string())).await?;
-    live.connected.fetch_add(1, Ordering::Relaxed);
-    let _connected = Connected(live);
-    let mut talker = Talker::new(script.clone(), 8_000, chunk_ms);
-    let t0 = Instant::now();
-    let mut tick = tokio::time::interval_at(t0.into(), Duration::from_millis(chunk_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut seq = 2u64;
-    let deadline = tokio::time::sleep_until(until.into());
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            _ = tick.tick() => {
-                let (samples, turn_end) = talker.next();
-                let payload = base64::engine::general_purpose::STANDARD.encode(AudioFormat::Pcmu.encode(&samples).context("encoding μ-law")?);
-                let media = json!({"event": "media", "sequenceNumber": seq.to_string(), "streamSid": sid,
-                    "media": {"track": "inbound", "chunk": (seq - 1).to_string(), "timestamp": ((seq - 2) * chunk_ms).to_string(), "payload": payload}});
-                seq += 1;
-                sink.send(Message::text(media.to_string())).await.context("sending media")?;
-                if turn_end {
-                    out.turn_end = Some(Instant::now());
-                }
-            }
-            msg = stream.next() => {
-                let at = Instant::now();
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) | None => bail!("the server closed the call"),
-                    Some(Err(e)) => bail!("the connection failed: {e}"),
-                    Some(Ok(_)) => continue,
-                };
-                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { bail!("a message that is not JSON") };
-                match v["event"].as_str() {
-                    Some("media") => {
-                        let bytes = v["media"]["payload"].as_str().and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok()).unwrap_or_default();
-                        out.frame(at, bytes.len() as f64 / 8.0);
-                    }
-                    Some("clear") => out.end_reply(),
-                    Some("mark") => {
-                        // Twilio echoes a mark once playback reaches it; paced audio is heard now.
-                        let name = v["mark"]["name"].clone();
-                        sink.send(Message::text(json!({"event": "mark", "sequenceNumber": "0", "streamSid": sid, "mark": {"name": name}}).to_string())).await?;
-                    }
-                    _ => {}
-                }
-            }
-        }
+/// The call loop every transport shares: opens the call, streams the caller's audio
+/// every `chunk_ms` from a monotonic clock while recording the agent's frames, and
+/// hangs up at `until`. An error (the server closed the call, an error event, a
+/// failed send) ends it as failed.
+async fn call(mut pipe: Pipe, mut dialect: impl Dialect, script: &Script, chunk_ms: u64, until: Instant, live: &Live, out: &mut Outbound) -> Result<()> {
+    for msg in dialect.open() {
+        pipe.send(msg).await.context("opening the call")?;
     }
-    let stop = json!({"event": "stop", "sequenceNumber": seq.to_string(), "streamSid": sid, "stop": {"accountSid": "AC00000000000000000000000000load0", "callSid": "CA00000000000000000000000000load1"}});
-    let _ = sink.send(Message::text(stop.to_string())).await;
-    let _ = sink.close().await;
-    Ok(())
-}
-
-/// A call over `/v1/realtime` (PCM16 24 kHz in and out, server VAD).
-async fn realtime_call(addr: &str, script: &Script, chunk_ms: u64, until: Instant, live: &Live, out: &mut Outbound) -> Result<()> {
-    let ws = connect(&format!("ws://{addr}/v1/realtime")).await?;
-    let (mut sink, mut stream) = ws.split();
     live.connected.fetch_add(1, Ordering::Relaxed);
     let _connected = Connected(live);
-    let mut talker = Talker::new(script.clone(), 24_000, chunk_ms);
+    let mut talker = Talker::new(script.clone(), dialect.rate(), chunk_ms);
     let t0 = Instant::now();
     let mut tick = tokio::time::interval_at(t0.into(), Duration::from_millis(chunk_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -406,34 +372,27 @@ async fn realtime_call(addr: &str, script: &Script, chunk_ms: u64, until: Instan
             _ = &mut deadline => break,
             _ = tick.tick() => {
                 let (samples, turn_end) = talker.next();
-                let audio = base64::engine::general_purpose::STANDARD.encode(parley_audio::pcm::encode_pcm16le(&samples));
-                sink.send(Message::text(json!({"type": "input_audio_buffer.append", "audio": audio}).to_string())).await.context("sending audio")?;
+                let msg = dialect.audio(&samples, chunk_ms)?;
+                pipe.send(msg).await.context("sending audio")?;
                 if turn_end {
                     out.turn_end = Some(Instant::now());
                 }
             }
-            msg = stream.next() => {
+            text = pipe.recv() => {
                 let at = Instant::now();
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) | None => bail!("the server closed the call"),
-                    Some(Err(e)) => bail!("the connection failed: {e}"),
-                    Some(Ok(_)) => continue,
-                };
-                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { bail!("a message that is not JSON") };
-                match v["type"].as_str() {
-                    Some("response.output_audio.delta") => {
-                        let bytes = v["delta"].as_str().and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok()).unwrap_or_default();
-                        out.frame(at, bytes.len() as f64 / 48.0);
-                    }
-                    Some("output_audio_buffer.cleared") => out.end_reply(),
-                    Some("error") => bail!("error event: {}", v["error"]),
-                    _ => {}
+                match dialect.decode(&text?)? {
+                    Heard::Audio(ms) => out.frame(at, ms),
+                    Heard::Cleared => out.end_reply(),
+                    Heard::Answer(msg) => pipe.send(msg).await.context("answering")?,
+                    Heard::Other => {}
                 }
             }
         }
     }
-    let _ = sink.close().await;
+    if let Some(stop) = dialect.stop() {
+        let _ = pipe.send(stop).await;
+    }
+    pipe.close().await;
     Ok(())
 }
 

@@ -26,15 +26,16 @@ pub fn draw(path: &Path, samples: &[Sample], reports: &[CallReport], title: &str
     let root = root.titled(title, ("sans-serif", 24)).map_err(|e| anyhow!("{e:?}"))?;
     let panels = root.split_evenly((2, 2));
     let t_max = samples.last().map(|s| s.t_s).unwrap_or(1.0).max(1.0);
-    let series: [(&str, Box<dyn Fn(&Sample) -> f64>, RGBColor); 3] = [
-        ("server RSS (MB)", Box::new(|s| s.rss_mb), BLUE),
-        ("server CPU (% of a core)", Box::new(|s| s.cpu_pct), RED),
-        ("connected calls", Box::new(|s| s.calls as f64), GREEN),
+    type Series = (&'static str, fn(&Sample) -> f64, RGBColor);
+    let series: [Series; 3] = [
+        ("server RSS (MB)", |s| s.rss_mb, BLUE),
+        ("server CPU (% of a core)", |s| s.cpu_pct, RED),
+        ("connected calls", |s| s.calls as f64, GREEN),
     ];
-    for (panel, (name, value, color)) in panels.iter().zip(series.iter()) {
-        let y_max = samples.iter().map(|s| value(s)).fold(1.0, f64::max) * 1.1;
+    for (panel, (name, value, color)) in panels.iter().zip(series) {
+        let y_max = samples.iter().map(value).fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(panel)
-            .caption(*name, ("sans-serif", 18))
+            .caption(name, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
