@@ -10,6 +10,34 @@ use crate::tools::spoken;
 const MODEL_DIRECTED: &[&str] =
     &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
 
+/// Fewest words a copy of our instructions must have to be taken for one: "Do not
+/// show" alone could be the caller's own business.
+const MIN_COPIED_WORDS: usize = 4;
+
+/// Text Parley itself writes to the model mid-call. A small model sometimes reads
+/// a piece of it back as its reply ("when it has one). Do not show JSON.", eval).
+/// The operator's own instructions are not listed: a line scripted there may be
+/// meant to be said word for word.
+fn our_instructions() -> [&'static str; 2] {
+    [crate::conversation::AFTER_TOOL_NUDGE, crate::response::PLAIN_SPEECH_NUDGE]
+}
+
+/// Lowercase words of `text`, punctuation dropped.
+fn plain_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// True when `text` (at least [`MIN_COPIED_WORDS`] words) is word for word a run
+/// out of one of [`our_instructions`].
+pub fn copies_instructions(text: &str) -> bool {
+    let said = plain_words(text);
+    said.len() >= MIN_COPIED_WORDS
+        && our_instructions().iter().any(|nudge| plain_words(nudge).windows(said.len()).any(|w| w == said.as_slice()))
+}
+
 /// The phrase as it should be spoken, or `None` when it must not be spoken at all.
 pub fn speakable(phrase: &str) -> Option<String> {
     // The model copying the history's interruption mark says what came before it.
@@ -19,7 +47,7 @@ pub fn speakable(phrase: &str) -> Option<String> {
         return None;
     }
     let lower = phrase.to_lowercase();
-    if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) {
+    if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) || copies_instructions(phrase) {
         tracing::debug!(phrase, "dropped a phrase addressed to the model");
         return None;
     }
@@ -73,5 +101,8 @@ mod tests {
         assert_eq!(speakable("Now answer the caller in one to three short spoken sentences."), None);
         assert!(speakable("JSON is a data format.").is_some(), "a caller may ask about anything");
         assert!(speakable("Thank you, Maria, you're verified.").is_some());
+        assert_eq!(speakable("when it has one). Do not show JSON."), None);
+        assert_eq!(speakable("Do not show JSON."), None);
+        assert!(speakable("Do not show me that.").is_some());
     }
 }

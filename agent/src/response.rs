@@ -418,7 +418,7 @@ async fn think(
 const UNAVAILABLE_APOLOGY: &str = "I'm sorry, I can't answer right now because of a technical problem on our side. Please try again in a moment.";
 
 /// Said when a reply after a tool result was not speech.
-const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
+pub(crate) const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
 
 /// A tool result `{"uninterruptible": true, ...}` asks that what the agent says
 /// next plays to the end (terms, a legal notice).
@@ -459,9 +459,11 @@ fn spoken_sentence(output: &str) -> Option<String> {
 }
 
 /// True when generated text has something to say besides echoed JSON values (one
-/// or several, as a model writes calls and results one after another).
+/// or several, as a model writes calls and results one after another) and besides
+/// a copy of our own instructions to the model.
 fn is_speech(text: &str) -> bool {
-    outside_json(text).chars().any(char::is_alphanumeric)
+    let words = outside_json(text);
+    words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words)
 }
 
 /// The text with every top-level JSON object or array (balanced, strings
@@ -966,6 +968,7 @@ mod tests {
         assert!(is_speech("Your order is ready."));
         assert!(is_speech(r#"{"status": "ok"} Your order is ready."#));
         assert!(is_speech(r#"Sure. {"x": "\"}"} "#));
+        assert!(!is_speech("when it has one). Do not show JSON."), "the after-result nudge read back is not speech");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::f32::consts::TAU;
-use std::path::Path;
 
 use parley_audio::format::AudioFormat;
 use parley_audio::resample::StreamResampler;

@@ -223,6 +223,14 @@ pub struct TurnDetectionConfig {
 pub struct AsrConfig {
     /// CPU threads per transcription.
     pub threads: usize,
+    /// Words the callers are expected to say, given to Whisper as the text before
+    /// each utterance, so domain words (drug names) are heard as such. Empty: none.
+    pub prompt: String,
+    /// With the pharmacy desk on and no `prompt`, prompt with the desk's vocabulary
+    /// (how ids sound, the medications and prescribers on record). Off by default:
+    /// with tiny.en it mends some words ("refill", "date of birth") and garbles
+    /// others ("order ORD003"); see README, Configuration.
+    pub desk_vocabulary: bool,
 }
 
 /// Language-model settings.
@@ -321,7 +329,7 @@ impl Default for TurnDetectionConfig {
 
 impl Default for AsrConfig {
     fn default() -> Self {
-        Self { threads: 2 }
+        Self { threads: 2, prompt: String::new(), desk_vocabulary: false }
     }
 }
 

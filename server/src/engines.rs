@@ -23,8 +23,13 @@ pub fn load(config: &Config) -> Result<Engines> {
     let dir = config.models_dir();
     let paths = models::check(&dir)?;
 
+    let (tools, vocabulary) = tools(config)?;
     let t = Instant::now();
-    let asr = WhisperTranscriber::load(&paths.whisper, WhisperOptions { threads: config.asr.threads, ..WhisperOptions::default() })
+    let prompt = match vocabulary {
+        Some(words) if config.asr.prompt.is_empty() && config.asr.desk_vocabulary => words,
+        _ => config.asr.prompt.clone(),
+    };
+    let asr = WhisperTranscriber::load(&paths.whisper, WhisperOptions { threads: config.asr.threads, prompt, ..WhisperOptions::default() })
         .context("loading speech-to-text")?;
     info!(ms = t.elapsed().as_millis() as u64, "speech-to-text loaded");
 
@@ -55,7 +60,7 @@ pub fn load(config: &Config) -> Result<Engines> {
         }
     };
 
-    let engines = Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools: tools(config)? };
+    let engines = Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools };
     warm_up(&engines, &config.session_defaults(), config.remote_llm().is_none());
     Ok(engines)
 }
@@ -116,8 +121,10 @@ fn embedded_llm(config: &Config, options: CandleOptions) -> Result<CandleEngine>
     Ok(CandleEngine::load(&files.gguf, &files.tokenizer, options)?)
 }
 
-/// The server-side tools the configuration asks for.
-fn tools(config: &Config) -> Result<ToolRegistry> {
+/// The server-side tools the configuration asks for, and the words their callers
+/// are expected to say (the pharmacy desk's vocabulary), for speech-to-text.
+fn tools(config: &Config) -> Result<(ToolRegistry, Option<String>)> {
+    let mut vocabulary = None;
     let mut registry = ToolRegistry::default();
     if config.tools.pharmacy {
         let path = config.pharmacy_db();
@@ -125,6 +132,7 @@ fn tools(config: &Config) -> Result<ToolRegistry> {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let db = PharmacyDb::open(&path).with_context(|| format!("opening the pharmacy database {}", path.display()))?;
+        vocabulary = Some(db.vocabulary().context("reading the pharmacy desk's vocabulary")?);
         for tool in pharmacy_tools(Arc::new(db)) {
             registry.register(tool);
         }
@@ -134,5 +142,5 @@ fn tools(config: &Config) -> Result<ToolRegistry> {
         registry.register(Arc::new(tool));
     }
     info!(tools = ?registry.specs().iter().map(|t| t.name.clone()).collect::<Vec<_>>(), "server tools ready");
-    Ok(registry)
+    Ok((registry, vocabulary))
 }

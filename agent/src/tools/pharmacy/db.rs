@@ -136,6 +136,12 @@ pub enum PharmacyError {
         /// The version found in the file.
         found: i32,
     },
+    /// A read of the records at start-up failed.
+    #[error("cannot read the pharmacy database: {source}")]
+    Query {
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 /// The demo pharmacy's records (members, prescriptions, orders, refill requests) in an
@@ -191,6 +197,32 @@ impl PharmacyDb {
         }
         tx.commit().map_err(open_error)?;
         Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// Words a caller of this desk says, as a speech-to-text prompt: how ids and
+    /// dates sound, and the medications and prescribers on record (a drug name is
+    /// otherwise heard as the nearest common words). Read once at start-up.
+    pub fn vocabulary(&self) -> Result<String, PharmacyError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let read = |sql: &str| -> Result<Vec<String>, rusqlite::Error> {
+            let mut statement = conn.prepare(sql)?;
+            let names = statement.query_map([], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(names)
+        };
+        let query_error = |source| PharmacyError::Query { source };
+        let medications = read("SELECT DISTINCT medication FROM prescriptions ORDER BY medication LIMIT 40").map_err(query_error)?;
+        let prescribers = read("SELECT DISTINCT prescriber FROM prescriptions ORDER BY prescriber LIMIT 20").map_err(query_error)?;
+        let mut text = String::from(
+            "Pharmacy phone call. My member ID is 1001 and my date of birth is March 12, 1984. \
+             Order ORD001, prescription RX1001, a refill, pickup time.",
+        );
+        if !medications.is_empty() {
+            text.push_str(&format!(" Medications: {}.", medications.join(", ")));
+        }
+        if !prescribers.is_empty() {
+            text.push_str(&format!(" Prescribed by {}.", prescribers.join(", ")));
+        }
+        Ok(text)
     }
 
     /// Runs `query` with the connection on a blocking thread. Database failures are

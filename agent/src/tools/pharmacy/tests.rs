@@ -266,3 +266,12 @@ async fn bad_ids_are_invalid_arguments() {
         }
     }
 }
+
+#[test]
+fn the_vocabulary_names_the_medications_and_prescribers_on_record() {
+    let db = PharmacyDb::in_memory().expect("in-memory database");
+    let words = db.vocabulary().expect("vocabulary");
+    for expected in ["member ID", "date of birth", "RX1001", "ORD001", "Amoxicillin", "Metformin", "Dr. Priya Nair"] {
+        assert!(words.contains(expected), "{expected} missing from {words}");
+    }
+}
