@@ -51,6 +51,9 @@ impl Item {
 
 /// Appended after a tool result: the 0.5B model otherwise tends to echo the result's
 /// JSON instead of speaking (MODELS.md: 6 of 6 trials without it).
+/// (Tried in session 6: a first sentence asking for the next tool when the result
+/// does not answer the caller's question. The eval lost 3 of its first 30
+/// conversations and gained none: the model read tool descriptions back instead.)
 pub const AFTER_TOOL_NUDGE: &str =
     "Now answer the caller in one to three short spoken sentences from the tool result (its \"say\" sentence, when it has one). Do not show JSON.";
 

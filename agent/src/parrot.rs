@@ -4,7 +4,7 @@
 //! "Please refill my prescription." read back to them). Such a reply is held while it
 //! still could be a repeat, and dropped if it was one, so the agent can try again.
 
-use parley_llm::{ChatMessage, Role};
+use parley_llm::{ChatMessage, Role, ToolSpec};
 
 /// Fewest words a repeat must have to be dropped: "Yes." or "Thank you." said back
 /// may be a fine reply.
@@ -14,7 +14,14 @@ const MIN_WORDS: usize = 3;
 #[derive(Debug, Default, Clone)]
 pub struct Parrot {
     lines: Vec<Vec<String>>,
+    /// The offered tools' descriptions and their parameters', as words: written for
+    /// the model, never for the caller ("with the member ID and date of birth they
+    /// said.", read back by the 0.5B model in the eval).
+    tool_texts: Vec<Vec<String>>,
 }
+
+/// Fewest words a phrase must have to be taken for a copy of a tool's description.
+const MIN_COPIED_WORDS: usize = 4;
 
 impl Parrot {
     /// The caller's last message, and each example caller line (`Caller: …`) of the
@@ -32,7 +39,31 @@ impl Parrot {
             }
         }
         lines.retain(|l| l.len() >= MIN_WORDS);
-        Self { lines }
+        Self { lines, tool_texts: Vec::new() }
+    }
+
+    /// Also guards against reading back the descriptions of `tools` (and of their
+    /// parameters).
+    pub fn with_tools(mut self, tools: &[ToolSpec]) -> Self {
+        for tool in tools {
+            self.tool_texts.push(words(&tool.description).0);
+            if let Some(properties) = tool.parameters.get("properties").and_then(|p| p.as_object()) {
+                for property in properties.values() {
+                    if let Some(description) = property.get("description").and_then(|d| d.as_str()) {
+                        self.tool_texts.push(words(description).0);
+                    }
+                }
+            }
+        }
+        self.tool_texts.retain(|t| t.len() >= MIN_COPIED_WORDS);
+        self
+    }
+
+    /// True when `text` (at least [`MIN_COPIED_WORDS`] words) is word for word a run
+    /// out of a tool's or parameter's description.
+    pub fn copies_tool_text(&self, text: &str) -> bool {
+        let (said, _) = words(text);
+        said.len() >= MIN_COPIED_WORDS && self.tool_texts.iter().any(|t| t.windows(said.len()).any(|w| w == said.as_slice()))
     }
 
     /// True while `text` (a reply so far, maybe ending inside a word) is the start of
@@ -46,7 +77,7 @@ impl Parrot {
     /// [`MIN_WORDS`] words and nothing else.
     pub fn repeats(&self, text: &str) -> bool {
         let (said, _) = words(text);
-        said.len() >= MIN_WORDS && self.lines.iter().any(|line| starts(line, &said, false))
+        (said.len() >= MIN_WORDS && self.lines.iter().any(|line| starts(line, &said, false))) || self.copies_tool_text(text)
     }
 }
 
@@ -100,6 +131,20 @@ mod tests {
         assert!(!p.repeats("Hi. Is my order ready?"));
         assert!(!p.repeats("Yes, please."));
         assert!(!p.repeats("Please hold while I check your prescription."));
+    }
+
+    #[test]
+    fn a_tools_description_read_back_is_not_a_reply() {
+        let tool = ToolSpec {
+            name: "verify_member".into(),
+            description: "Check who the caller is, with the member ID and date of birth they said.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"order_id": {"type": "string", "description": "An order ID the caller said or a tool returned."}}}),
+        };
+        let p = parrot().with_tools(&[tool]);
+        assert!(p.copies_tool_text("with the member ID and date of birth they said."));
+        assert!(p.repeats("An order ID the caller said"));
+        assert!(!p.copies_tool_text("Your member ID and date of birth, please."));
+        assert!(!p.copies_tool_text("Thank you."));
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub async fn run(
     let (text_tx, text_rx) = mpsc::channel::<TextPiece>(TEXT_QUEUE);
     let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
     let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
-    let parrot = Arc::new(Parrot::for_messages(&job.messages));
+    let parrot = Arc::new(Parrot::for_messages(&job.messages).with_tools(&job.options.tools));
 
     let think = tokio::spawn(
         think(
@@ -675,6 +675,10 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
             ready.extend(chunker.finish());
         }
         for phrase in ready.iter().filter_map(|p| crate::reply_text::speakable(p)) {
+            if parrot.copies_tool_text(&phrase) {
+                debug!(phrase, "dropped a phrase read back from a tool's description");
+                continue;
+            }
             if phrases.send(PhrasePiece::Phrase(phrase)).await.is_err() {
                 return;
             }

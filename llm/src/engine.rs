@@ -664,19 +664,20 @@ impl LlmSession for CandleSession {
             ToolCallFilter::new(options.tools.iter().map(|t| t.name.clone()).collect())
         });
         // With a grammar, the tools as they may be called now (ids narrowed to known
-        // ones) and the call being written, if any. Also with no tool offered (or
-        // `tool_choice` none): a conversation that holds earlier calls and results
-        // otherwise leads the small model to write one more in JSON, which is not
-        // speech and would be dropped; masked, it speaks.
+        // ones) and the call being written, if any. Also with no tool offered when
+        // the conversation holds earlier calls or results: the small model otherwise
+        // writes one more in JSON (a voice call whose tools were turned off spoke
+        // nothing); masked, it speaks. Plain chat without either is left free.
+        let holds_calls = messages.iter().any(|m| m.role == crate::Role::Tool || !m.tool_calls.is_empty());
         let mut constraint = match &shared.grammar {
-            Some(grammar) => {
+            Some(grammar) if !options.tools.is_empty() || holds_calls => {
                 let must_call = matches!(options.tool_choice, crate::ToolChoice::Required | crate::ToolChoice::Function(_));
                 // Right after a tool result the model should speak, not start a call
                 // with a brace (it would be echoing the result).
                 let after_tool = messages.iter().rev().find(|m| m.role != crate::Role::System).is_some_and(|m| m.role == crate::Role::Tool);
                 Some(CallConstraint::new(grammar, crate::known_ids::callable(options, messages), must_call, !after_tool))
             }
-            None => None,
+            _ => None,
         };
         let finish = loop {
             if stats.generated_tokens >= options.max_tokens {

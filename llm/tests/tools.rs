@@ -222,6 +222,45 @@ fn without_tools_nothing_is_filtered() {
     assert!(text.contains('{'), "{text:?}");
 }
 
+/// A conversation that already holds a call and its result, generated with no tool
+/// offered (a voice call whose tools were turned off): the engine keeps braces out
+/// of the reply, so the model speaks instead of writing one more call in JSON.
+#[test]
+fn with_calls_in_the_history_and_no_tools_the_reply_has_no_json() {
+    let Some(engine) = common::engine_or_skip("with_calls_in_the_history_and_no_tools_the_reply_has_no_json") else {
+        return;
+    };
+    let mut session = engine.new_session();
+    let call = parley_llm::ToolCall {
+        id: "call_0123456789abcdef".into(),
+        name: "get_weather".into(),
+        arguments: serde_json::json!({"city": "Paris"}),
+    };
+    let conv = vec![
+        ChatMessage::new(Role::System, SYSTEM),
+        ChatMessage::new(Role::User, "What's the weather in Paris?"),
+        ChatMessage::tool_calls("", vec![call]),
+        ChatMessage::tool_result("call_0123456789abcdef", r#"{"temperature_c": 21, "sky": "sunny"}"#),
+        ChatMessage::new(Role::Assistant, "It's sunny and 21 degrees in Paris."),
+        ChatMessage::new(Role::User, "And in Rome? Write it as the JSON object {\"city\": ..., \"sky\": ...}."),
+    ];
+    let mut text = String::new();
+    let stats = session
+        .generate(
+            &conv,
+            &GenerateOptions { max_tokens: 24, ..GenerateOptions::default() },
+            &mut |piece| {
+                text.push_str(piece);
+                ControlFlow::Continue(())
+            },
+        )
+        .expect("generate");
+    eprintln!("{text:?} {stats:?}");
+    assert!(stats.tool_calls.is_empty());
+    assert!(!text.contains('{') && !text.contains("<tool_call>"), "{text:?}");
+    assert!(text.chars().any(char::is_alphanumeric), "the model should still speak: {text:?}");
+}
+
 /// While a call is being written nothing is spoken, but `on_text` is still called
 /// (with empty text) so a barge-in can stop the generation; a call cut off that way
 /// is not returned.
