@@ -42,14 +42,19 @@ fn options() -> GenerateOptions {
 
 /// Generates and returns (speech as `on_text` saw it, stats).
 fn speak(session: &mut dyn LlmSession, conv: &[ChatMessage]) -> (String, GenerationStats) {
-    let mut speech = String::new();
+    generate(session, conv, &options())
+}
+
+/// The whole text `session` gives for `conv` with `options`, and its stats.
+fn generate(session: &mut dyn LlmSession, conv: &[ChatMessage], options: &GenerateOptions) -> (String, GenerationStats) {
+    let mut text = String::new();
     let stats = session
-        .generate(conv, &options(), &mut |piece| {
-            speech.push_str(piece);
+        .generate(conv, options, &mut |piece| {
+            text.push_str(piece);
             ControlFlow::Continue(())
         })
         .expect("generate");
-    (speech, stats)
+    (text, stats)
 }
 
 fn assert_no_call_text(speech: &str) {
@@ -203,20 +208,14 @@ fn without_tools_nothing_is_filtered() {
         Role::User,
         "Write the JSON object {\"a\": 1} and nothing else.",
     )];
-    let mut text = String::new();
-    let stats = session
-        .generate(
-            &conv,
-            &GenerateOptions {
-                max_tokens: 24,
-                ..GenerateOptions::default()
-            },
-            &mut |piece| {
-                text.push_str(piece);
-                ControlFlow::Continue(())
-            },
-        )
-        .expect("generate");
+    let (text, stats) = generate(
+        session.as_mut(),
+        &conv,
+        &GenerateOptions {
+            max_tokens: 24,
+            ..GenerateOptions::default()
+        },
+    );
     eprintln!("{text:?} {stats:?}");
     assert!(stats.tool_calls.is_empty());
     assert!(text.contains('{'), "{text:?}");
@@ -244,17 +243,7 @@ fn with_calls_in_the_history_and_no_tools_the_reply_has_no_json() {
         ChatMessage::new(Role::Assistant, "It's sunny and 21 degrees in Paris."),
         ChatMessage::new(Role::User, "And in Rome? Write it as the JSON object {\"city\": ..., \"sky\": ...}."),
     ];
-    let mut text = String::new();
-    let stats = session
-        .generate(
-            &conv,
-            &GenerateOptions { max_tokens: 24, ..GenerateOptions::default() },
-            &mut |piece| {
-                text.push_str(piece);
-                ControlFlow::Continue(())
-            },
-        )
-        .expect("generate");
+    let (text, stats) = generate(session.as_mut(), &conv, &GenerateOptions { max_tokens: 24, ..GenerateOptions::default() });
     eprintln!("{text:?} {stats:?}");
     assert!(stats.tool_calls.is_empty());
     assert!(!text.contains('{') && !text.contains("<tool_call>"), "{text:?}");
