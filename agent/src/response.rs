@@ -610,6 +610,10 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
     }
     let mut chunker = PhraseChunker::new();
     let mut segment = Segment::Start(String::new());
+    // The model wrote words, and whether any phrase went to the voice: when every
+    // phrase was dropped here (text for the model, a description read back) the
+    // caller must not get silence (eval: two silent replies).
+    let (mut wrote_words, mut sent_any) = (false, false);
     loop {
         let piece = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -620,6 +624,7 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
             // What was said before the mark keeps its own phrase.
             let mut out: Vec<PhrasePiece> = chunker.finish().and_then(|p| crate::reply_text::speakable(&p)).map(PhrasePiece::Phrase).into_iter().collect();
             out.push(PhrasePiece::Uninterruptible);
+            sent_any |= out.iter().any(|p| matches!(p, PhrasePiece::Phrase(_)));
             for piece in out {
                 if phrases.send(piece).await.is_err() {
                     return;
@@ -630,6 +635,7 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
         let ended = match &piece {
             Some(TextPiece::SegmentEnd | TextPiece::Uninterruptible) | None => true,
             Some(TextPiece::Text(piece)) => {
+                wrote_words |= piece.chars().any(char::is_alphanumeric);
                 segment = match segment {
                     Segment::Speech => {
                         ready.extend(chunker.push(piece));
@@ -674,11 +680,23 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
         if piece.is_none() {
             ready.extend(chunker.finish());
         }
-        for phrase in ready.iter().filter_map(|p| crate::reply_text::speakable(p)) {
-            if parrot.copies_tool_text(&phrase) {
-                debug!(phrase, "dropped a phrase read back from a tool's description");
-                continue;
-            }
+        let mut out: Vec<String> = ready
+            .iter()
+            .filter_map(|p| crate::reply_text::speakable(p))
+            .filter(|phrase| {
+                let copied = parrot.copies_tool_text(phrase);
+                if copied {
+                    debug!(phrase, "dropped a phrase read back from a tool's description");
+                }
+                !copied
+            })
+            .collect();
+        if piece.is_none() && wrote_words && !sent_any && out.is_empty() && !cancel.is_cancelled() {
+            debug!("every phrase of the reply was dropped; asking the caller to say it again");
+            out.push(SAY_AGAIN.to_string());
+        }
+        sent_any |= !out.is_empty();
+        for phrase in out {
             if phrases.send(PhrasePiece::Phrase(phrase)).await.is_err() {
                 return;
             }
@@ -952,12 +970,25 @@ mod tests {
     async fn a_reply_that_repeats_the_caller_is_not_spoken() {
         let parrot = Parrot::for_messages(&[ChatMessage::new(parley_llm::Role::User, "Please refill my prescription R X one.")]);
         let echo = vec![text("Please "), text("refill my "), text("prescription R X one."), TextPiece::SegmentEnd];
-        assert!(phrases_guarded(echo, parrot.clone()).await.is_empty());
+        // The echo is not spoken; with nothing else said before the reply ends, the
+        // caller is asked to say it again rather than left in silence.
+        assert_eq!(phrases_guarded(echo, parrot.clone()).await, vec![PhrasePiece::Phrase(SAY_AGAIN.to_string())]);
         // One that parts from the caller's words is spoken whole, from its start.
         let reply = vec![text("Please "), text("refill my "), text("order? I can help."), TextPiece::SegmentEnd];
         let said: Vec<PhrasePiece> = phrases_guarded(reply, parrot).await;
         let said: String = said.iter().filter_map(|p| if let PhrasePiece::Phrase(t) = p { Some(t.as_str()) } else { None }).collect::<Vec<_>>().join(" ");
         assert!(said.starts_with("Please refill my order?"), "{said}");
+    }
+
+    #[tokio::test]
+    async fn a_reply_whose_every_phrase_is_dropped_is_not_silence() {
+        let reply = vec![text("Ask the caller for their member ID. "), text("Do not show JSON."), TextPiece::SegmentEnd];
+        assert_eq!(phrases_guarded(reply, Parrot::default()).await, vec![PhrasePiece::Phrase(SAY_AGAIN.to_string())]);
+        // No words at all (a response that only called a client's tool): nothing.
+        assert!(phrases_guarded(vec![text("  "), TextPiece::SegmentEnd], Parrot::default()).await.is_empty());
+        // Some words kept: no fallback.
+        let said = phrases_guarded(vec![text("Ask the caller for it. "), text("Your order is ready."), TextPiece::SegmentEnd], Parrot::default()).await;
+        assert_eq!(said, vec![PhrasePiece::Phrase("Your order is ready.".into())]);
     }
 
     #[test]
