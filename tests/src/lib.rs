@@ -371,6 +371,18 @@ impl Client {
         Ok(None)
     }
 
+    /// What the server heard the caller say: every
+    /// `conversation.item.input_audio_transcription.completed` transcript so far,
+    /// joined with spaces.
+    pub fn heard(&self) -> String {
+        self.events
+            .iter()
+            .filter(|e| e["type"] == "conversation.item.input_audio_transcription.completed")
+            .map(|e| e["transcript"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The raw payloads of a response's `response.output_audio.delta` events, in
     /// order (one Opus packet each for an Opus session).
     pub fn response_payloads(&self, response_id: &str) -> Result<Vec<Vec<u8>>> {

@@ -47,13 +47,7 @@ async fn an_opus_call_is_heard_and_answered_in_opus_and_survives_a_bad_packet() 
         Some(done) => done,
         None => c.wait_for("response.done", TURN_TIMEOUT).await.expect("response.done"),
     };
-    let heard: String = c
-        .events
-        .iter()
-        .filter(|e| e["type"] == "conversation.item.input_audio_transcription.completed")
-        .map(|e| e["transcript"].as_str().unwrap_or("").to_string())
-        .collect();
-    let heard = words(&heard);
+    let heard = words(&c.heard());
     assert!(heard.contains(&"capital".to_string()) && heard.contains(&"germany".to_string()), "heard {heard:?}");
     assert_eq!(done["response"]["status"], "completed", "{done}");
     let said = done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_string();

@@ -18,16 +18,6 @@ async fn ask(client: &mut Client, question: &str) -> anyhow::Result<Value> {
     client.wait_for("response.done", TURN_TIMEOUT).await
 }
 
-fn transcript_of(client: &Client) -> String {
-    client
-        .events
-        .iter()
-        .filter(|e| e["type"] == "conversation.item.input_audio_transcription.completed")
-        .map(|e| e["transcript"].as_str().unwrap_or("").to_string())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn index_of(client: &Client, kind: &str) -> usize {
     client.types().iter().position(|t| t == kind).unwrap_or_else(|| panic!("no {kind} in {:?}", client.types()))
 }
@@ -52,7 +42,7 @@ async fn spoken_question_gets_a_spoken_answer_that_whisper_understands() {
     let positions: Vec<usize> = order.iter().map(|k| index_of(&c, k)).collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "events out of order: {:?}", c.types());
 
-    let heard = words(&transcript_of(&c));
+    let heard = words(&c.heard());
     assert!(heard.contains(&"capital".to_string()) && heard.contains(&"germany".to_string()), "heard {heard:?}");
 
     assert_eq!(done["response"]["status"], "completed", "{done}");
@@ -132,12 +122,12 @@ async fn two_concurrent_calls_get_their_own_answers() {
         async {
             let mut c = Client::connect(server).await.expect("connect");
             let done = ask(&mut c, "What is the capital of Germany?").await.expect("response");
-            (transcript_of(&c), done)
+            (c.heard(), done)
         },
         async {
             let mut c = Client::connect(server).await.expect("connect");
             let done = ask(&mut c, "How many legs does a dog have?").await.expect("response");
-            (transcript_of(&c), done)
+            (c.heard(), done)
         }
     );
     let said = |done: &Value| done["response"]["output"][0]["content"][0]["transcript"].as_str().unwrap_or("").to_lowercase();
