@@ -11,14 +11,24 @@ use parley_llm::{ChatMessage, Role, ToolSpec};
 const MIN_WORDS: usize = 3;
 
 /// The lines a reply must not merely repeat, as lowercase words.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Parrot {
     lines: Vec<Vec<String>>,
     /// The offered tools' descriptions and their parameters', as words: written for
     /// the model, never for the caller ("with the member ID and date of birth they
     /// said.", read back by the 0.5B model in the eval).
     tool_texts: Vec<Vec<String>>,
+    /// The `say` sentences of tool results already in the conversation (earlier
+    /// turns): the 0.5B model answered a new question with the last one again
+    /// ("You have one order…" to "Are there refills left on RX1003?", eval). A
+    /// sentence this response's own look-ups return again is taken off
+    /// ([`Self::fresh_result`]): reading it is then the answer.
+    results: std::sync::Mutex<Vec<Vec<String>>>,
 }
+
+/// Fewest words a reply must have to be taken for an earlier result read again:
+/// "Thank you, Maria." may be a fine answer to thanks.
+const MIN_RESULT_WORDS: usize = 5;
 
 /// Fewest words a phrase must have to be taken for a copy of a tool's description.
 const MIN_COPIED_WORDS: usize = 4;
@@ -39,7 +49,26 @@ impl Parrot {
             }
         }
         lines.retain(|l| l.len() >= MIN_WORDS);
-        Self { lines, tool_texts: Vec::new() }
+        let results = messages
+            .iter()
+            .filter(|m| m.role == Role::Tool)
+            .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok())
+            .filter_map(|v| v.get("say").and_then(|s| s.as_str()).map(|say| words(say).0))
+            .filter(|w| w.len() >= MIN_RESULT_WORDS)
+            .collect();
+        Self { lines, tool_texts: Vec::new(), results: std::sync::Mutex::new(results) }
+    }
+
+    /// A tool result of this response: its `say` is a fresh answer, not an old one.
+    pub fn fresh_result(&self, output: &str) {
+        let Some(say) = serde_json::from_str::<serde_json::Value>(output).ok().and_then(|v| v.get("say")?.as_str().map(|s| words(s).0)) else {
+            return;
+        };
+        self.old_results().retain(|line| *line != say);
+    }
+
+    fn old_results(&self) -> std::sync::MutexGuard<'_, Vec<Vec<String>>> {
+        self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Also guards against reading back the descriptions of `tools` (and of their
@@ -70,14 +99,22 @@ impl Parrot {
     /// one of the lines: it could still turn out to be a repeat.
     pub fn may_repeat(&self, text: &str) -> bool {
         let (said, partial) = words(text);
-        !said.is_empty() && self.lines.iter().any(|line| starts(line, &said, partial))
+        !said.is_empty() && self.lines.iter().chain(self.old_results().iter()).any(|line| starts(line, &said, partial))
+    }
+
+    /// True when the whole reply is, word for word, the start of an earlier tool
+    /// result's `say` (at least [`MIN_RESULT_WORDS`] words): an old answer given to
+    /// a new question. The agent looks it up instead.
+    pub fn repeats_result(&self, text: &str) -> bool {
+        let (said, _) = words(text);
+        said.len() >= MIN_RESULT_WORDS && self.old_results().iter().any(|line| starts(line, &said, false))
     }
 
     /// True when the whole reply is one of the lines, or at least its first
     /// [`MIN_WORDS`] words and nothing else.
     pub fn repeats(&self, text: &str) -> bool {
         let (said, _) = words(text);
-        (said.len() >= MIN_WORDS && self.lines.iter().any(|line| starts(line, &said, false))) || self.copies_tool_text(text)
+        (said.len() >= MIN_WORDS && self.lines.iter().any(|line| starts(line, &said, false))) || self.copies_tool_text(text) || self.repeats_result(text)
     }
 }
 
@@ -145,6 +182,29 @@ mod tests {
         assert!(p.repeats("An order ID the caller said"));
         assert!(!p.copies_tool_text("Your member ID and date of birth, please."));
         assert!(!p.copies_tool_text("Thank you."));
+    }
+
+    #[test]
+    fn an_earlier_results_say_read_again_is_a_repeat() {
+        let p = Parrot::for_messages(&[
+            ChatMessage::new(Role::User, "I'm member 1003, born July 25, 1990."),
+            ChatMessage::tool_result("c1", r#"{"verified": true, "say": "Thank you, Aisha, you're verified."}"#),
+            ChatMessage::tool_result("c2", r#"{"say": "You have one order. Order O R D zero zero three has been shipped."}"#),
+            ChatMessage::tool_result("c3", r#"{"error": "no such order"}"#),
+            ChatMessage::new(Role::User, "Are there any refills left on RX1003?"),
+        ]);
+        assert!(p.may_repeat("You have one or"));
+        assert!(p.repeats("You have one order. Order O R D zero zero three has been shipped."));
+        assert!(p.repeats_result("You have one order. Order O R D zero zero three"));
+        assert!(p.repeats_result("Thank you, Aisha, you're verified."));
+        // Short thanks, or an answer that goes on past it, are replies.
+        assert!(!p.repeats("Thank you, Aisha."));
+        assert!(!p.repeats("You have one order with five refills left."));
+        assert!(!p.repeats_result("Are there any refills left"));
+        // Looked up again in this response, the same sentence is the answer.
+        p.fresh_result(r#"{"say": "You have one order. Order O R D zero zero three has been shipped."}"#);
+        assert!(!p.repeats("You have one order. Order O R D zero zero three has been shipped."));
+        assert!(p.repeats_result("Thank you, Aisha, you're verified."));
     }
 
     #[test]

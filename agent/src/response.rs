@@ -258,6 +258,8 @@ async fn think(
     let registry = &tools.registry;
     // Calls run in this response and their results: a repeat is answered from here.
     let mut answered: Vec<(ToolCall, String)> = Vec::new();
+    // Calls whose `say` the caller already heard (a gate's, said as it opened).
+    let mut announced: Vec<String> = Vec::new();
     let mut held = false;
     let mut retried = false;
     let mut round = 0;
@@ -283,7 +285,15 @@ async fn think(
             }
             retried = true;
             round -= 1;
-            messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
+            if round == 0 && parrot.repeats_result(&said) && !parley_llm::known_ids::callable(&options, &messages).is_empty() {
+                // An earlier turn's answer read again to a new question: look the
+                // new one up.
+                debug!("the reply only repeated an earlier tool result; asking for a look-up");
+                options.tool_choice = parley_llm::ToolChoice::Required;
+                messages.push(ChatMessage::new(parley_llm::Role::System, LOOK_IT_UP_NUDGE));
+            } else {
+                messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
+            }
             continue;
         }
         if round == 1 {
@@ -294,7 +304,7 @@ async fn think(
         }
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
             if !spoke {
-                say_last_result(&answered, &text, &cancel).await;
+                say_last_result(&answered, &announced, &text, &cancel).await;
             }
             return Ok(total);
         }
@@ -374,6 +384,7 @@ async fn think(
             }
         };
         let mut hold_the_floor = false;
+        let mut gate_opened = false;
         let mut fresh = results.into_iter();
         for (call, repeat) in known.iter().zip(repeats) {
             let output = match repeat {
@@ -381,6 +392,17 @@ async fn think(
                 None => match fresh.next() {
                     Some((_, output)) => {
                         answered.push((call.clone(), output.clone()));
+                        parrot.fresh_result(&output);
+                        if opens_gate(&options.tools, call, &output) {
+                            gate_opened = true;
+                            // Said at once: the caller hears the check passed while
+                            // the look-up runs.
+                            if let Some(say) = spoken_sentence(&output) {
+                                let _ = text.send(TextPiece::Text(say)).await;
+                                let _ = text.send(TextPiece::SegmentEnd).await;
+                                announced.push(call.id.clone());
+                            }
+                        }
                         output
                     }
                     None => serde_json::json!({ "error": "the tool did not finish" }).to_string(),
@@ -392,7 +414,16 @@ async fn think(
         if hold_the_floor {
             let _ = text.send(TextPiece::Uninterruptible).await;
         }
-        messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
+        if gate_opened && round < policy.max_rounds.max(1) {
+            // The check the other tools waited for passed: go on to what the caller
+            // came for with a look-up (the 0.5B model otherwise read the check's
+            // result back and stopped, whatever the caller had asked).
+            debug!("a gate opened; the next round calls a tool");
+            options.tool_choice = parley_llm::ToolChoice::Required;
+            messages.push(ChatMessage::new(parley_llm::Role::System, GATE_OPENED_NUDGE));
+        } else {
+            messages.push(ChatMessage::new(parley_llm::Role::System, crate::conversation::AFTER_TOOL_NUDGE));
+        }
     }
     // Every round the response allows ended in calls: the caller has heard nothing
     // of their results yet. One more reply, in words only (the tools stay in the
@@ -409,13 +440,27 @@ async fn think(
         }
     };
     if !spoke && !(is_speech(&said) && !parrot.repeats(&said)) {
-        say_last_result(&answered, &text, &cancel).await;
+        say_last_result(&answered, &announced, &text, &cancel).await;
     }
     Ok(total)
 }
 
 /// Said when no language model can answer (every replica down).
 const UNAVAILABLE_APOLOGY: &str = "I'm sorry, I can't answer right now because of a technical problem on our side. Please try again in a moment.";
+
+/// After a gate (an identity check) passed: the next round must call a tool.
+pub(crate) const GATE_OPENED_NUDGE: &str = "The check passed. Now call the tool that answers what the caller asked.";
+
+/// When the reply only repeated an earlier turn's tool result: the next round
+/// must call a tool.
+pub(crate) const LOOK_IT_UP_NUDGE: &str = "That answer was for an earlier question. Call the tool that answers what the caller asked now.";
+
+/// True when `call` is to a gate tool ([`parley_llm::known_ids::GATE`]) and its
+/// `output` is a success (a JSON object without `error`).
+fn opens_gate(tools: &[parley_llm::ToolSpec], call: &ToolCall, output: &str) -> bool {
+    tools.iter().any(|t| t.name == call.name && parley_llm::known_ids::is_gate(t))
+        && serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v.is_object() && v.get("error").is_none())
+}
 
 /// Said when a reply after a tool result was not speech.
 pub(crate) const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
@@ -429,15 +474,18 @@ fn asks_uninterruptible(output: &str) -> bool {
 /// When the model said nothing worth hearing (JSON an engine could not forbid, a
 /// repeat of the caller), the caller hears the last tool result's own spoken
 /// sentence, or with none, [`SAY_AGAIN`], rather than silence.
-async fn say_last_result(answered: &[(ToolCall, String)], text: &mpsc::Sender<TextPiece>, cancel: &CancellationToken) {
+async fn say_last_result(answered: &[(ToolCall, String)], announced: &[String], text: &mpsc::Sender<TextPiece>, cancel: &CancellationToken) {
     if cancel.is_cancelled() {
         return;
     }
-    let line = match answered.iter().rev().find_map(|(_, output)| spoken_sentence(output)) {
+    let unheard = answered.iter().rev().filter(|(call, _)| !announced.contains(&call.id));
+    let line = match unheard.filter_map(|(_, output)| spoken_sentence(output)).next() {
         Some(say) => {
             debug!("no words from the model after the tool results; speaking the last result's say sentence");
             say
         }
+        // The caller heard the gate's sentence; nothing more to add.
+        None if !announced.is_empty() => return,
         None => {
             debug!("no words from the model; asking the caller to say it again");
             SAY_AGAIN.to_string()
@@ -968,14 +1016,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_that_repeats_the_caller_is_not_spoken() {
-        let parrot = Parrot::for_messages(&[ChatMessage::new(parley_llm::Role::User, "Please refill my prescription R X one.")]);
+        let parrot = || Parrot::for_messages(&[ChatMessage::new(parley_llm::Role::User, "Please refill my prescription R X one.")]);
         let echo = vec![text("Please "), text("refill my "), text("prescription R X one."), TextPiece::SegmentEnd];
         // The echo is not spoken; with nothing else said before the reply ends, the
         // caller is asked to say it again rather than left in silence.
-        assert_eq!(phrases_guarded(echo, parrot.clone()).await, vec![PhrasePiece::Phrase(SAY_AGAIN.to_string())]);
+        assert_eq!(phrases_guarded(echo, parrot()).await, vec![PhrasePiece::Phrase(SAY_AGAIN.to_string())]);
         // One that parts from the caller's words is spoken whole, from its start.
         let reply = vec![text("Please "), text("refill my "), text("order? I can help."), TextPiece::SegmentEnd];
-        let said: Vec<PhrasePiece> = phrases_guarded(reply, parrot).await;
+        let said: Vec<PhrasePiece> = phrases_guarded(reply, parrot()).await;
         let said: String = said.iter().filter_map(|p| if let PhrasePiece::Phrase(t) = p { Some(t.as_str()) } else { None }).collect::<Vec<_>>().join(" ");
         assert!(said.starts_with("Please refill my order?"), "{said}");
     }

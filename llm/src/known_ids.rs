@@ -16,6 +16,12 @@
 //! tool that is not an error (a JSON object without an `error` key). With it, a
 //! desk's look-ups cannot be the first call of a caller who has not proved who they
 //! are: the check is the only call the model can make.
+//!
+//! A tool can be a gate: `"x-parley-gate": true` on its parameters (an identity
+//! check) makes it callable until it succeeds, then never again in the call (the
+//! 0.5B model re-ran a passed check on the caller's next question instead of
+//! answering it). What the agent does when a gate opens is up to the agent
+//! ([`is_gate`]).
 
 use regex::RegexBuilder;
 use serde_json::{Map, Value};
@@ -29,6 +35,15 @@ pub const KNOWN: &str = "x-parley-known";
 /// result must come first.
 pub const AFTER: &str = "x-parley-after";
 
+/// The annotation (on a tool's parameters) that marks a check the other tools wait
+/// for: callable until it succeeds, then not again.
+pub const GATE: &str = "x-parley-gate";
+
+/// True when `tool` is a gate ([`GATE`]).
+pub fn is_gate(tool: &ToolSpec) -> bool {
+    tool.parameters.get(GATE) == Some(&Value::Bool(true))
+}
+
 /// The tools as they may be called after `messages`: each known-id parameter an
 /// `enum` of the values the conversation holds, in the order they appeared; tools
 /// whose required ids have none are dropped. Tools without annotations are kept as
@@ -41,6 +56,9 @@ pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
         if let Some(first) = tool.parameters.get(AFTER).and_then(Value::as_str)
             && !succeeded.get_or_insert_with(|| succeeded_tools(messages)).iter().any(|t| t == first)
         {
+            continue;
+        }
+        if is_gate(tool) && succeeded.get_or_insert_with(|| succeeded_tools(messages)).iter().any(|t| t == &tool.name) {
             continue;
         }
         let mut parameters = tool.parameters.clone();
@@ -226,6 +244,26 @@ mod tests {
         assert_eq!(names(&messages), ["verify_member", "list_orders"]);
         // The annotation is not shown to the model.
         assert!(narrow(&tools, &messages)[1].parameters.get("x-parley-after").is_none());
+    }
+
+    #[test]
+    fn a_gate_is_callable_until_it_succeeds() {
+        let verify = ToolSpec {
+            name: "verify_member".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {}, "x-parley-gate": true}),
+        };
+        assert!(is_gate(&verify) && !is_gate(&order_tool()));
+        let tools = [verify];
+        let call = |id: &str| ChatMessage::tool_calls("", vec![ToolCall { id: id.into(), name: "verify_member".into(), arguments: json!({}) }]);
+        let mut messages = vec![ChatMessage::new(Role::User, "my member ID is 1001")];
+        assert_eq!(narrow(&tools, &messages).len(), 1);
+        assert!(narrow(&tools, &messages)[0].parameters.get(GATE).is_none(), "the annotation is not shown to the model");
+        // A failed check may be tried again.
+        messages.extend([call("c1"), ChatMessage::tool_result("c1", r#"{"error": "no match"}"#)]);
+        assert_eq!(narrow(&tools, &messages).len(), 1);
+        messages.extend([call("c2"), ChatMessage::tool_result("c2", r#"{"verified": true}"#)]);
+        assert!(narrow(&tools, &messages).is_empty(), "a passed check is not run again");
     }
 
     #[test]

@@ -129,7 +129,11 @@ impl Operation {
             _ => {}
         }
         let mut schema = json!({ "type": "object", "properties": properties, "required": required });
-        if self != Operation::VerifyMember {
+        if self == Operation::VerifyMember {
+            // Once it passes, it is not offered again, and the agent goes on to what
+            // the caller asked (`x-parley-gate`).
+            schema[parley_llm::known_ids::GATE] = json!(true);
+        } else {
             // Only the identity check can come first: the look-ups are not callable
             // until it has succeeded in this call (the tools refuse anyway; this keeps
             // the model from trying).

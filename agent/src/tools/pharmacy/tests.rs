@@ -148,8 +148,7 @@ async fn verification_answers_with_the_members_records_but_no_phone_or_birth_dat
     let result = desk.call("verify_member", json!({"memberId": 1002, "dob": "1971-11-02"})).await.expect("verified");
     assert_eq!(result["name"], "James");
     let say = result["say"].as_str().expect("say");
-    assert!(say.starts_with("Thank you, James, you're verified. You have two orders. Order O R D zero zero two,"), "{say}");
-    assert!(say.contains("Order O R D zero zero four,"), "{say}");
+    assert_eq!(say, "Thank you, James, you're verified.");
     let orders: Vec<&str> = result["orders"].as_array().expect("orders").iter().filter_map(|o| o["order_id"].as_str()).collect();
     assert_eq!(orders, ["ORD002", "ORD004"]);
     assert_eq!(result["prescriptions"][0]["rx_id"], "RX1002");
