@@ -19,7 +19,7 @@ pub struct Parrot {
     /// said.", read back by the 0.5B model in the eval).
     tool_texts: Vec<Vec<String>>,
     /// The `say` sentences of tool results already in the conversation (earlier
-    /// turns): the 0.5B model answered a new question with the last one again
+    /// turns), and the agent's earlier replies: the 0.5B model answered a new question with the last one again
     /// ("You have one order…" to "Are there refills left on RX1003?", eval). A
     /// sentence this response's own look-ups return again is taken off
     /// ([`Self::fresh_result`]): reading it is then the answer.
@@ -49,13 +49,16 @@ impl Parrot {
             }
         }
         lines.retain(|l| l.len() >= MIN_WORDS);
-        let results = messages
+        let says = messages
             .iter()
             .filter(|m| m.role == Role::Tool)
             .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok())
-            .filter_map(|v| v.get("say").and_then(|s| s.as_str()).map(|say| words(say).0))
-            .filter(|w| w.len() >= MIN_RESULT_WORDS)
-            .collect();
+            .filter_map(|v| v.get("say").and_then(|s| s.as_str()).map(|say| words(say).0));
+        // The agent's own earlier replies too: after a new look-up the model read its
+        // last reply out again instead of the new result ("And how many refills are
+        // left on it?", eval).
+        let replies = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| words(&m.content).0);
+        let results = says.chain(replies).filter(|w| w.len() >= MIN_RESULT_WORDS).collect();
         Self { lines, tool_texts: Vec::new(), results: std::sync::Mutex::new(results) }
     }
 
@@ -65,6 +68,16 @@ impl Parrot {
             return;
         };
         self.old_results().retain(|line| *line != say);
+    }
+
+    /// A sentence the agent said itself in this response (a gate's, as it opened):
+    /// the model reading it again would say it twice ("Thank you, Aisha, you're
+    /// verified." after the refill question's result, eval).
+    pub fn announced(&self, say: &str) {
+        let said = words(say).0;
+        if said.len() >= MIN_RESULT_WORDS {
+            self.old_results().push(said);
+        }
     }
 
     fn old_results(&self) -> std::sync::MutexGuard<'_, Vec<Vec<String>>> {
@@ -103,8 +116,8 @@ impl Parrot {
     }
 
     /// True when the whole reply is, word for word, the start of an earlier tool
-    /// result's `say` (at least [`MIN_RESULT_WORDS`] words): an old answer given to
-    /// a new question. The agent looks it up instead.
+    /// result's `say` or of an earlier reply (at least [`MIN_RESULT_WORDS`] words):
+    /// an old answer given to a new question. The agent looks it up instead.
     pub fn repeats_result(&self, text: &str) -> bool {
         let (said, _) = words(text);
         said.len() >= MIN_RESULT_WORDS && self.old_results().iter().any(|line| starts(line, &said, false))
@@ -205,6 +218,17 @@ mod tests {
         p.fresh_result(r#"{"say": "You have one order. Order O R D zero zero three has been shipped."}"#);
         assert!(!p.repeats("You have one order. Order O R D zero zero three has been shipped."));
         assert!(p.repeats_result("Thank you, Aisha, you're verified."));
+        // The agent's own earlier reply, read out again.
+        let p = Parrot::for_messages(&[
+            ChatMessage::new(Role::User, "Where is my order?"),
+            ChatMessage::new(Role::Assistant, "Thank you, Aisha, you're verified. You have one order, shipped by mail."),
+            ChatMessage::new(Role::User, "And how many refills are left on it?"),
+        ]);
+        assert!(p.repeats_result("Thank you, Aisha, you're verified. You have one order, shipped by mail."));
+        assert!(!p.repeats("It has five refills left."));
+        // What the agent said itself in this response is not said again.
+        p.announced("Done: your refill of Metformin is requested.");
+        assert!(p.repeats("\"Done: your refill of Metformin is requested.\""));
     }
 
     #[test]

@@ -138,6 +138,9 @@ fn frame_size(format: AudioFormat, pacing: PacingSettings) -> (usize, f64) {
 enum TextPiece {
     /// Text the model wrote.
     Text(String),
+    /// A sentence of the agent's own, not the model's (a gate's result, said as it
+    /// opened): spoken as it is, without the guards against the model's repeats.
+    Ours(String),
     /// One generation ended (each is its own segment for the JSON guard).
     SegmentEnd,
     /// What follows may not be interrupted (a tool result asked for it, e.g. a
@@ -398,8 +401,8 @@ async fn think(
                             // Said at once: the caller hears the check passed while
                             // the look-up runs.
                             if let Some(say) = spoken_sentence(&output) {
-                                let _ = text.send(TextPiece::Text(say)).await;
-                                let _ = text.send(TextPiece::SegmentEnd).await;
+                                parrot.announced(&say);
+                                let _ = text.send(TextPiece::Ours(say)).await;
                                 announced.push(call.id.clone());
                             }
                         }
@@ -680,8 +683,22 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
             }
             continue;
         }
+        if let Some(TextPiece::Ours(line)) = &piece {
+            // Its own phrase, after whatever the model said before it.
+            let mut ours: Vec<String> = chunker.finish().into_iter().collect();
+            ours.extend(chunker.push(line));
+            ours.extend(chunker.finish());
+            let ours: Vec<String> = ours.iter().filter_map(|p| crate::reply_text::speakable(p)).collect();
+            sent_any |= !ours.is_empty();
+            for phrase in ours {
+                if phrases.send(PhrasePiece::Phrase(phrase)).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         let ended = match &piece {
-            Some(TextPiece::SegmentEnd | TextPiece::Uninterruptible) | None => true,
+            Some(TextPiece::SegmentEnd | TextPiece::Uninterruptible | TextPiece::Ours(_)) | None => true,
             Some(TextPiece::Text(piece)) => {
                 wrote_words |= piece.chars().any(char::is_alphanumeric);
                 segment = match segment {
@@ -1037,6 +1054,24 @@ mod tests {
         // Some words kept: no fallback.
         let said = phrases_guarded(vec![text("Ask the caller for it. "), text("Your order is ready."), TextPiece::SegmentEnd], Parrot::default()).await;
         assert_eq!(said, vec![PhrasePiece::Phrase("Your order is ready.".into())]);
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_sentence_is_said_once_and_the_model_reading_it_again_is_not() {
+        let parrot = Parrot::default();
+        parrot.announced("Thank you, Aisha, you're verified.");
+        let pieces = vec![
+            TextPiece::Ours("Thank you, Aisha, you're verified.".into()),
+            text("\"Thank you, Aisha, "),
+            text("you're verified.\""),
+            TextPiece::SegmentEnd,
+            text("Just to confirm: a refill of Metformin?"),
+            TextPiece::SegmentEnd,
+        ];
+        assert_eq!(
+            phrases_guarded(pieces, parrot).await,
+            vec![PhrasePiece::Phrase("Thank you, Aisha, you're verified.".into()), PhrasePiece::Phrase("Just to confirm: a refill of Metformin?".into())]
+        );
     }
 
     #[test]
