@@ -435,7 +435,7 @@ async fn think(
             String::new()
         }
     };
-    if !spoke && !(is_speech(&said) && !parrot.repeats(&said)) {
+    if !spoke && (!is_speech(&said) || parrot.repeats(&said)) {
         say_last_result(&answered, &text, &cancel).await;
     }
     Ok(total)

@@ -13,6 +13,9 @@
 //! - the reader (the driver's own task) and the writer task, the only one that writes
 //!   to the client; every write has a timeout (`server.write_timeout_ms`), so a client
 //!   that stops reading is cut off and its slot freed instead of holding it for good;
+//! - server shutdown (`[server.drain]`): when [`App::shutdown`] fires the call says
+//!   the configured goodbye in its own voice ([`CallInput::EndWith`]), the writer
+//!   delivers it and closes the connection with 1001 (going away);
 //! - structured shutdown: when the reader stops (the client left, the deadline, a dead
 //!   writer, server shutdown) the call is closed (its responses and transcriptions
 //!   end with it), the writer gets a bounded grace to deliver what is left and is then
