@@ -29,7 +29,9 @@ espeak-ng -v en-us -s 150 -w "$CLIP" "Hello, I am calling about my order." 2>/de
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 MAX=$(( $(echo "$CALLS $IDLE_CALLS" | tr ' ' '\n' | sort -n | tail -1) + 16 ))
-"$PARLEY" serve --agent-mode echo --listen 127.0.0.1:0 --max-calls "$MAX" >"$OUT/server.out" 2>"$OUT/server.log" &
+# Every caller comes from this machine's one address: no per-address connection cap.
+printf '[server.limits]\nconnections_per_ip = 0\n' >"$OUT/parley.toml"
+"$PARLEY" serve --config "$OUT/parley.toml" --agent-mode echo --listen 127.0.0.1:0 --max-calls "$MAX" >"$OUT/server.out" 2>"$OUT/server.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "listening on" "$OUT/server.out" 2>/dev/null && break; sleep 0.1; done

@@ -265,6 +265,9 @@ struct CallState {
     /// Echo agent ([`Engines::is_echo`]): the caller's turn not yet played back,
     /// 16 kHz; the next response plays it instead of a model's reply.
     echo_audio: Vec<f32>,
+    /// Saying goodbye ([`CallInput::EndWith`]): no new replies; the call ends when
+    /// nothing plays.
+    ending: bool,
 }
 
 impl CallState {
@@ -313,6 +316,7 @@ impl CallState {
             tool_scope: crate::tools::CallScope::default(),
             tasks: tokio::task::JoinSet::new(),
             echo_audio: Vec::new(),
+            ending: false,
         })
     }
 
@@ -358,6 +362,10 @@ impl CallState {
                 _ = sleep_until_opt(held_deadline) => self.commit_held().await,
                 outcome = wait_response(&mut self.response) => self.finish_response(outcome, None).await,
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+            if self.ending && self.response.is_none() {
+                // The goodbye has played: the call ends, and with it its events.
+                break;
             }
         }
         if let Some(active) = self.response.take() {
@@ -405,6 +413,7 @@ impl CallState {
                     self.interrupt().await;
                 }
             }
+            CallInput::EndWith(goodbye) => self.end_with(goodbye).await,
             CallInput::ToolOutput { call_id, output } => {
                 if !self.conversation.has_call(&call_id) {
                     self.error(ErrorCode::UnknownCall, format!("no function call with call_id {call_id} in this conversation")).await;
@@ -758,7 +767,7 @@ impl CallState {
             && self.response.as_ref().is_some_and(|a| a.id == response_id)
         {
             if is_backchannel(&text, &td.interruption.backchannels) {
-                info!(heard = %text, "no words over the reply: it resumes");
+                info!(heard = %crate::redact::Redacted(&text), "no words over the reply: it resumes");
                 if let Some(active) = self.response.as_ref() {
                     let _ = active.pause.send(false);
                 }
@@ -779,7 +788,7 @@ impl CallState {
         if td.unfinished_silence_ms > td.vad.silence_duration_ms && looks_unfinished(&text) {
             let deadline = ended_at + Duration::from_millis(u64::from(td.unfinished_silence_ms));
             if Instant::now() < deadline || self.speech.is_some() || !self.segments.is_empty() {
-                info!(heard = %text, "the turn sounds unfinished: waiting for more");
+                info!(heard = %crate::redact::Redacted(&text), "the turn sounds unfinished: waiting for more");
                 self.held = Some(HeldTurn { item_id, text, timer: done.timer, asr_ms: done.asr_ms, deadline });
                 return;
             }
@@ -860,6 +869,10 @@ impl CallState {
     }
 
     async fn start_response(&mut self, timer: TurnTimer, asr_ms: Option<f64>, request: ResponseOptions) {
+        if self.ending && request.say.is_none() {
+            // The call is saying goodbye: no new replies.
+            return;
+        }
         let response_id = new_id("resp");
         let item_id = new_id("item");
         let span = info_span!("turn", response_id = %response_id);
@@ -881,7 +894,8 @@ impl CallState {
             tool_policy: self.settings.tool_policy.clone(),
             interruptible: request.interruptible,
             scope: self.tool_scope.clone(),
-            echo_audio: (self.engines.is_echo() && !self.echo_audio.is_empty()).then(|| std::mem::take(&mut self.echo_audio)),
+            echo_audio: (request.say.is_none() && self.engines.is_echo() && !self.echo_audio.is_empty()).then(|| std::mem::take(&mut self.echo_audio)),
+            say: request.say,
         };
         let cancel = self.cancel.child_token();
         let clock = Arc::new(Mutex::new(PlayClock::new(self.settings.pacing.lead_ms)));
@@ -893,6 +907,27 @@ impl CallState {
                 .instrument(span),
         );
         self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new(), pause, interruptible });
+    }
+
+    /// The server ends the call with last words ([`CallInput::EndWith`]): the reply
+    /// in progress stops (kept as far as it was heard), turns waiting for an answer
+    /// are dropped, and `goodbye` is spoken, not interruptible; the run loop ends the
+    /// call once nothing is playing.
+    async fn end_with(&mut self, goodbye: String) {
+        if self.ending {
+            return;
+        }
+        info!("ending the call with a goodbye");
+        if self.response.is_some() {
+            self.interrupt().await;
+        }
+        self.ending = true;
+        self.pending_response = None;
+        self.held = None;
+        if !goodbye.trim().is_empty() {
+            let options = ResponseOptions { instructions: None, interruptible: false, say: Some(goodbye) };
+            self.start_response(TurnTimer::default(), None, options).await;
+        }
     }
 
     /// Stops the response in progress and keeps only what the caller heard.
@@ -982,6 +1017,7 @@ impl CallState {
         self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text, function_calls: active.function_calls }).await;
         // Speech kept while the reply could not be interrupted is answered now.
         if let Some((timer, asr_ms)) = self.pending_response.take()
+            && !self.ending
             && self.response.is_none()
             && !self.input.in_speech()
         {

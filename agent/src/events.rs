@@ -26,6 +26,11 @@ pub enum CallInput {
     Update(Box<SessionSettings>),
     /// The client's result for a client tool call (`function_call_output`).
     ToolOutput { call_id: String, output: String },
+    /// The server ends the call with last words (it is shutting down): the reply in
+    /// progress stops, the text is spoken through the call's voice and cannot be
+    /// interrupted, and then the call ends by itself (its event stream closes). An
+    /// empty text ends the call without a word.
+    EndWith(String),
 }
 
 /// Why a response ended.

@@ -29,6 +29,7 @@ mod ids;
 mod input;
 mod pacing;
 mod parrot;
+pub mod redact;
 mod reply_text;
 mod response;
 mod settings;

@@ -48,7 +48,7 @@ pub fn speakable(phrase: &str) -> Option<String> {
     }
     let lower = phrase.to_lowercase();
     if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) || copies_instructions(phrase) {
-        tracing::debug!(phrase, "dropped a phrase addressed to the model");
+        tracing::debug!(phrase = %crate::redact::Redacted(phrase), "dropped a phrase addressed to the model");
         return None;
     }
     let mended = spoken::mend_spacing(phrase);

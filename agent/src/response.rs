@@ -63,6 +63,8 @@ pub struct ResponseJob {
     /// Echo agent: the caller's turn (16 kHz) to play back instead of a reply; it
     /// goes through the same framing, pacing, pause and barge-in as speech.
     pub echo_audio: Option<Vec<f32>>,
+    /// A fixed text to speak instead of asking the model (the server's goodbye).
+    pub say: Option<String>,
 }
 
 /// The call's hold on a response's playback: pause and resume it, know whether the
@@ -174,8 +176,15 @@ pub async fn run(
     }
     let first_token_at = Arc::new(OnceLock::new());
     let (text_tx, text_rx) = mpsc::channel::<TextPiece>(TEXT_QUEUE);
-    let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
-    let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
+    if let Some(said) = job.say.take() {
+        // Our own words, not the model's: nothing to guard against.
+        let parrot = Arc::new(Parrot::for_messages(&[]));
+        let think = tokio::spawn(async move {
+            let _ = text_tx.send(TextPiece::Ours(said)).await;
+            Ok(GenerationStats::default())
+        });
+        return speak(job, engines, events, playback, cancel, think, text_rx, parrot, first_token_at).await;
+    }
     let parrot = Arc::new(Parrot::for_messages(&job.messages).with_tools(&job.options.tools));
 
     let think = tokio::spawn(
@@ -194,7 +203,25 @@ pub async fn run(
         )
         .in_current_span(),
     );
+    speak(job, engines, events, playback, cancel, think, text_rx, parrot, first_token_at).await
+}
 
+/// The speaking half of a response: text from `think` is cut into phrases,
+/// synthesized and paced out; then the response's outcome is `think`'s.
+#[allow(clippy::too_many_arguments)]
+async fn speak(
+    job: ResponseJob,
+    engines: Engines,
+    events: mpsc::Sender<AgentEvent>,
+    playback: Playback,
+    cancel: CancellationToken,
+    think: tokio::task::JoinHandle<Result<GenerationStats, String>>,
+    text_rx: mpsc::Receiver<TextPiece>,
+    parrot: Arc<Parrot>,
+    first_token_at: Arc<OnceLock<Instant>>,
+) -> ResponseOutcome {
+    let (phrase_tx, phrase_rx) = mpsc::channel::<PhrasePiece>(PHRASE_QUEUE);
+    let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
     let chunker = tokio::spawn(chunk_phrases(text_rx, phrase_tx, parrot, cancel.clone()).in_current_span());
     let synth = tokio::spawn(
         synthesize_phrases(phrase_rx, frame_tx, engines.clone(), job.output_format, job.pacing, events.clone(), cancel.clone())
@@ -442,7 +469,7 @@ async fn think(
             String::new()
         }
     };
-    if !spoke && !(is_speech(&said) && !parrot.repeats(&said)) {
+    if !spoke && (!is_speech(&said) || parrot.repeats(&said)) {
         say_last_result(&answered, &announced, &text, &cancel).await;
     }
     Ok(total)
@@ -588,6 +615,13 @@ async fn run_tool(tools: &Tools, call: ToolCall, timeout_ms: u64, reports: &mpsc
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
     };
     tracing::info!(tool = %call.name, call_id = %call.id, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "tool call");
+    // What went in and came out, for debugging; redacted of personal data.
+    tracing::debug!(
+        tool = %call.name,
+        arguments = %crate::redact::Redacted(&call.arguments.to_string()),
+        result = %crate::redact::Redacted(&output),
+        "tool call detail"
+    );
     let _ = reports.send(ToolReport::Output { call_id: call.id.clone(), output: output.clone() }).await;
     (call.id, output)
 }

@@ -84,11 +84,13 @@ pub struct ResponseOptions {
     /// `false` plays the whole reply even if the caller speaks (a legal notice);
     /// their speech is kept and answered next.
     pub interruptible: bool,
+    /// Speak exactly this, without the model (the server's goodbye when it stops).
+    pub say: Option<String>,
 }
 
 impl Default for ResponseOptions {
     fn default() -> Self {
-        Self { instructions: None, interruptible: true }
+        Self { instructions: None, interruptible: true, say: None }
     }
 }
 

@@ -77,6 +77,8 @@ fn tool(addr: SocketAddr, path: &str, timeout_ms: u64) -> HttpTool {
         url: format!("http://{addr}{path}"),
         timeout_ms,
         headers: BTreeMap::from([("X-Token".to_string(), "secret-123".to_string())]),
+        headers_from_env: BTreeMap::new(),
+        headers_from_file: BTreeMap::new(),
     })
     .expect("valid tool")
 }

@@ -311,7 +311,8 @@ impl WhisperTranscriber {
         let (mut raw, tokens) = self.decode(state, audio, fit, stop)?;
         if fit && (tokens >= max_tokens_for(audio.len()) || looks_like_a_loop(&raw)) {
             // The shortened window made the decoder loop: pay for the full window once.
-            tracing::debug!(looped = %raw, "fitted audio context looped; retrying with the full window");
+            // Length only: a transcript is the caller's words (see parley_agent::redact).
+            tracing::debug!(chars = raw.len(), "fitted audio context looped; retrying with the full window");
             raw = self.decode(state, audio, false, stop)?.0;
         }
         drop(pooled);

@@ -107,7 +107,7 @@ fn any_token_the_grammar_allows_ends_in_a_valid_call() {
         let name = call["name"].as_str().expect("a name");
         let args = call["arguments"].as_object().expect("an arguments object");
         match name {
-            "get_order_details" => assert!(["ORD004", "ORD002"].contains(&args["order_id"].as_str().unwrap()), "{text}"),
+            "get_order_details" => assert!(["ORD004", "ORD002"].contains(&args["order_id"].as_str().expect("order_id is a string")), "{text}"),
             "request_refill" => {
                 assert_eq!(args["rx_id"], "RX1003", "{text}");
                 assert!(args.keys().all(|k| k == "rx_id" || k == "confirm"), "{text}");
@@ -116,9 +116,9 @@ fn any_token_the_grammar_allows_ends_in_a_valid_call() {
                 }
             }
             "get_weather" => {
-                assert!(args["city"].as_str().unwrap().chars().count() <= 12, "{text}");
+                assert!(args["city"].as_str().expect("city is a string").chars().count() <= 12, "{text}");
                 if let Some(d) = args.get("days") {
-                    assert!((1..=7).contains(&d.as_i64().unwrap()), "{text}");
+                    assert!((1..=7).contains(&d.as_i64().expect("days is an integer")), "{text}");
                 }
             }
             other => panic!("round {round}: a tool nobody offered: {other} in {text:?}"),

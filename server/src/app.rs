@@ -26,6 +26,13 @@ pub struct App {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Client secrets minted for browsers (`POST /v1/realtime/client_secrets`).
     pub client_secrets: crate::web::secrets::ClientSecrets,
+    /// The API keys, as digests.
+    pub keys: crate::keys::ApiKeys,
+    /// Per-key rates and concurrency, per-address connections (`[server.limits]`).
+    pub limiter: crate::limits::Limiter,
+    /// Cancelled on SIGTERM: new calls are refused (503) while the calls in progress
+    /// finish, until `server.drain.timeout_s`, when [`App::shutdown`] ends the rest.
+    pub draining: tokio_util::sync::CancellationToken,
     engines: OnceLock<Arc<Engines>>,
     load_error: OnceLock<String>,
     active: Arc<AtomicUsize>,
@@ -38,6 +45,8 @@ pub struct CallSlot {
     /// The settings the call starts with when its client secret carried a session.
     pub preset: Option<Box<SessionSettings>>,
     active: Arc<AtomicUsize>,
+    /// The call's place in its API key's limits.
+    _key: Option<crate::limits::KeyPermit>,
 }
 
 impl Drop for CallSlot {
@@ -46,10 +55,16 @@ impl Drop for CallSlot {
     }
 }
 
-/// Why a call was not admitted: an HTTP status and a message that says what to do.
-pub struct Refusal(StatusCode, String);
+/// Why a call was not admitted: an HTTP status, a message that says what to do and,
+/// for refusals that pass (rate, capacity, draining, loading), when to retry.
+pub struct Refusal(StatusCode, String, Option<u64>);
 
 impl Refusal {
+    /// A refusal with `Retry-After: retry_after_s`.
+    pub fn retry(status: StatusCode, message: String, retry_after_s: u64) -> Self {
+        Self(status, message, Some(retry_after_s.max(1)))
+    }
+
     /// The WebSocket close code and reason for a refusal on a socket already
     /// accepted: 1008 (policy violation) for credentials, 1013 (try again later)
     /// for capacity and loading.
@@ -62,24 +77,37 @@ impl Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"type": "invalid_request_error", "code": self.0.as_u16(), "message": self.1}});
-        (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        let mut response = (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        if let Some(s) = self.2 {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        response
     }
 }
 
 impl App {
-    /// State for a server with `config`; engines are attached once loaded.
-    pub fn new(config: Config) -> Self {
+    /// State for a server with `config`; engines are attached once loaded. The API
+    /// keys are hashed here; `config` keeps none in the clear (see
+    /// [`crate::config::ServerConfig::resolve_api_keys`]).
+    pub fn new(mut config: Config) -> anyhow::Result<Self> {
         let session_defaults = config.session_defaults();
-        Self {
+        let mut digests: Vec<String> = config.server.api_keys.drain(..).map(|k| crate::keys::ApiKeys::digest_hex(&k)).collect();
+        digests.extend(config.server.api_key_sha256.iter().cloned());
+        let keys = crate::keys::ApiKeys::from_digests(&digests)?;
+        let limiter = crate::limits::Limiter::new(&config.server.limits);
+        Ok(Self {
             config,
             session_defaults,
             metrics: Metrics::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             client_secrets: Default::default(),
+            keys,
+            limiter,
+            draining: tokio_util::sync::CancellationToken::new(),
             engines: OnceLock::new(),
             load_error: OnceLock::new(),
             active: Arc::new(AtomicUsize::new(0)),
-        }
+        })
     }
 
     /// Makes the server ready.
@@ -115,29 +143,55 @@ impl App {
         Duration::from_millis(self.config.server.write_timeout_ms.max(1))
     }
 
-    /// Checks the credential (unless `pre_authorized`), readiness and capacity before
-    /// a call starts. Transports call it through [`crate::driver::admit`]. The
-    /// credential is a Bearer API key, or a client secret (Bearer or WebSocket
-    /// subprotocol), which may carry the call's first session settings.
+    /// Checks the credential (unless `pre_authorized`), drain, readiness, the key's
+    /// limits and the server's capacity before a call starts. Transports call it
+    /// through [`crate::driver::admit`]. The credential is a Bearer API key, or a
+    /// client secret (Bearer or WebSocket subprotocol), which may carry the call's
+    /// first session settings.
     pub fn admit(&self, headers: &HeaderMap, pre_authorized: bool) -> Result<CallSlot, Refusal> {
-        let preset = if pre_authorized {
-            None
+        let retry_s = self.config.server.limits.retry_after_s;
+        let authorized = if pre_authorized {
+            Default::default()
         } else {
-            self.client_secrets.authorize(&self.config.server.api_keys, headers).map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?
+            self.client_secrets.authorize(&self.keys, headers).map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string(), None))?
         };
-        if self.engines.get().is_none() {
-            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "the models are still loading; retry when /readyz returns 200".into()));
+        if self.draining.is_cancelled() {
+            self.metrics.calls_refused.inc();
+            return Err(Refusal::retry(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down; retry (another instance will take the call)".into(), retry_s));
         }
+        if self.engines.get().is_none() {
+            return Err(Refusal::retry(StatusCode::SERVICE_UNAVAILABLE, "the models are still loading; retry when /readyz returns 200".into(), retry_s));
+        }
+        let key_permit = match authorized.key {
+            Some(key) => match self.limiter.start_call(key) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.metrics.calls_refused.inc();
+                    let label = self.keys.label(key);
+                    return Err(match e {
+                        crate::limits::LimitError::Rate { retry_after } => {
+                            tracing::info!(key = %label, "call refused: the key's call start rate");
+                            Refusal::retry(StatusCode::TOO_MANY_REQUESTS, e.to_string(), retry_after.as_secs())
+                        }
+                        crate::limits::LimitError::Busy(_) => {
+                            tracing::info!(key = %label, calls = self.limiter.calls_held(key), "call refused: the key's concurrent calls");
+                            Refusal::retry(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), retry_s)
+                        }
+                    });
+                }
+            },
+            None => None,
+        };
         let max = self.config.server.max_calls;
         let taken = self.active.fetch_add(1, Ordering::SeqCst);
         if taken >= max {
             self.active.fetch_sub(1, Ordering::SeqCst);
             self.metrics.calls_refused.inc();
-            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, format!("the server is at its limit of {max} calls; retry later or raise server.max_calls")));
+            return Err(Refusal::retry(StatusCode::SERVICE_UNAVAILABLE, format!("the server is at its limit of {max} calls; retry later or raise server.max_calls"), retry_s));
         }
         self.metrics.calls_total.inc();
         let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-        Ok(CallSlot { id, preset, active: self.active.clone() })
+        Ok(CallSlot { id, preset: authorized.preset, active: self.active.clone(), _key: key_permit })
     }
 }
 
@@ -161,7 +215,10 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.engines().is_some() {
+    if app.draining.is_cancelled() {
+        // A load balancer stops sending new calls here.
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if app.engines().is_some() {
         (StatusCode::OK, "ready\n").into_response()
     } else if let Some(e) = app.load_error.get() {
         (StatusCode::SERVICE_UNAVAILABLE, format!("model loading failed: {e}\n")).into_response()

@@ -22,6 +22,24 @@ pub struct Config {
     pub tools: ToolsConfig,
     pub twilio: TwilioConfig,
     pub web: WebConfig,
+    pub logging: LoggingConfig,
+}
+
+/// What goes into the logs.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Replace phone numbers, card numbers, e-mail addresses and SSN-like numbers
+    /// (written or spoken as words) in logged transcripts, model text and tool
+    /// arguments and results with `[phone]`, `[card]`, `[email]`, `[ssn]`. Only the
+    /// logs: callers and the model see the real text.
+    pub redact: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { redact: true }
+    }
 }
 
 /// What browsers get: the demo page and client secrets.
@@ -104,8 +122,20 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Longest call, in seconds; 0 means no limit.
     pub max_call_seconds: u64,
-    /// API keys accepted as `Authorization: Bearer KEY`; empty means no auth.
+    /// API keys accepted as `Authorization: Bearer KEY`; with none here, in
+    /// `api_key_sha256` or in a keys file, there is no auth. Hashed at load; better
+    /// kept out of this file (`api_key_sha256`, `api_keys_file`, `PARLEY_API_KEYS`).
     pub api_keys: Vec<String>,
+    /// API keys by their SHA-256 digest (64 hex digits, `printf %s KEY | sha256sum`),
+    /// so the config file holds no key.
+    pub api_key_sha256: Vec<String>,
+    /// A file of API keys (also `PARLEY_API_KEYS_FILE`): one per line, `#` comments,
+    /// `sha256:HEX` lines are digests. Read at start.
+    pub api_keys_file: String,
+    /// Per-key call rates and concurrency, per-address connections.
+    pub limits: crate::limits::LimitsConfig,
+    /// What SIGTERM does to calls in progress.
+    pub drain: DrainConfig,
     /// Longest one write to a client may take, in milliseconds: a client that stops
     /// reading is cut off after this and its call slot freed.
     pub write_timeout_ms: u64,
@@ -118,6 +148,49 @@ pub struct ServerConfig {
     /// itself (IAM), opens `/invocations-bidirectional-stream` without an API key, so
     /// that path is served without one; the listener defaults to 0.0.0.0:8080.
     pub sagemaker: bool,
+}
+
+/// `[server.drain]`: a graceful stop. On SIGTERM (or Ctrl-C) the server stops
+/// admitting calls (503 with `Retry-After`, `/readyz` 503), lets the calls in
+/// progress go on for up to `timeout_s`, then ends each with `goodbye`, spoken in the
+/// call's voice, and a clean close; the process then exits 0.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Seconds calls in progress may go on after the signal; 0 says goodbye at once.
+    pub timeout_s: u64,
+    /// What the agent says to each call still open when the time is up; empty ends
+    /// calls without a word.
+    pub goodbye: String,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { timeout_s: 30, goodbye: "I'm sorry, this line is closing for maintenance. Please call again in a minute. Goodbye.".into() }
+    }
+}
+
+impl ServerConfig {
+    /// Gathers every API key (`api_keys`, `api_keys_file`, the keys in `env_keys`,
+    /// `PARLEY_API_KEYS`'s comma-separated list) into `api_key_sha256` as digests
+    /// and clears the plain ones, so nothing downstream holds a key in the clear.
+    pub fn resolve_api_keys(&mut self, env_keys: Option<&str>) -> Result<()> {
+        let mut digests: Vec<String> = self.api_keys.drain(..).map(|k| crate::keys::ApiKeys::digest_hex(&k)).collect();
+        if !self.api_keys_file.is_empty() {
+            digests.extend(crate::keys::read_keys_file(Path::new(&self.api_keys_file))?);
+        }
+        if let Some(env) = env_keys {
+            digests.extend(env.split(',').map(str::trim).filter(|k| !k.is_empty()).map(crate::keys::ApiKeys::digest_hex));
+        }
+        for d in std::mem::take(&mut self.api_key_sha256) {
+            crate::keys::check_digest(&d).context("server.api_key_sha256")?;
+            digests.push(d.trim().trim_start_matches("sha256:").to_ascii_lowercase());
+        }
+        digests.sort();
+        digests.dedup();
+        self.api_key_sha256 = digests;
+        Ok(())
+    }
 }
 
 /// Where the model files live, and which embedded language model to run.
@@ -281,7 +354,7 @@ pub struct TtsConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new(), write_timeout_ms: 10_000, tls: Default::default(), http: Default::default(), sagemaker: false }
+        Self { listen: "127.0.0.1:8080".into(), max_calls: 16, max_message_bytes: 512 * 1024, max_call_seconds: 3600, api_keys: Vec::new(), api_key_sha256: Vec::new(), api_keys_file: String::new(), limits: Default::default(), drain: Default::default(), write_timeout_ms: 10_000, tls: Default::default(), http: Default::default(), sagemaker: false }
     }
 }
 
@@ -371,6 +444,10 @@ impl Config {
         self.listen_addr()?;
         self.models.validate()?;
         self.server.http.validate()?;
+        self.server.limits.validate().map_err(anyhow::Error::msg)?;
+        for d in &self.server.api_key_sha256 {
+            crate::keys::check_digest(d).context("server.api_key_sha256")?;
+        }
         if self.server.write_timeout_ms == 0 {
             bail!("server.write_timeout_ms must be above 0");
         }
@@ -505,6 +582,33 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").expect_err("typo must fail");
         assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn api_keys_are_gathered_as_digests_and_none_stays_in_the_clear() {
+        let dir = std::env::temp_dir().join(format!("parley-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("keys");
+        std::fs::write(&file, "# ops\nsk-file\n").expect("write");
+        let hashed = crate::keys::ApiKeys::digest_hex("sk-hashed");
+        let text = format!("[server]\napi_keys = [\"sk-inline\"]\napi_key_sha256 = [\"{hashed}\"]\napi_keys_file = \"{}\"\n", file.display());
+        let mut c: Config = toml::from_str(&text).expect("parse");
+        c.validate().expect("valid");
+        c.server.resolve_api_keys(Some("sk-env-1, sk-env-2,")).expect("resolve");
+        assert!(c.server.api_keys.is_empty());
+        let printed = toml::to_string(&c).expect("serialize");
+        assert!(!printed.contains("sk-"), "no plain key left: {printed}");
+        let keys = crate::keys::ApiKeys::from_digests(&c.server.api_key_sha256).expect("digests");
+        assert_eq!(keys.len(), 5);
+        for k in ["sk-inline", "sk-hashed", "sk-file", "sk-env-1", "sk-env-2"] {
+            assert!(keys.find(k).is_some(), "{k}");
+        }
+        let mut bad = Config::default();
+        bad.server.api_key_sha256 = vec!["not hex".into()];
+        assert!(bad.validate().expect_err("bad digest").to_string().contains("api_key_sha256"));
+        let mut missing = Config::default();
+        missing.server.api_keys_file = "/nonexistent/parley-keys".into();
+        assert!(missing.server.resolve_api_keys(None).is_err());
     }
 
     #[test]

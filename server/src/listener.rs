@@ -160,8 +160,19 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 /// Accepts connections until `shutdown` resolves, then lets open connections finish
 /// their requests (calls are ended by their driver through `App::shutdown`) for at
-/// most `drain`.
-pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, tls: Option<TlsAcceptor>, shutdown: impl Future<Output = ()>, drain: Duration) -> Result<()> {
+/// most `drain`. A connection from an address that holds
+/// `server.limits.connections_per_ip` already is answered 503 with `Retry-After`
+/// on each request.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    tls: Option<TlsAcceptor>,
+    app: Arc<crate::app::App>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> Result<()> {
+    let busy = busy_router(app.config.server.limits.retry_after_s);
     let builder = Arc::new(limits.builder());
     let handshake_timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
     let graceful = GracefulShutdown::new();
@@ -185,13 +196,23 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, tl
         {
             debug!(error = %e, "cannot set the send buffer size");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let permit = app.limiter.connect(peer.ip());
+        let service = match &permit {
+            Some(_) => TowerToHyperService::new(router.clone()),
+            None => {
+                app.metrics.connections_refused.inc();
+                debug!(%peer, held = app.limiter.connections_held(peer.ip()), "connection refused: its address holds server.limits.connections_per_ip");
+                TowerToHyperService::new(busy.clone())
+            }
+        };
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let span = info_span!("conn", %peer, tls = tls.is_some());
         tokio::spawn(
             async move {
+                // Held for the connection's life.
+                let _permit = permit;
                 match tls {
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -222,6 +243,22 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, tl
         warn!("connections still open after {} s; exiting anyway", drain.as_secs());
     }
     Ok(())
+}
+
+/// What a connection over its address's cap gets for every request: 503 and when to
+/// retry.
+fn busy_router(retry_after_s: u64) -> Router {
+    Router::new().fallback(move || async move {
+        let body = serde_json::json!({"error": {"type": "invalid_request_error", "code": 503, "message": "too many connections from this address (server.limits.connections_per_ip); close some and retry"}});
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (axum::http::header::CONTENT_TYPE, "application/json".to_string()),
+                (axum::http::header::RETRY_AFTER, retry_after_s.max(1).to_string()),
+            ],
+            body.to_string(),
+        )
+    })
 }
 
 #[cfg(test)]

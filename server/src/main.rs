@@ -7,6 +7,8 @@ mod driver;
 mod engines;
 mod listener;
 mod eval;
+mod keys;
+mod limits;
 mod metrics;
 mod models;
 mod openai_api;

@@ -62,8 +62,10 @@ impl Histogram {
 pub struct Metrics {
     /// Calls accepted since start.
     pub calls_total: Counter,
-    /// Calls refused because the server was full.
+    /// Calls refused for capacity, a key's limits or a drain.
     pub calls_refused: Counter,
+    /// Connections refused because their address held `connections_per_ip`.
+    pub connections_refused: Counter,
     /// Client messages refused (malformed, unknown, oversized).
     pub rejected_messages: Counter,
     /// Responses by outcome.
@@ -119,6 +121,7 @@ impl Metrics {
         counter(&mut out, "parley_calls_total", "Calls accepted.", self.calls_total.get());
         counter(&mut out, "parley_calls_refused_total", "Calls refused because the server was full.", self.calls_refused.get());
         counter(&mut out, "parley_client_messages_rejected_total", "Client messages answered with an error event.", self.rejected_messages.get());
+        counter(&mut out, "parley_connections_refused_total", "Connections refused: their address held server.limits.connections_per_ip.", self.connections_refused.get());
         counter(&mut out, "parley_write_timeouts_total", "Calls ended because the client stopped reading (server.write_timeout_ms).", self.write_timeouts.get());
         gauge(&mut out, "parley_asr_decodes_running", "Speech-to-text decodes running now, all calls together.", parley_agent::asr_decodes_running() as u64);
         let _ = writeln!(out, "# HELP parley_responses_total Responses by final status.\n# TYPE parley_responses_total counter");

@@ -367,12 +367,11 @@ fn permits(app: &App) -> &'static Arc<Semaphore> {
 }
 
 fn check_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let keys = &app.config.server.api_keys;
+    let keys = &app.keys;
     if keys.is_empty() {
         return Ok(());
     }
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|k| keys.iter().any(|ok| ok == k)) {
+    if crate::keys::bearer(headers).is_some_and(|k| keys.find(k).is_some()) {
         Ok(())
     } else {
         Err(ApiError {

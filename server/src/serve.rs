@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// What answers callers: `models`, or `echo` (no models; each turn is played back).
     #[arg(long, env = "PARLEY_AGENT_MODE", value_enum)]
     agent_mode: Option<AgentMode>,
+    /// A file of API keys (`server.api_keys_file`): one per line, `#` comments,
+    /// `sha256:HEX` lines are digests. `PARLEY_API_KEYS` (comma-separated) adds more.
+    #[arg(long, env = "PARLEY_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "PARLEY_LOG_JSON")]
     log_json: bool,
@@ -80,8 +84,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(mode) = args.agent_mode {
         config.agent.mode = mode;
     }
+    if let Some(file) = args.api_keys_file {
+        config.server.api_keys_file = file.to_string_lossy().into_owned();
+    }
     let echo = config.agent.mode == AgentMode::Echo;
     config.validate()?;
+    parley_agent::redact::set_enabled(config.logging.redact);
+    if !config.logging.redact {
+        tracing::warn!("logging.redact = false: transcripts and tool data are logged unredacted");
+    }
+    // Every key becomes a digest here; none is kept in the clear past this point.
+    let env_keys = std::env::var("PARLEY_API_KEYS").ok();
+    config.server.resolve_api_keys(env_keys.as_deref()).context("loading the API keys")?;
+
     // Before the async runtime starts any thread (this sets environment variables).
     // SAFETY: only this thread exists yet.
     let threads = unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
@@ -95,14 +110,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(serve(config))
 }
 
-/// How long, after a shutdown signal, open connections get to finish.
+/// How long, after the calls have ended, open connections get to finish.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long each call gets to say goodbye and close once the drain time is up.
+const GOODBYE_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often the drain looks whether the calls have ended.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn serve(config: Config) -> Result<()> {
     let addr = config.listen_addr()?;
     let tls = if config.server.tls.enabled() { Some(crate::listener::tls_acceptor(&config.server.tls)?) } else { None };
     let limits = config.server.http.clone();
-    let app = Arc::new(App::new(config));
+    let app = Arc::new(App::new(config)?);
+    info!(api_keys = app.keys.len(), "authentication");
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}; is another server using it?"))?;
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
@@ -117,16 +137,38 @@ async fn serve(config: Config) -> Result<()> {
         load_models(app.clone());
     }
 
-    let calls = app.shutdown.clone();
-    let stop = async move {
-        shutdown_signal().await;
-        // Calls end through their driver (a WebSocket is not a request the HTTP
-        // layer can wait for).
-        calls.cancel();
-    };
-    crate::listener::serve(listener, router(app), limits, tls, stop, DRAIN).await.context("server failed")?;
+    let stop = drain(app.clone());
+    crate::listener::serve(listener, router(app.clone()), limits, tls, app.clone(), stop, DRAIN).await.context("server failed")?;
     info!("shut down");
     Ok(())
+}
+
+/// The graceful stop (`[server.drain]`): after the signal, new calls are refused
+/// while the ones in progress go on, up to the drain timeout; then every call left
+/// says goodbye and closes (calls end through their driver: a WebSocket is not a
+/// request the HTTP layer can wait for). Resolves when the listener may stop.
+async fn drain(app: Arc<App>) {
+    shutdown_signal().await;
+    let timeout = std::time::Duration::from_secs(app.config.server.drain.timeout_s);
+    info!(calls = app.active_calls(), timeout_s = timeout.as_secs(), "shutting down: refusing new calls, letting calls in progress finish");
+    app.draining.cancel();
+    let until = tokio::time::Instant::now() + timeout;
+    while app.active_calls() > 0 && tokio::time::Instant::now() < until {
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
+            // A second signal: no more waiting.
+            _ = shutdown_signal() => break,
+        }
+    }
+    let left = app.active_calls();
+    if left > 0 {
+        info!(calls = left, "drain time is up: ending the calls left with a goodbye");
+    }
+    app.shutdown.cancel();
+    let until = tokio::time::Instant::now() + GOODBYE_GRACE;
+    while app.active_calls() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 /// Loads the models on a blocking thread; the server reports ready when they are in.

@@ -2,6 +2,11 @@
 //! to a URL and the answer becomes the tool's result. This lets an operator connect
 //! the agent to their own services (a booking system, a CRM) without rebuilding it.
 //!
+//! Credentials for the service (a bearer token, an API key header) come from the
+//! environment or a file (`headers_from_env`, `headers_from_file`), so they need not
+//! sit in the configuration; they go only into the requests, marked sensitive, and
+//! never into the model's prompt, `session.updated`, `Debug` output or a log line.
+//!
 //! Only plain `http://` URLs are supported for now (a service on the same host or
 //! network, or behind a local TLS-terminating proxy); `https://` is a follow-up. The
 //! client is hyper's own, not reqwest, to keep the build small.
@@ -21,6 +26,8 @@
 //!     url: "http://127.0.0.1:8089/hours".into(),
 //!     timeout_ms: 2_000,
 //!     headers: Default::default(),
+//!     headers_from_env: Default::default(),
+//!     headers_from_file: Default::default(),
 //! })
 //! .expect("a valid tool");
 //! assert_eq!(tool.spec().name, "store_hours");
@@ -58,8 +65,8 @@ const RESERVED_HEADERS: [&str; 5] = ["content-type", "content-length", "host", "
 
 /// One HTTP tool as declared in the configuration file (`[[tools.http]]` or wherever
 /// the server's config puts the list). Unknown keys are rejected so a misspelled
-/// `timeout` is an error, not a silent default.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// `timeout` is an error, not a silent default. Its `Debug` shows header names only.
+#[derive(Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpToolConfig {
     /// The tool's name as the model calls it: letters, digits, `_` and `-`, at most 64.
@@ -72,9 +79,42 @@ pub struct HttpToolConfig {
     pub url: String,
     /// How long the whole exchange may take, in milliseconds (1 to [`MAX_TIMEOUT_MS`]).
     pub timeout_ms: u64,
-    /// Extra request headers, e.g. an `authorization` token for the service.
+    /// Extra request headers written out (e.g. `accept-language`). Credentials
+    /// belong in `headers_from_env` or `headers_from_file`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Request headers whose values are read from environment variables at start:
+    /// `{ authorization = "CRM_AUTHORIZATION" }`.
+    #[serde(default)]
+    pub headers_from_env: BTreeMap<String, String>,
+    /// Request headers whose values are read from files at start (trimmed), e.g. a
+    /// mounted secret: `{ x-api-key = "/run/secrets/crm_key" }`.
+    #[serde(default)]
+    pub headers_from_file: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for HttpToolConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header values may be credentials: names only, and where secrets come from.
+        f.debug_struct("HttpToolConfig")
+            .field("name", &self.name)
+            .field("url", &redacted_url(&self.url))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("headers_from_env", &self.headers_from_env)
+            .field("headers_from_file", &self.headers_from_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A URL fit for a log line: no user info, no query string (either may hold a
+/// token).
+fn redacted_url(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(uri) => format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), uri.host().unwrap_or(""), uri.port().map(|p| format!(":{p}")).unwrap_or_default())
+            + uri.path(),
+        Err(_) => "(invalid url)".into(),
+    }
 }
 
 /// A tool that POSTs its arguments to a configured URL. Built once at startup and
@@ -92,9 +132,9 @@ impl std::fmt::Debug for HttpTool {
         // Header values may hold credentials: names only.
         f.debug_struct("HttpTool")
             .field("name", &self.config.name)
-            .field("url", &self.config.url)
+            .field("url", &redacted_url(&self.config.url))
             .field("timeout_ms", &self.config.timeout_ms)
-            .field("headers", &self.config.headers.keys().collect::<Vec<_>>())
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -133,15 +173,35 @@ impl HttpTool {
             }
             _ => return Err(invalid(format!("url `{}` must look like http://host:port/path", config.url))),
         }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(invalid(format!(
+                "url `{}` holds credentials; send them as a header from headers_from_env or headers_from_file",
+                redacted_url(&config.url)
+            )));
+        }
+        let mut values: Vec<(&String, String)> = config.headers.iter().map(|(k, v)| (k, v.clone())).collect();
+        for (key, var) in &config.headers_from_env {
+            let value = std::env::var(var).map_err(|_| invalid(format!("header `{key}`: the environment variable `{var}` is not set")))?;
+            values.push((key, value.trim().to_string()));
+        }
+        for (key, path) in &config.headers_from_file {
+            let value = std::fs::read_to_string(path).map_err(|e| invalid(format!("header `{key}`: cannot read `{path}`: {e}")))?;
+            values.push((key, value.trim().to_string()));
+        }
         let mut headers = HeaderMap::new();
-        for (key, value) in &config.headers {
+        for (key, value) in values {
             let header_name = HeaderName::from_bytes(key.as_bytes())
                 .map_err(|_| invalid(format!("`{key}` is not a valid header name")))?;
             if RESERVED_HEADERS.contains(&header_name.as_str()) {
                 return Err(invalid(format!("header `{key}` is set by the server and cannot be configured")));
             }
-            let header_value =
-                HeaderValue::from_str(value).map_err(|_| invalid(format!("the value of header `{key}` is not valid")))?;
+            if headers.contains_key(&header_name) {
+                return Err(invalid(format!("header `{key}` is set twice")));
+            }
+            let mut header_value =
+                HeaderValue::from_str(&value).map_err(|_| invalid(format!("the value of header `{key}` is not valid")))?;
+            // Kept out of HTTP/2 header compression tables and debug output.
+            header_value.set_sensitive(true);
             headers.insert(header_name, header_value);
         }
         let mut connector = HttpConnector::new();
@@ -173,7 +233,7 @@ impl HttpTool {
         })?;
 
         let response = self.client.request(request).await.map_err(|error| {
-            tracing::warn!(tool = %name, url = %self.uri, %error, connect = error.is_connect(), "HTTP tool request failed");
+            tracing::warn!(tool = %name, url = %redacted_url(&self.config.url), %error, connect = error.is_connect(), "HTTP tool request failed");
             let why = if error.is_connect() { "could not be reached" } else { "dropped the connection" };
             ToolError::Failed(format!("the {name} service {why}; it may be down, try again later"))
         })?;
@@ -203,7 +263,7 @@ impl HttpTool {
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
             let excerpt: String = text.trim().chars().take(ERROR_EXCERPT_CHARS).collect();
-            tracing::warn!(tool = %name, status = status.as_u16(), body = %excerpt, "HTTP tool answered an error");
+            tracing::warn!(tool = %name, status = status.as_u16(), body = %crate::redact::Redacted(&excerpt), "HTTP tool answered an error");
             return Err(ToolError::Failed(if excerpt.is_empty() {
                 format!("the service answered HTTP {}", status.as_u16())
             } else {
@@ -274,6 +334,8 @@ mod tests {
             url: "http://127.0.0.1:9/hours".into(),
             timeout_ms: 1000,
             headers: BTreeMap::new(),
+            headers_from_env: BTreeMap::new(),
+            headers_from_file: BTreeMap::new(),
         }
     }
 
@@ -302,6 +364,40 @@ mod tests {
         let headers = BTreeMap::from([("x-token".to_string(), "line\nbreak".to_string())]);
         rejected(HttpToolConfig { headers, ..config() }, "not valid");
         assert!(HttpTool::new(config()).is_ok());
+    }
+
+    #[test]
+    fn credentials_come_from_files_and_the_environment_and_never_show() {
+        let dir = std::env::temp_dir().join(format!("parley-http-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "file-secret-42\n").expect("write");
+        // A variable every test process has, so no environment is changed here.
+        let (var, var_value) = std::env::vars().find(|(k, v)| k == "PATH" && !v.is_empty()).expect("PATH is set");
+        let c = HttpToolConfig {
+            headers_from_file: BTreeMap::from([("x-api-key".to_string(), file.display().to_string())]),
+            headers_from_env: BTreeMap::from([("x-from-env".to_string(), var.clone())]),
+            url: "http://127.0.0.1:9/hours?token=query-secret".into(),
+            ..config()
+        };
+        let tool = HttpTool::new(c.clone()).expect("valid");
+        assert_eq!(tool.headers.get("x-api-key").map(|v| v.as_bytes()), Some(&b"file-secret-42"[..]));
+        assert!(tool.headers.get("x-api-key").is_some_and(HeaderValue::is_sensitive));
+        assert_eq!(tool.headers.get("x-from-env").and_then(|v| v.to_str().ok()), Some(var_value.trim()));
+        for shown in [format!("{tool:?}"), format!("{c:?}"), serde_json::to_string(&tool.spec()).expect("spec")] {
+            assert!(!shown.contains("file-secret-42") && !shown.contains("query-secret"), "{shown}");
+        }
+        let missing = HttpToolConfig { headers_from_env: BTreeMap::from([("authorization".to_string(), "PARLEY_TEST_UNSET_VAR_X".to_string())]), ..config() };
+        rejected(missing, "PARLEY_TEST_UNSET_VAR_X");
+        let no_file = HttpToolConfig { headers_from_file: BTreeMap::from([("authorization".to_string(), "/nonexistent/secret".to_string())]), ..config() };
+        rejected(no_file, "/nonexistent/secret");
+        let twice = HttpToolConfig {
+            headers: BTreeMap::from([("x-api-key".to_string(), "a".to_string())]),
+            headers_from_file: BTreeMap::from([("X-Api-Key".to_string(), file.display().to_string())]),
+            ..config()
+        };
+        rejected(twice, "set twice");
+        rejected(HttpToolConfig { url: "http://user:pw@127.0.0.1:9/x".into(), ..config() }, "holds credentials");
     }
 
     #[test]

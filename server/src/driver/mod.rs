@@ -13,6 +13,9 @@
 //! - the reader (the driver's own task) and the writer task, the only one that writes
 //!   to the client; every write has a timeout (`server.write_timeout_ms`), so a client
 //!   that stops reading is cut off and its slot freed instead of holding it for good;
+//! - server shutdown (`[server.drain]`): when [`App::shutdown`] fires the call says
+//!   the configured goodbye in its own voice ([`CallInput::EndWith`]), the writer
+//!   delivers it and closes the connection with 1001 (going away);
 //! - structured shutdown: when the reader stops (the client left, the deadline, a dead
 //!   writer, server shutdown) the call is closed (its responses and transcriptions
 //!   end with it), the writer gets a bounded grace to deliver what is left and is then
@@ -37,6 +40,11 @@ use crate::app::{App, CallSlot, Refusal};
 const NOTE_QUEUE: usize = 32;
 /// How long the writer may take, after the call closed, to deliver what is left.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
+/// The longest a call may take to say its goodbye when the server stops (the
+/// sentence is paced in real time; a longer one is cut off).
+const GOODBYE_LIMIT: Duration = Duration::from_secs(15);
+/// WebSocket close code when the server stops (RFC 6455 "going away").
+const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// A message read from the client.
 #[derive(Debug)]
@@ -60,8 +68,7 @@ pub enum WireOut {
     #[allow(dead_code)]
     Binary(Bytes),
     /// Ends the connection with a code and reason (WebSocket close); transports
-    /// without one just end. (For fatal errors of the SageMaker transport to come.)
-    #[allow(dead_code)]
+    /// without one just end. Sent when the server stops.
     Close {
         /// The WebSocket close code.
         code: u16,
@@ -275,17 +282,44 @@ where
         }
     };
     debug!(?ending, "the call is ending");
+    let mut writer_done = false;
+    if matches!(ending, Ending::Shutdown) {
+        // The server is stopping: the call says goodbye in its own voice and ends
+        // itself; the writer delivers the goodbye, then closes the connection.
+        writer_done = say_goodbye(&app, &call, &mut writer).await;
+    }
     // The call first (its responses and transcriptions end with it; bounded), then
     // the writer: it delivers what is left within its grace or is aborted.
     call.close().await;
     drop(note_tx);
-    if tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
+    if !writer_done && tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
         warn!("the writer did not finish within {} s; aborting it", WRITER_GRACE.as_secs());
         writer.abort();
     }
     decoder.finished();
     info!(?ending, "call closed");
     drop(slot);
+}
+
+/// Asks the call to end with `server.drain.goodbye` and waits (at most
+/// [`GOODBYE_LIMIT`]) until the writer has delivered everything the call said and
+/// closed the connection. True when the writer finished.
+async fn say_goodbye(app: &App, call: &parley_agent::CallHandle, writer: &mut tokio::task::JoinHandle<()>) -> bool {
+    let goodbye = app.config.server.drain.goodbye.clone();
+    let until = tokio::time::Instant::now() + GOODBYE_LIMIT;
+    if !matches!(tokio::time::timeout_at(until, call.send(CallInput::EndWith(goodbye))).await, Ok(Ok(()))) {
+        return false;
+    }
+    match tokio::time::timeout_at(until, &mut *writer).await {
+        Ok(_) => {
+            info!("said goodbye; connection closed");
+            true
+        }
+        Err(_) => {
+            warn!("the goodbye did not finish within {} s; closing the call", GOODBYE_LIMIT.as_secs());
+            false
+        }
+    }
 }
 
 fn deadline_reached<N>(decoder: &mut impl Decoder<Note = N>, notes: &mpsc::Sender<N>) -> Ending {
@@ -368,6 +402,11 @@ async fn write_loop<K: WireSink, E: Encoder>(parts: WriterParts<K, E>) {
                 return;
             }
         }
+    }
+    if app.shutdown.is_cancelled() {
+        // The call ended because the server stops: say so in the close.
+        let close = WireOut::Close { code: CLOSE_GOING_AWAY, reason: "the server is shutting down".into() };
+        let _ = tokio::time::timeout(write_timeout, sink.send(close)).await;
     }
     let _ = tokio::time::timeout(write_timeout, sink.finish()).await;
 }

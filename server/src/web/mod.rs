@@ -100,7 +100,7 @@ async fn asset(Path(file): Path<String>) -> Response {
 /// What the page needs to know before it connects: whether it must ask for a key.
 async fn info(State(app): State<Arc<App>>) -> Response {
     let body = json!({
-        "auth_required": !app.config.server.api_keys.is_empty(),
+        "auth_required": !app.keys.is_empty(),
         "ready": app.engines().is_some(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -129,11 +129,12 @@ fn api_error(status: StatusCode, code: &str, param: Option<&str>, message: impl 
 /// Mints a client secret for an API key holder. Answers
 /// `{"value": "ek_…", "expires_at": UNIX, "session": {…}}`.
 async fn client_secrets(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let keys = &app.config.server.api_keys;
+    let keys = &app.keys;
+    let mut minted_by = None;
     if !keys.is_empty() {
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         // Only a real API key mints: a client secret cannot extend itself.
-        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
+        minted_by = crate::keys::bearer(&headers).and_then(|g| keys.find(g));
+        if minted_by.is_none() {
             return api_error(StatusCode::UNAUTHORIZED, "invalid_api_key", None, "minting a client secret needs an API key: send `Authorization: Bearer KEY`");
         }
     }
@@ -167,7 +168,7 @@ async fn client_secrets(State(app): State<Arc<App>>, headers: HeaderMap, body: B
         },
     };
     let shown = preset.as_deref().unwrap_or(&app.session_defaults).clone();
-    let minted = app.client_secrets.mint(Duration::from_secs(seconds), preset);
+    let minted = app.client_secrets.mint(Duration::from_secs(seconds), preset, minted_by);
     let session_id = format!("sess_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     let body = json!({
         "value": minted.value,
@@ -198,7 +199,7 @@ mod tests {
     use tower::ServiceExt;
 
     async fn call(config: Config, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
-        let app = Arc::new(App::new(config));
+        let app = Arc::new(App::new(config).expect("app"));
         let res = router(app).oneshot(req).await.expect("router answers");
         let (parts, body) = res.into_parts();
         let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
@@ -281,15 +282,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_secret_can_carry_the_session_its_calls_start_with() {
-        let app = Arc::new(App::new(with_key()));
+        let app = Arc::new(App::new(with_key()).expect("app"));
         let req = mint(Some("sk-test"), r#"{"session": {"type": "realtime", "instructions": "Speak like a pirate."}}"#);
         let res = router(app.clone()).oneshot(req).await.expect("router answers");
         assert_eq!(res.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body");
         let v: Value = serde_json::from_slice(&bytes).expect("json");
         assert_eq!(v["session"]["instructions"], "Speak like a pirate.");
-        let preset = app.client_secrets.check(v["value"].as_str().expect("value")).expect("valid");
-        assert_eq!(preset.expect("preset").instructions, "Speak like a pirate.");
+        let found = app.client_secrets.check(v["value"].as_str().expect("value")).expect("valid");
+        assert_eq!(found.preset.expect("preset").instructions, "Speak like a pirate.");
+        assert!(found.key.is_some(), "its calls count against the key that minted it");
 
         let bad = mint(Some("sk-test"), r#"{"session": {"type": "transcription"}}"#);
         assert_eq!(router(app.clone()).oneshot(bad).await.expect("answer").status(), StatusCode::BAD_REQUEST);

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderMap, header};
 use parley_agent::SessionSettings;
 
+use crate::keys::{ApiKeys, KeyId};
+
 /// Prefix of the subprotocol that carries a credential (the OpenAI SDK's spelling).
 pub const KEY_SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
 /// Most secrets alive at once; minting past it drops the ones closest to expiry.
@@ -25,6 +27,18 @@ const MAX_LIVE_SECRETS: usize = 10_000;
 struct Secret {
     expires: Instant,
     preset: Option<Box<SessionSettings>>,
+    /// The API key that minted it: its calls count against that key's limits.
+    key: Option<KeyId>,
+}
+
+/// Who a call's credential says the caller is, and what it brings.
+#[derive(Debug, Default)]
+pub struct Authorized {
+    /// The API key presented, or the one that minted the client secret presented;
+    /// `None` on a server without keys.
+    pub key: Option<KeyId>,
+    /// The session preset of the client secret, if it carried one.
+    pub preset: Option<Box<SessionSettings>>,
 }
 
 /// The secrets minted by this process (they do not survive a restart).
@@ -57,8 +71,9 @@ pub enum AuthError {
 }
 
 impl ClientSecrets {
-    /// Mints a secret that opens calls for `ttl`, starting them with `preset` when given.
-    pub fn mint(&self, ttl: Duration, preset: Option<Box<SessionSettings>>) -> Minted {
+    /// Mints a secret that opens calls for `ttl`, starting them with `preset` when
+    /// given; its calls count against `key`'s limits.
+    pub fn mint(&self, ttl: Duration, preset: Option<Box<SessionSettings>>, key: Option<KeyId>) -> Minted {
         let uuid_hex = || uuid::Uuid::new_v4().simple().to_string();
         // Two v4 UUIDs: 244 random bits from the OS generator.
         let value = format!("ek_{}{}", &uuid_hex()[..16], &uuid_hex()[..16]);
@@ -71,15 +86,15 @@ impl ClientSecrets {
         {
             live.remove(&oldest);
         }
-        live.insert(value.clone(), Secret { expires: now + ttl, preset });
+        live.insert(value.clone(), Secret { expires: now + ttl, preset, key });
         Minted { value, expires_at }
     }
 
-    /// Checks a secret: its session preset (if any) while it is valid.
-    pub fn check(&self, value: &str) -> Result<Option<Box<SessionSettings>>, AuthError> {
+    /// Checks a secret: its minting key and session preset while it is valid.
+    pub fn check(&self, value: &str) -> Result<Authorized, AuthError> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         match live.get(value) {
-            Some(s) if s.expires > Instant::now() => Ok(s.preset.clone()),
+            Some(s) if s.expires > Instant::now() => Ok(Authorized { key: s.key, preset: s.preset.clone() }),
             Some(_) => Err(AuthError::Expired),
             None => Err(AuthError::Unknown),
         }
@@ -89,18 +104,17 @@ impl ClientSecrets {
     /// or a key or secret in the `openai-insecure-api-key.` subprotocol. With no API
     /// keys configured everything is allowed; a valid client secret still brings its
     /// session preset.
-    pub fn authorize(&self, keys: &[String], headers: &HeaderMap) -> Result<Option<Box<SessionSettings>>, AuthError> {
-        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        let given = bearer.or_else(|| subprotocol_credential(headers));
+    pub fn authorize(&self, keys: &ApiKeys, headers: &HeaderMap) -> Result<Authorized, AuthError> {
+        let given = crate::keys::bearer(headers).or_else(|| subprotocol_credential(headers));
         let Some(given) = given.filter(|g| !g.is_empty()) else {
-            return if keys.is_empty() { Ok(None) } else { Err(AuthError::Missing) };
+            return if keys.is_empty() { Ok(Authorized::default()) } else { Err(AuthError::Missing) };
         };
-        if keys.iter().any(|k| k == given) {
-            return Ok(None);
+        if let Some(key) = keys.find(given) {
+            return Ok(Authorized { key: Some(key), preset: None });
         }
         match self.check(given) {
-            Ok(preset) => Ok(preset),
-            Err(_) if keys.is_empty() => Ok(None),
+            Ok(found) => Ok(found),
+            Err(_) if keys.is_empty() => Ok(Authorized::default()),
             Err(e) => Err(e),
         }
     }
@@ -136,6 +150,10 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    fn test_keys() -> ApiKeys {
+        ApiKeys::from_digests(&[ApiKeys::digest_hex("sk-test")]).expect("valid")
+    }
+
     fn with_protocols(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(v).expect("header"));
@@ -145,30 +163,33 @@ mod tests {
     #[test]
     fn a_secret_opens_calls_until_it_expires() {
         let s = ClientSecrets::default();
-        let keys = vec!["sk-test".to_string()];
-        let m = s.mint(Duration::from_millis(150), None);
+        let keys = test_keys();
+        let m = s.mint(Duration::from_millis(150), None, Some(KeyId(0)));
         assert!(m.value.starts_with("ek_") && m.value.len() == 35, "{}", m.value);
         let h = with_protocols(&format!("realtime, openai-insecure-api-key.{}", m.value));
-        assert_eq!(s.authorize(&keys, &h), Ok(None));
-        assert_eq!(s.authorize(&keys, &h), Ok(None), "usable more than once");
+        assert_eq!(s.authorize(&keys, &h).map(|a| a.key), Ok(Some(KeyId(0))), "counted against the key that minted it");
+        assert!(s.authorize(&keys, &h).is_ok(), "usable more than once");
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(s.authorize(&keys, &h), Err(AuthError::Expired));
+        assert_eq!(s.authorize(&keys, &h).err(), Some(AuthError::Expired));
     }
 
     #[test]
     fn keys_secrets_and_their_absence() {
         let s = ClientSecrets::default();
-        let keys = vec!["sk-test".to_string()];
-        assert_eq!(s.authorize(&keys, &HeaderMap::new()), Err(AuthError::Missing));
-        assert_eq!(s.authorize(&keys, &with_protocols("realtime, openai-insecure-api-key.sk-test")), Ok(None));
-        assert_eq!(s.authorize(&keys, &with_protocols("openai-insecure-api-key.ek_nope")), Err(AuthError::Unknown));
+        let keys = test_keys();
+        assert_eq!(s.authorize(&keys, &HeaderMap::new()).err(), Some(AuthError::Missing));
+        assert_eq!(s.authorize(&keys, &with_protocols("realtime, openai-insecure-api-key.sk-test")).map(|a| a.key), Ok(Some(KeyId(0))));
+        assert_eq!(s.authorize(&keys, &with_protocols("openai-insecure-api-key.ek_nope")).err(), Some(AuthError::Unknown));
         let mut bearer = HeaderMap::new();
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-test"));
-        assert_eq!(s.authorize(&keys, &bearer), Ok(None));
-        let m = s.mint(Duration::from_secs(60), Some(Box::default()));
+        assert_eq!(s.authorize(&keys, &bearer).map(|a| a.key), Ok(Some(KeyId(0))));
+        bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-tes"));
+        assert_eq!(s.authorize(&keys, &bearer).err(), Some(AuthError::Unknown), "a prefix of a key is no key");
+        let m = s.mint(Duration::from_secs(60), Some(Box::default()), Some(KeyId(0)));
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", m.value)).expect("header"));
-        assert!(matches!(s.authorize(&keys, &bearer), Ok(Some(_))), "a secret works as a Bearer token and brings its preset");
-        assert_eq!(s.authorize(&[], &HeaderMap::new()), Ok(None), "no keys configured: open");
+        assert!(matches!(s.authorize(&keys, &bearer), Ok(Authorized { preset: Some(_), .. })), "a secret works as a Bearer token and brings its preset");
+        let open = s.authorize(&ApiKeys::default(), &HeaderMap::new()).expect("no keys configured: open");
+        assert!(open.key.is_none() && open.preset.is_none());
     }
 
     #[test]
