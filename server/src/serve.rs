@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// authenticates callers).
     #[arg(long, env = "PARLEY_SAGEMAKER")]
     sagemaker: bool,
+    /// Answer SIP calls on HOST:PORT (UDP), `sip.listen`.
+    #[arg(long, env = "PARLEY_SIP_LISTEN")]
+    sip_listen: Option<String>,
 }
 
 /// Where SageMaker expects the container to listen.
@@ -73,6 +76,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if let Some(dir) = args.models_dir {
         config.models.dir = dir.to_string_lossy().into_owned();
+    }
+    if let Some(sip) = args.sip_listen {
+        config.sip.listen = sip;
     }
     if let Some(n) = args.max_calls {
         config.server.max_calls = n;
@@ -117,6 +123,8 @@ async fn serve(config: Config) -> Result<()> {
         load_models(app.clone());
     }
 
+    let sip = crate::sip::start(app.clone()).await?;
+
     let calls = app.shutdown.clone();
     let stop = async move {
         shutdown_signal().await;
@@ -125,6 +133,10 @@ async fn serve(config: Config) -> Result<()> {
         calls.cancel();
     };
     crate::listener::serve(listener, router(app), limits, tls, stop, DRAIN).await.context("server failed")?;
+    if let Some(sip) = sip {
+        // SIP calls hang up (BYE) before the process exits.
+        let _ = sip.await;
+    }
     info!("shut down");
     Ok(())
 }
