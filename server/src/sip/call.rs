@@ -14,7 +14,7 @@ use tracing::{Span, debug, info, warn};
 
 use super::media::{Clearer, Media, MediaConfig};
 use super::sdp::{self, LocalMedia, Negotiated, SdpError};
-use super::stack::{CallEvent, EndReason, IncomingCall, Refuse};
+use super::stack::{CallEvent, IncomingCall, Refuse};
 use crate::app::App;
 use crate::driver::{self, Decoder, Encoder, Opening, Step, Transport, WireIn, WireOut, WireSource};
 use crate::twilio::{dtmf_text, greeting_instructions};
@@ -48,9 +48,9 @@ pub async fn run(app: Arc<App>, config: Arc<CallConfig>, mut call: IncomingCall)
     info!(from = %call.from, to = %call.to, source = ?call.source, offer = !call.sdp.is_empty(), "INVITE");
     let slot = match driver::admit(&app, &HeaderMap::new(), true) {
         Ok(slot) => slot,
-        Err(refusal) => {
+        Err(_) => {
             let why = if app.engines().is_none() { Refuse::Unavailable } else { Refuse::Busy };
-            info!(status = ?why, reason = %refusal.1, "call refused");
+            info!(status = ?why, "call refused: {}", if why == Refuse::Busy { "server.max_calls reached" } else { "the models are still loading" });
             let _ = call.refuse(why);
             wait_end(&mut call).await;
             return;

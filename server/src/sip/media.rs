@@ -150,11 +150,6 @@ impl Media {
         s.terms = terms;
     }
 
-    /// Drops the agent's queued audio at once (barge-in).
-    pub fn clear(&self) {
-        clear(&self.shared);
-    }
-
     /// A handle for the encoder to clear the queue with.
     pub fn clearer(&self) -> Clearer {
         Clearer { shared: self.shared.clone() }
@@ -188,10 +183,7 @@ impl Clearer {
 
 /// The receive loop: packets in as they come, one frame out to the call per 20 ms.
 async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::Sender<MediaIn>, config: MediaConfig, stop: CancellationToken) {
-    let (codec, mut audio_pt, mut dtmf_pt) = {
-        let s = lock(&shared);
-        (s.terms.codec, s.terms.codec.payload_type(), s.terms.dtmf_pt)
-    };
+    let codec = lock(&shared).terms.codec;
     let mut jitter = JitterBuffer::new(IN_FRAME_MS as usize * SAMPLES_PER_MS, codec.silence(), PREFETCH_MS * SAMPLES_PER_MS, JITTER_MAX_MS * SAMPLES_PER_MS);
     let mut dtmf = DtmfDecoder::new();
     let mut tick = tokio::time::interval(Duration::from_millis(IN_FRAME_MS));
@@ -219,10 +211,9 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::S
                     }
                 };
                 let pt = pkt.payload_type();
-                {
+                let (audio_pt, dtmf_pt) = {
                     let mut s = lock(&shared);
-                    audio_pt = s.terms.codec.payload_type();
-                    dtmf_pt = s.terms.dtmf_pt;
+                    let (audio_pt, dtmf_pt) = (s.terms.codec.payload_type(), s.terms.dtmf_pt);
                     // Symmetric RTP: send back to where the caller's audio really comes
                     // from (behind NAT that is not what its SDP says). Key presses may
                     // come from elsewhere and move nothing; audio from another source
@@ -242,7 +233,8 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::S
                         }
                     }
                     s.last_rx = Instant::now();
-                }
+                    (audio_pt, dtmf_pt)
+                };
                 packets += 1;
                 if pt == audio_pt {
                     jitter.push(pkt.ssrc(), pkt.timestamp(), pkt.payload());

@@ -100,11 +100,6 @@ impl Direction {
         matches!(self, Direction::SendRecv | Direction::SendOnly)
     }
 
-    /// Whether the writer receives media.
-    pub fn receives(self) -> bool {
-        matches!(self, Direction::SendRecv | Direction::RecvOnly)
-    }
-
     fn attribute(self) -> &'static str {
         match self {
             Direction::SendRecv => "sendrecv",
@@ -204,8 +199,9 @@ pub fn parse(body: &[u8]) -> Result<Description, SdpError> {
             codecs.push(c);
         }
     }
-    let attr = |name: &str| media.get_first_attribute_value(name).or_else(|| session.get_first_attribute_value(name));
-    let ptime_ms = attr("ptime").flatten().and_then(|v| v.trim().parse::<u32>().ok()).filter(|p| (10..=120).contains(p) && p % 10 == 0);
+    let ptime_ms = media
+        .get_first_attribute_value("ptime")
+        .or_else(|| session.get_first_attribute_value("ptime")).flatten().and_then(|v| v.trim().parse::<u32>().ok()).filter(|p| (10..=120).contains(p) && p % 10 == 0);
     let direction = ["sendrecv", "sendonly", "recvonly", "inactive"]
         .iter()
         .find(|d| media.has_attribute(d))

@@ -11,7 +11,6 @@ use rsipstack::dialog::dialog::{Dialog, DialogState, DialogStateReceiver, Termin
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
 use rsipstack::sip::{Header, HeadersExt, Method, StatusCode};
-use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::TransportLayer;
 use rsipstack::transport::udp::UdpConnection;
 use rsipstack::{EndpointBuilder, Error as StackError};
@@ -169,16 +168,14 @@ impl IncomingCall {
         loop {
             let Some(state) = self.states.recv().await else { return CallEvent::Ended(EndReason::Other("the stack dropped the dialog".into())) };
             match state {
-                DialogState::Confirmed(..) => {
-                    if let Some(ack) = self.dialog.last_remote_ack() {
-                        // Only the first ACK (the INVITE's) is reported.
-                        if self.acked {
-                            continue;
-                        }
-                        self.acked = true;
-                        return CallEvent::Acked { sdp: ack.body().clone() };
-                    }
+                DialogState::Confirmed(..) if !self.acked => {
+                    // Only the first confirmation (the INVITE's ACK) is reported; later
+                    // ones follow re-INVITEs and other in-dialog requests.
+                    self.acked = true;
+                    let sdp = self.dialog.last_remote_ack().map(|ack| ack.body().clone()).unwrap_or_default();
+                    return CallEvent::Acked { sdp };
                 }
+                DialogState::Confirmed(..) => {}
                 DialogState::Updated(_, req, handle) => {
                     if req.method == Method::Invite {
                         return CallEvent::Reoffer(Reoffer { sdp: req.body().clone(), handle });
