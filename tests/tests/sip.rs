@@ -71,15 +71,18 @@ struct Caller {
     name: &'static str,
     sip_port: u16,
     media_port: u16,
+    /// Makes the Call-ID unique to this run.
+    run: String,
 }
 
 impl Caller {
     fn new(name: &'static str) -> Self {
-        Self { name, sip_port: free_udp_port(), media_port: free_udp_port() }
+        let run = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0));
+        Self { name, sip_port: free_udp_port(), media_port: free_udp_port(), run }
     }
 
     fn call_id(&self) -> String {
-        format!("{}-1", self.name)
+        format!("{}-{}-1", self.name, self.run)
     }
 
     /// Runs the scenario for one call; Ok when SIPp says the call succeeded.
@@ -99,7 +102,7 @@ impl Caller {
             "-mp",
             &self.media_port.to_string(),
             "-cid_str",
-            &format!("{}-%u", self.name),
+            &format!("{}-{}-%u", self.name, self.run),
             "-nostdin",
             "-timeout",
             "170s",
