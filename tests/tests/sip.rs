@@ -19,6 +19,8 @@ use parley_tests::{RATE, Server, metric, resample, speech, start_server, transcr
 
 /// `server.max_call_seconds` of the server under test.
 const MAX_CALL_SECONDS: u64 = 90;
+/// `sip.rtp_timeout_seconds` of the server under test.
+const RTP_TIMEOUT: u64 = 20;
 /// How long Parley rings before answering (the CANCEL scenario hangs up meanwhile).
 const RING_MS: u64 = 800;
 /// Longest the question call may take to be answered aloud.
@@ -47,7 +49,7 @@ fn server() -> &'static SipServer {
         let dir = std::env::temp_dir().join(format!("parley-e2e-sip-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("sip.toml");
-        std::fs::write(&config, format!("[server]\nmax_call_seconds = {MAX_CALL_SECONDS}\n\n[sip]\nring_ms = {RING_MS}\nrtp_timeout_seconds = 20\n")).expect("write config");
+        std::fs::write(&config, format!("[server]\nmax_call_seconds = {MAX_CALL_SECONDS}\n\n[sip]\nring_ms = {RING_MS}\nrtp_timeout_seconds = {RTP_TIMEOUT}\n")).expect("write config");
         let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
         let http = start_server(&["--config", &config.to_string_lossy(), "--sip-listen", &sip.to_string(), "--max-calls", "8"]).expect("start parley with [sip]");
         SipServer { http, sip, dir }
@@ -61,7 +63,9 @@ fn scenario(name: &str, fill: &[(&str, &str)]) -> Result<PathBuf> {
     for (k, v) in fill {
         text = text.replace(&format!("@{k}@"), v);
     }
-    let out = server().dir.join(format!("{name}.xml"));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = server().dir.join(format!("{name}-{n}.xml"));
     std::fs::write(&out, text)?;
     Ok(out)
 }
@@ -194,7 +198,6 @@ impl Capture {
 #[derive(Debug, Clone)]
 struct Udp {
     at: f64,
-    src_port: u16,
     dst_port: u16,
     payload: Vec<u8>,
 }
@@ -238,7 +241,7 @@ fn parse_pcap(b: &[u8]) -> Vec<Udp> {
             continue;
         }
         let at = f64::from(sec) + f64::from(frac) / if nanos { 1e9 } else { 1e6 };
-        out.push(Udp { at, src_port: u16::from_be_bytes([udp[0], udp[1]]), dst_port: u16::from_be_bytes([udp[2], udp[3]]), payload: udp[8..].to_vec() });
+        out.push(Udp { at, dst_port: u16::from_be_bytes([udp[2], udp[3]]), payload: udp[8..].to_vec() });
     }
     out
 }
@@ -255,8 +258,8 @@ struct Rtp {
     payload: Vec<u8>,
 }
 
-/// Parley's RTP among the captured datagrams: RTP version 2 to `port`, from the one
-/// source port that is not SIPp's own.
+/// Parley's RTP among the captured datagrams: RTP version 2 to SIPp's media port
+/// (the capture only holds what goes there).
 fn parley_rtp(packets: &[Udp], to: u16) -> Vec<Rtp> {
     packets
         .iter()
@@ -368,14 +371,30 @@ async fn a_caller_presses_a_key_asks_a_question_and_hears_the_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parley_hangs_up_at_max_call_seconds() {
+async fn parley_hangs_up_at_max_call_seconds_and_after_the_rtp_timeout() {
     let s = server();
-    let caller = Caller::new("deadline");
-    let sc = scenario("deadline", &[]).expect("scenario");
+    // One caller streams silence (so only the call's deadline ends it), one sends no RTP.
+    let silence = s.dir.join("silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
+    let streaming = format!("<nop><action><exec rtp_stream=\"{},-1,0\"/></action></nop>", silence.to_string_lossy());
+    let deadline = Caller::new("deadline");
+    let quiet = Caller::new("quiet");
+    let (s1, s2) = (scenario("deadline", &[("MEDIA", &streaming)]).expect("scenario"), scenario("deadline", &[("MEDIA", "")]).expect("scenario"));
     let t = Instant::now();
-    caller.run(&sc).await.expect("Parley sent BYE and SIPp's call succeeded");
-    let took = t.elapsed().as_secs_f64();
-    assert!((MAX_CALL_SECONDS as f64 - 1.0..MAX_CALL_SECONDS as f64 + 10.0).contains(&took), "the call lasted {took:.1} s");
+    let (a, b) = tokio::join!(
+        async {
+            deadline.run(&s1).await?;
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        },
+        async {
+            quiet.run(&s2).await?;
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        }
+    );
+    let took = a.expect("Parley sent BYE at max_call_seconds and SIPp's call succeeded");
+    assert!((MAX_CALL_SECONDS as f64 - 1.0..MAX_CALL_SECONDS as f64 + 10.0).contains(&took), "the streaming call lasted {took:.1} s");
+    let took = b.expect("Parley sent BYE after the RTP timeout and SIPp's call succeeded");
+    assert!((RTP_TIMEOUT as f64 - 1.0..RTP_TIMEOUT as f64 + 5.0).contains(&took), "the call without RTP lasted {took:.1} s");
     calls_drain(s).await;
 }
 
@@ -393,11 +412,8 @@ async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
     let pcma = Caller::new("pcma");
     let hold = Caller::new("hold");
     let capture = Capture::start("media", &[no_sdp.media_port, pcma.media_port, hold.media_port]).expect("capture");
-    let (a, b, c) = tokio::join!(
-        no_sdp.run(&scenario("no_sdp", &[]).expect("scenario")),
-        pcma.run(&scenario("pcma", &[("PCMA_PCAP", "/usr/share/sip-tester/g711a.pcap")]).expect("scenario")),
-        hold.run(&scenario("hold", &[]).expect("scenario")),
-    );
+    let (s1, s2, s3) = (scenario("no_sdp", &[]).expect("scenario"), scenario("pcma", &[("PCMA_PCAP", "/usr/share/sip-tester/g711a.pcap")]).expect("scenario"), scenario("hold", &[]).expect("scenario"));
+    let (a, b, c) = tokio::join!(no_sdp.run(&s1), pcma.run(&s2), hold.run(&s3));
     let packets = capture.stop();
     a.expect("INVITE without SDP");
     b.expect("PCMA at 30 ms");

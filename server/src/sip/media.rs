@@ -131,7 +131,21 @@ impl Media {
         let (tx, rx) = mpsc::channel(IN_QUEUE);
         let ended = CancellationToken::new();
         tokio::spawn(receive(self.socket.clone(), self.shared.clone(), tx, config, self.stop.clone()).in_current_span());
-        tokio::spawn(send(self.socket.clone(), self.shared.clone(), self.stop.clone()).in_current_span());
+        // The sender gets its own thread: a tokio worker busy with a call's audio
+        // work would delay ticks by several milliseconds on a loaded machine.
+        match socket2::SockRef::from(self.socket.as_ref()).try_clone() {
+            Ok(sock) => {
+                let (shared, stop, span) = (self.shared.clone(), self.stop.clone(), tracing::Span::current());
+                let spawned = std::thread::Builder::new().name("rtp-send".into()).spawn(move || {
+                    let _entered = span.enter();
+                    send(sock.into(), shared, stop);
+                });
+                if let Err(e) = spawned {
+                    warn!(error = %e, "cannot start the RTP sender thread; the caller hears nothing");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot share the RTP socket with the sender; the caller hears nothing"),
+        }
         (MediaSource { rx, ended: ended.clone() }, MediaSink { shared: self.shared.clone() })
     }
 
@@ -279,20 +293,24 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::S
 /// The send loop: one packet per `ptime` on a monotonic clock. When the clock falls
 /// behind (a stalled thread), the packets missed are skipped, not burst: the
 /// timestamp still says how much time passed.
-async fn send(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, stop: CancellationToken) {
+fn send(socket: std::net::UdpSocket, shared: Arc<Mutex<Shared>>, stop: CancellationToken) {
     let terms = lock(&shared).terms;
     let ptime = Duration::from_millis(u64::from(terms.ptime_ms));
     let samples = terms.ptime_ms * SAMPLES_PER_MS as u32;
     let r = uuid::Uuid::new_v4().as_u128();
     let mut packetizer = Packetizer::new(r as u32, terms.codec.payload_type(), (r >> 32) as u16, (r >> 64) as u32, samples);
-    let start = tokio::time::Instant::now();
+    let start = Instant::now();
     let mut tick: u64 = 0;
     let (mut sent, mut skipped, mut errors) = (0u64, 0u64, 0u64);
     loop {
         tick += 1;
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(start + ptime * tick as u32) => {}
+        if stop.is_cancelled() {
+            break;
+        }
+        let due_at = start + ptime * tick as u32;
+        let now = Instant::now();
+        if due_at > now {
+            std::thread::sleep(due_at - now);
         }
         // Ticks the clock already passed go out as timestamp, not packets.
         let due = (start.elapsed().as_micros() / ptime.as_micros()) as u64;
@@ -331,7 +349,9 @@ async fn send(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, stop: Cancella
             continue;
         };
         let packet = packetizer.packet(&payload, speech);
-        match socket.send_to(&packet, to).await {
+        // The socket is non-blocking (shared with the receiver's tokio half): a full
+        // send buffer drops this packet, as the network would.
+        match socket.send_to(&packet, to) {
             Ok(_) => sent += 1,
             Err(e) => {
                 errors += 1;
