@@ -321,10 +321,15 @@ async fn a_caller_presses_a_key_asks_a_question_and_hears_the_answer() {
     let s = server();
     let question = speech("What is the capital of France?").expect("speech");
     let ulaw = AudioFormat::Pcmu.encode(&resample(&question, RATE, 8000).expect("resample")).expect("μ-law");
+    let question_ms = (ulaw.len() / 8).to_string();
     let qfile = s.dir.join("question.ulaw");
     std::fs::write(&qfile, ulaw).expect("write the question");
+    let silence = s.dir.join("question-silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
     let caller = Caller::new("question");
-    let sc = scenario("question", &[("QUESTION", &qfile.to_string_lossy()), ("DTMF_PCAP", "/usr/share/sip-tester/dtmf_2833_1.pcap")]).expect("scenario");
+    let fill = [("QUESTION", qfile.to_string_lossy().into_owned()), ("QUESTION_MS", question_ms), ("SILENCE", silence.to_string_lossy().into_owned()), ("DTMF_PCAP", "/usr/share/sip-tester/dtmf_2833_1.pcap".into())];
+    let fill: Vec<(&str, &str)> = fill.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sc = scenario("question", &fill).expect("scenario");
     let capture = Capture::start("question", &[caller.media_port]).expect("capture");
     let keys_before = metric(&s.http.addr, "parley_sip_dtmf_keys_total").await.expect("metric");
     let done_before = metric(&s.http.addr, "parley_responses_total{status=\"completed\"}").await.unwrap_or(0.0);
