@@ -280,10 +280,8 @@ impl Encoder for SipEncoder {
 
     fn event(&mut self, ev: &AgentEvent, wire: &mut Vec<WireOut>) {
         match ev {
-            AgentEvent::AudioDelta { response_id, audio, .. } => {
-                if self.cleared.as_ref() != Some(response_id) {
-                    wire.push(WireOut::Binary(audio.clone().into()));
-                }
+            AgentEvent::AudioDelta { response_id, audio, .. } if self.cleared.as_ref() != Some(response_id) => {
+                wire.push(WireOut::Binary(audio.clone().into()));
             }
             AgentEvent::OutputAudioCleared { response_id } => {
                 info!(%response_id, "caller barged in: dropping the queued audio");

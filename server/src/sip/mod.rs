@@ -2,11 +2,11 @@
 //! trunks and PBXs (`[sip] listen`) and runs each through the call driver, with
 //! G.711 RTP both ways and RFC 4733 key presses into the conversation.
 //!
-//! - [`stack`]: the SIP stack (rsipstack) behind our own small surface;
-//! - [`sdp`]: offer/answer;
-//! - [`call`]: one call from INVITE to hang-up, and its driver transport;
-//! - [`media`]: the call's RTP socket, receive and send loops;
-//! - [`jitter`], [`packetizer`], [`dtmf`]: the RTP pieces, free of I/O.
+//! - the SIP stack (rsipstack) behind our own small surface is in [`stack`];
+//! - offer/answer in [`sdp`];
+//! - one call from INVITE to hang-up, and its driver transport, in [`call`];
+//! - the call's RTP socket, receive and send loops in [`media`];
+//! - the RTP pieces free of I/O in [`jitter`], [`packetizer`] and [`dtmf`].
 
 pub mod call;
 pub mod dtmf;
