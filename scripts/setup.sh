@@ -6,7 +6,8 @@ set -euo pipefail
 # nodejs, curl, openssl: the HTTP/2, TLS and RFC 8441 end-to-end tests (tests/tests/http2.rs)
 # chromium + chromium-driver: the browser test of the demo page (tests/python/test_demo_page.py).
 # fonts-dejavu-core: labels on the load generator's PNG plots (bench/load).
-APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl chromium chromium-driver fonts-dejavu-core)
+# sip-tester (SIPp) + tcpdump: the SIP bridge end-to-end tests (tests/tests/sip.rs; tcpdump needs root).
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl chromium chromium-driver fonts-dejavu-core sip-tester tcpdump)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

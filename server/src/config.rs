@@ -21,6 +21,7 @@ pub struct Config {
     pub tts: TtsConfig,
     pub tools: ToolsConfig,
     pub twilio: TwilioConfig,
+    pub sip: SipConfig,
     pub web: WebConfig,
     pub logging: LoggingConfig,
 }
@@ -39,6 +40,72 @@ pub struct LoggingConfig {
 impl Default for LoggingConfig {
     fn default() -> Self {
         Self { redact: true }
+    }
+}
+
+/// The SIP bridge: calls from SIP trunks and PBXs (SIP over UDP, G.711 RTP).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    /// HOST:PORT to receive SIP on (UDP), e.g. `0.0.0.0:5060`; empty turns the bridge off.
+    pub listen: String,
+    /// The IP address the trunk reaches us at, written into SDP `c=` lines and the
+    /// Contact header (this host's public address behind NAT). Empty uses the
+    /// listen address, which must then not be 0.0.0.0.
+    pub public_address: String,
+    /// RTP ports to use, `LOW-HIGH` inclusive (open them in the firewall); empty
+    /// lets the system pick any free port.
+    pub rtp_ports: String,
+    /// A call with no RTP from the caller for this long is hung up (not while on
+    /// hold); 0 never.
+    pub rtp_timeout_seconds: u64,
+    /// How long to ring (180) before answering, in milliseconds.
+    pub ring_ms: u64,
+    /// What the agent says when a call connects; empty waits for the caller.
+    pub greeting: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self { listen: String::new(), public_address: String::new(), rtp_ports: String::new(), rtp_timeout_seconds: 30, ring_ms: 0, greeting: String::new() }
+    }
+}
+
+impl SipConfig {
+    /// Where to listen, when the bridge is on.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).with_context(|| format!("sip.listen `{}` is not HOST:PORT", self.listen))
+    }
+
+    /// The address for `c=` and Contact.
+    pub fn public_ip(&self) -> Result<Option<std::net::IpAddr>> {
+        let Some(listen) = self.listen_addr()? else { return Ok(None) };
+        if self.public_address.is_empty() {
+            if listen.ip().is_unspecified() {
+                bail!("sip.listen `{}` binds every address: set sip.public_address to the IP the trunk reaches this host at", self.listen);
+            }
+            return Ok(Some(listen.ip()));
+        }
+        let ip: std::net::IpAddr = self.public_address.parse().with_context(|| format!("sip.public_address `{}` is not an IP address", self.public_address))?;
+        if ip.is_unspecified() {
+            bail!("sip.public_address must be a reachable address, not {ip}");
+        }
+        Ok(Some(ip))
+    }
+
+    /// The RTP port range.
+    pub fn rtp_port_range(&self) -> Result<Option<(u16, u16)>> {
+        if self.rtp_ports.trim().is_empty() {
+            return Ok(None);
+        }
+        let parsed = self.rtp_ports.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+        match parsed {
+            Some((lo, hi)) if lo > 0 && lo < hi => Ok(Some((lo, hi))),
+            _ => bail!("sip.rtp_ports `{}` is not LOW-HIGH (two ports, LOW below HIGH)", self.rtp_ports),
+        }
     }
 }
 
@@ -442,6 +509,8 @@ impl Config {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<()> {
         self.listen_addr()?;
+        self.sip.public_ip()?;
+        self.sip.rtp_port_range()?;
         self.models.validate()?;
         self.server.http.validate()?;
         self.server.limits.validate().map_err(anyhow::Error::msg)?;

@@ -15,6 +15,7 @@ mod openai_api;
 mod realtime;
 mod sagemaker;
 mod serve;
+mod sip;
 mod stream;
 mod twilio;
 mod web;

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub turn_first_token: Histogram,
     /// Calls ended because the client stopped taking writes (see the call driver).
     pub write_timeouts: Counter,
+    /// Key presses (RFC 4733 events) read from SIP callers' RTP.
+    pub sip_dtmf_keys: Counter,
 }
 
 impl Metrics {
@@ -123,6 +125,7 @@ impl Metrics {
         counter(&mut out, "parley_client_messages_rejected_total", "Client messages answered with an error event.", self.rejected_messages.get());
         counter(&mut out, "parley_connections_refused_total", "Connections refused: their address held server.limits.connections_per_ip.", self.connections_refused.get());
         counter(&mut out, "parley_write_timeouts_total", "Calls ended because the client stopped reading (server.write_timeout_ms).", self.write_timeouts.get());
+        counter(&mut out, "parley_sip_dtmf_keys_total", "Key presses (RFC 4733) read from SIP callers.", self.sip_dtmf_keys.get());
         gauge(&mut out, "parley_asr_decodes_running", "Speech-to-text decodes running now, all calls together.", parley_agent::asr_decodes_running() as u64);
         let _ = writeln!(out, "# HELP parley_responses_total Responses by final status.\n# TYPE parley_responses_total counter");
         for (status, c) in [("completed", &self.responses_completed), ("cancelled", &self.responses_cancelled), ("failed", &self.responses_failed)] {

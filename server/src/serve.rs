@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// authenticates callers).
     #[arg(long, env = "PARLEY_SAGEMAKER")]
     sagemaker: bool,
+    /// Answer SIP calls on HOST:PORT (UDP), `sip.listen`.
+    #[arg(long, env = "PARLEY_SIP_LISTEN")]
+    sip_listen: Option<String>,
 }
 
 /// Where SageMaker expects the container to listen.
@@ -77,6 +80,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if let Some(dir) = args.models_dir {
         config.models.dir = dir.to_string_lossy().into_owned();
+    }
+    if let Some(sip) = args.sip_listen {
+        config.sip.listen = sip;
     }
     if let Some(n) = args.max_calls {
         config.server.max_calls = n;
@@ -137,8 +143,14 @@ async fn serve(config: Config) -> Result<()> {
         load_models(app.clone());
     }
 
+    let sip = crate::sip::start(app.clone()).await?;
+
     let stop = drain(app.clone());
     crate::listener::serve(listener, router(app.clone()), limits, tls, app.clone(), stop, DRAIN).await.context("server failed")?;
+    if let Some(sip) = sip {
+        // SIP calls hang up (BYE) before the process exits.
+        let _ = sip.await;
+    }
     info!("shut down");
     Ok(())
 }

@@ -339,12 +339,12 @@ fn call_settings(defaults: &SessionSettings, start: &Start) -> SessionSettings {
 }
 
 /// The first response's instructions when the agent greets the caller.
-fn greeting_instructions(instructions: &str, greeting: &str) -> String {
+pub(crate) fn greeting_instructions(instructions: &str, greeting: &str) -> String {
     format!("{instructions}\n\nThe call has just connected and the caller has not said anything yet. Greet the caller by saying exactly: \"{greeting}\"")
 }
 
 /// The user item a key press adds to the conversation.
-fn dtmf_text(digit: char) -> String {
+pub(crate) fn dtmf_text(digit: char) -> String {
     format!("(The caller pressed {digit} on the keypad.)")
 }
 

@@ -1,0 +1,454 @@
+//! The SIP bridge end to end: SIPp (Debian `sip-tester`) calls the real binary over
+//! UDP on loopback; Parley's RTP is captured with tcpdump, decoded and, for the
+//! spoken question, transcribed with the server's own speech-to-text.
+//!
+//! One server for the file, with `[sip]` on, a short ring (for CANCEL) and a
+//! `max_call_seconds` the question call stays well under (the deadline call waits
+//! for Parley's BYE).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use parley_audio::format::AudioFormat;
+use parley_tests::{RATE, Server, metric, resample, speech, start_server, transcribe_with_server, wait_metric, words};
+
+/// `server.max_call_seconds` of the server under test.
+const MAX_CALL_SECONDS: u64 = 90;
+/// `sip.rtp_timeout_seconds` of the server under test.
+const RTP_TIMEOUT: u64 = 20;
+/// How long Parley rings before answering (the CANCEL scenario hangs up meanwhile).
+const RING_MS: u64 = 800;
+/// Longest the question call may take to be answered aloud.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(80);
+
+struct SipServer {
+    http: Server,
+    sip: SocketAddr,
+    dir: PathBuf,
+}
+
+/// A UDP port free now (with `port + 2` free too: SIPp also binds it for media).
+fn free_udp_port() -> u16 {
+    loop {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+        let port = s.local_addr().expect("local addr").port();
+        if port < 65000 && UdpSocket::bind(("127.0.0.1", port + 2)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn server() -> &'static SipServer {
+    static SERVER: OnceLock<SipServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("parley-e2e-sip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("sip.toml");
+        std::fs::write(&config, format!("[server]\nmax_call_seconds = {MAX_CALL_SECONDS}\n\n[sip]\nring_ms = {RING_MS}\nrtp_timeout_seconds = {RTP_TIMEOUT}\n")).expect("write config");
+        let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
+        let http = start_server(&["--config", &config.to_string_lossy(), "--sip-listen", &sip.to_string(), "--max-calls", "8"]).expect("start parley with [sip]");
+        SipServer { http, sip, dir }
+    })
+}
+
+/// A SIPp scenario from tests/sipp with its `@NAME@` placeholders filled in.
+fn scenario(name: &str, fill: &[(&str, &str)]) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp").join(format!("{name}.xml"));
+    let mut text = std::fs::read_to_string(&src).with_context(|| format!("read {}", src.display()))?;
+    for (k, v) in fill {
+        text = text.replace(&format!("@{k}@"), v);
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = server().dir.join(format!("{name}-{n}.xml"));
+    std::fs::write(&out, text)?;
+    Ok(out)
+}
+
+/// One SIPp caller: its SIP and media ports and its Call-ID.
+struct Caller {
+    name: &'static str,
+    sip_port: u16,
+    media_port: u16,
+    /// Makes the Call-ID unique to this run.
+    run: String,
+}
+
+impl Caller {
+    fn new(name: &'static str) -> Self {
+        let run = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0));
+        Self { name, sip_port: free_udp_port(), media_port: free_udp_port(), run }
+    }
+
+    fn call_id(&self) -> String {
+        format!("{}-{}-1", self.name, self.run)
+    }
+
+    /// Runs the scenario for one call; Ok when SIPp says the call succeeded.
+    async fn run(&self, scenario: &Path) -> Result<()> {
+        let s = server();
+        let args: Vec<String> = [
+            "-sf",
+            &scenario.to_string_lossy(),
+            "-m",
+            "1",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &self.sip_port.to_string(),
+            "-mi",
+            "127.0.0.1",
+            "-mp",
+            &self.media_port.to_string(),
+            "-cid_str",
+            &format!("{}-{}-%u", self.name, self.run),
+            "-nostdin",
+            "-timeout",
+            "170s",
+            "-timeout_error",
+            "-trace_err",
+            "-trace_msg",
+            &s.sip.to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let dir = s.dir.join(self.name);
+        std::fs::create_dir_all(&dir)?;
+        let out = tokio::process::Command::new("sipp").args(&args).current_dir(&dir).stdin(Stdio::null()).output().await.context("run sipp (apt-get install sip-tester)")?;
+        if !out.status.success() {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&dir)?.flatten() {
+                let p = entry.path();
+                if p.to_string_lossy().ends_with("_errors.log") || p.to_string_lossy().ends_with("_messages.log") {
+                    logs.push_str(&format!("--- {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
+                }
+            }
+            bail!("sipp {} failed ({}):\n{}\n{}", self.name, out.status, String::from_utf8_lossy(&out.stderr), logs);
+        }
+        Ok(())
+    }
+
+    /// Tells the waiting scenario (question.xml) to hang up: an INFO in its call.
+    fn release(&self) -> Result<()> {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        let me = sock.local_addr()?;
+        let msg = format!(
+            "INFO sip:sipp@127.0.0.1:{p} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-release-{p}\r\nFrom: <sip:test@{me}>;tag=test\r\nTo: <sip:sipp@127.0.0.1:{p}>\r\nCall-ID: {cid}\r\nCSeq: 1 INFO\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            p = self.sip_port,
+            cid = self.call_id()
+        );
+        sock.send_to(msg.as_bytes(), ("127.0.0.1", self.sip_port))?;
+        Ok(())
+    }
+}
+
+/// A tcpdump capture of UDP to some ports on loopback.
+struct Capture {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl Capture {
+    fn start(name: &str, ports: &[u16]) -> Result<Self> {
+        let path = server().dir.join(format!("{name}.pcap"));
+        let filter = ports.iter().map(|p| format!("dst port {p}")).collect::<Vec<_>>().join(" or ");
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "-n", "-w"])
+            .arg(&path)
+            .arg(format!("udp and ({filter})"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run tcpdump (apt-get install tcpdump; it needs root or CAP_NET_RAW)")?;
+        // It says "listening on lo" once capturing.
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).context("tcpdump did not start listening")?;
+        Ok(Self { child, path })
+    }
+
+    /// The packets so far.
+    fn packets(&self) -> Vec<Udp> {
+        std::fs::read(&self.path).map(|b| parse_pcap(&b)).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> Vec<Udp> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.packets()
+    }
+}
+
+/// A captured UDP datagram.
+#[derive(Debug, Clone)]
+struct Udp {
+    at: f64,
+    dst_port: u16,
+    payload: Vec<u8>,
+}
+
+/// Reads a classic pcap file (loopback as Ethernet, Linux cooked v1/v2 or BSD null).
+fn parse_pcap(b: &[u8]) -> Vec<Udp> {
+    let mut out = Vec::new();
+    if b.len() < 24 {
+        return out;
+    }
+    let le = b[0..4] == [0xd4, 0xc3, 0xb2, 0xa1] || b[0..4] == [0x4d, 0x3c, 0xb2, 0xa1];
+    let nanos = b[0..4] == [0x4d, 0x3c, 0xb2, 0xa1] || b[0..4] == [0xa1, 0xb2, 0x3c, 0x4d];
+    let u32_at = |i: usize| -> u32 {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+    };
+    let link = u32_at(20);
+    let skip = match link {
+        1 => 14,
+        113 => 16,
+        276 => 20,
+        0 => 4,
+        _ => return out,
+    };
+    let mut i = 24;
+    while i + 16 <= b.len() {
+        let (sec, frac, len) = (u32_at(i), u32_at(i + 4), u32_at(i + 8) as usize);
+        let data_start = i + 16;
+        if data_start + len > b.len() {
+            break; // a record still being written
+        }
+        let frame = &b[data_start..data_start + len];
+        i = data_start + len;
+        let Some(ip) = frame.get(skip..) else { continue };
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let Some(udp) = ip.get(ihl..) else { continue };
+        if udp.len() < 8 {
+            continue;
+        }
+        let at = f64::from(sec) + f64::from(frac) / if nanos { 1e9 } else { 1e6 };
+        out.push(Udp { at, dst_port: u16::from_be_bytes([udp[2], udp[3]]), payload: udp[8..].to_vec() });
+    }
+    out
+}
+
+/// An RTP packet from Parley, as captured.
+#[derive(Debug, Clone)]
+struct Rtp {
+    at: f64,
+    pt: u8,
+    marker: bool,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    payload: Vec<u8>,
+}
+
+/// Parley's RTP among the captured datagrams: RTP version 2 to SIPp's media port
+/// (the capture only holds what goes there).
+fn parley_rtp(packets: &[Udp], to: u16) -> Vec<Rtp> {
+    packets
+        .iter()
+        .filter(|u| u.dst_port == to && u.payload.len() >= 12 && u.payload[0] >> 6 == 2)
+        .map(|u| {
+            let p = &u.payload;
+            let cc = usize::from(p[0] & 0x0f);
+            Rtp {
+                at: u.at,
+                pt: p[1] & 0x7f,
+                marker: p[1] & 0x80 != 0,
+                seq: u16::from_be_bytes([p[2], p[3]]),
+                ts: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                ssrc: u32::from_be_bytes([p[8], p[9], p[10], p[11]]),
+                payload: p[12 + 4 * cc..].to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// Checks one SSRC, no sequence gaps and the timestamp step; returns the p99 of
+/// |gap − ptime| between consecutive packets in ms (gaps from hold excluded when
+/// `allow_pauses`).
+fn check_stream(rtp: &[Rtp], pt: u8, ptime_ms: u32, allow_pauses: bool) -> Result<f64> {
+    ensure!(rtp.len() > 20, "only {} RTP packets from Parley", rtp.len());
+    let ssrc = rtp[0].ssrc;
+    ensure!(rtp.iter().all(|r| r.ssrc == ssrc), "more than one SSRC: {:?}", rtp.iter().map(|r| r.ssrc).collect::<std::collections::BTreeSet<_>>());
+    ensure!(rtp.iter().all(|r| r.pt == pt), "payload types {:?}, expected {pt}", rtp.iter().map(|r| r.pt).collect::<std::collections::BTreeSet<_>>());
+    let step = ptime_ms * 8;
+    let mut jitter = Vec::new();
+    for w in rtp.windows(2) {
+        ensure!(w[1].seq == w[0].seq.wrapping_add(1), "sequence gap: {} then {}", w[0].seq, w[1].seq);
+        ensure!(w[1].payload.len() == step as usize, "a packet of {} bytes, expected {step}", w[1].payload.len());
+        let gap = w[1].at - w[0].at;
+        let ts_gap = w[1].ts.wrapping_sub(w[0].ts);
+        if allow_pauses && gap > 0.5 {
+            // Held: nothing sent, but the timestamp kept time.
+            let expected = (gap * 8000.0) as i64;
+            ensure!((i64::from(ts_gap) - expected).abs() < 8000 / 5, "after a pause of {gap:.2} s the timestamp moved {ts_gap}");
+            continue;
+        }
+        ensure!(ts_gap == step, "timestamp step {ts_gap}, expected {step}");
+        jitter.push((gap * 1000.0 - f64::from(ptime_ms)).abs());
+    }
+    jitter.sort_by(|a, b| a.total_cmp(b));
+    Ok(jitter[(jitter.len() * 99 / 100).min(jitter.len() - 1)])
+}
+
+fn silence_of(pt: u8) -> u8 {
+    if pt == 8 { 0xD5 } else { 0xFF }
+}
+
+/// The calls whose packet timing is measured run one test at a time: the machine's
+/// two cores are not also busy with another call's speech recognition.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+async fn calls_drain(s: &SipServer) {
+    wait_metric(&s.http.addr, "parley_calls_active", 0.0, Duration::from_secs(MAX_CALL_SECONDS + 30)).await.expect("every call ended: the active-calls gauge is back to 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_presses_a_key_asks_a_question_and_hears_the_answer() {
+    let _timing = one_at_a_time().await;
+    let s = server();
+    let question = speech("What is the capital of France?").expect("speech");
+    let ulaw = AudioFormat::Pcmu.encode(&resample(&question, RATE, 8000).expect("resample")).expect("μ-law");
+    let question_ms = (ulaw.len() / 8).to_string();
+    let qfile = s.dir.join("question.ulaw");
+    std::fs::write(&qfile, ulaw).expect("write the question");
+    let silence = s.dir.join("question-silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
+    let caller = Caller::new("question");
+    let fill = [("QUESTION", qfile.to_string_lossy().into_owned()), ("QUESTION_MS", question_ms), ("SILENCE", silence.to_string_lossy().into_owned()), ("DTMF_PCAP", "/usr/share/sip-tester/dtmf_2833_1.pcap".into())];
+    let fill: Vec<(&str, &str)> = fill.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sc = scenario("question", &fill).expect("scenario");
+    let capture = Capture::start("question", &[caller.media_port]).expect("capture");
+    let keys_before = metric(&s.http.addr, "parley_sip_dtmf_keys_total").await.expect("metric");
+    let done_before = metric(&s.http.addr, "parley_responses_total{status=\"completed\"}").await.unwrap_or(0.0);
+
+    let run = caller.run(&sc);
+    tokio::pin!(run);
+    // Hang up once the reply has been spoken: a completed response and then a second
+    // of silence on the wire.
+    let started = Instant::now();
+    let released = loop {
+        tokio::select! {
+            r = &mut run => panic!("the scenario ended before the reply: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let done = metric(&s.http.addr, "parley_responses_total{status=\"completed\"}").await.unwrap_or(0.0);
+        if done > done_before {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            caller.release().expect("release the caller");
+            break true;
+        }
+        if started.elapsed() > REPLY_TIMEOUT {
+            caller.release().expect("release the caller");
+            break false;
+        }
+    };
+    run.await.expect("SIPp's call succeeded");
+    let packets = capture.stop();
+    assert!(released, "no completed reply within {} s", REPLY_TIMEOUT.as_secs());
+
+    let rtp = parley_rtp(&packets, caller.media_port);
+    // The reply: from the first talk spurt to the last non-silent packet.
+    let first = rtp.iter().position(|r| r.marker).expect("a talk spurt (marker bit)");
+    let last = rtp.iter().rposition(|r| r.payload.iter().any(|&b| b != silence_of(0))).expect("speech");
+    let audio: Vec<u8> = rtp[first..=last].iter().flat_map(|r| r.payload.iter().copied()).collect();
+    let pcm = AudioFormat::Pcmu.decode(&audio).expect("μ-law");
+    let heard = transcribe_with_server(&s.http, &resample(&pcm, 8000, RATE).expect("resample")).await.expect("transcribe");
+    assert!(words(&heard).contains(&"paris".to_string()), "the reply was heard as {heard:?}");
+    let keys = metric(&s.http.addr, "parley_sip_dtmf_keys_total").await.expect("metric");
+    assert_eq!(keys - keys_before, 1.0, "the key press, once (its end packet is sent three times)");
+    let p99 = check_stream(&rtp, 0, 20, false).expect("one steady RTP stream");
+    eprintln!("question call: {} packets from Parley, p99 |gap - 20 ms| = {p99:.2} ms", rtp.len());
+    assert!(p99 < 5.0, "p99 jitter {p99:.2} ms");
+    calls_drain(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parley_hangs_up_at_max_call_seconds_and_after_the_rtp_timeout() {
+    let s = server();
+    // One caller streams silence (so only the call's deadline ends it), one sends no RTP.
+    let silence = s.dir.join("silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
+    let streaming = format!("<nop><action><exec rtp_stream=\"{},-1,0\"/></action></nop>", silence.to_string_lossy());
+    let deadline = Caller::new("deadline");
+    let quiet = Caller::new("quiet");
+    let (s1, s2) = (scenario("deadline", &[("MEDIA", &streaming)]).expect("scenario"), scenario("deadline", &[("MEDIA", "")]).expect("scenario"));
+    let t = Instant::now();
+    let (a, b) = tokio::join!(
+        async {
+            deadline.run(&s1).await?;
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        },
+        async {
+            quiet.run(&s2).await?;
+            anyhow::Ok(t.elapsed().as_secs_f64())
+        }
+    );
+    let took = a.expect("Parley sent BYE at max_call_seconds and SIPp's call succeeded");
+    assert!((MAX_CALL_SECONDS as f64 - 1.0..MAX_CALL_SECONDS as f64 + 10.0).contains(&took), "the streaming call lasted {took:.1} s");
+    let took = b.expect("Parley sent BYE after the RTP timeout and SIPp's call succeeded");
+    assert!((RTP_TIMEOUT as f64 - 1.0..RTP_TIMEOUT as f64 + 5.0).contains(&took), "the call without RTP lasted {took:.1} s");
+    calls_drain(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
+    let s = server();
+    // OPTIONS, 488 and CANCEL: signalling only.
+    for name in ["options", "no_codec", "cancel"] {
+        let caller = Caller::new(name);
+        caller.run(&scenario(name, &[]).expect("scenario")).await.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+
+    // The three media calls at once, each captured (not while the models answer the
+    // question call: its packet timing is measured).
+    let _timing = one_at_a_time().await;
+    let no_sdp = Caller::new("no_sdp");
+    let pcma = Caller::new("pcma");
+    let hold = Caller::new("hold");
+    let capture = Capture::start("media", &[no_sdp.media_port, pcma.media_port, hold.media_port]).expect("capture");
+    let (s1, s2, s3) = (scenario("no_sdp", &[]).expect("scenario"), scenario("pcma", &[("PCMA_PCAP", "/usr/share/sip-tester/g711a.pcap")]).expect("scenario"), scenario("hold", &[]).expect("scenario"));
+    let (a, b, c) = tokio::join!(no_sdp.run(&s1), pcma.run(&s2), hold.run(&s3));
+    let packets = capture.stop();
+    a.expect("INVITE without SDP");
+    b.expect("PCMA at 30 ms");
+    c.expect("hold and resume");
+
+    // Delayed offer: the answer in the ACK chose PCMA.
+    let p99 = check_stream(&parley_rtp(&packets, no_sdp.media_port), 8, 20, false).expect("RTP after a delayed offer");
+    assert!(p99 < 5.0, "no_sdp p99 jitter {p99:.2} ms");
+    // PCMA with ptime 30: 240-byte packets every 30 ms.
+    let p99 = check_stream(&parley_rtp(&packets, pcma.media_port), 8, 30, false).expect("RTP at ptime 30");
+    assert!(p99 < 5.0, "pcma p99 jitter {p99:.2} ms");
+    // Hold: nothing sent while held (sendonly then inactive, 3 s), the same stream after.
+    let held = parley_rtp(&packets, hold.media_port);
+    check_stream(&held, 0, 20, true).expect("one stream across hold");
+    let longest = held.windows(2).map(|w| w[1].at - w[0].at).fold(0.0, f64::max);
+    assert!((2.5..4.5).contains(&longest), "the longest pause in Parley's RTP was {longest:.2} s; the call was held for 3 s");
+    let mut by_port: HashMap<u16, usize> = HashMap::new();
+    for u in &packets {
+        *by_port.entry(u.dst_port).or_default() += 1;
+    }
+    eprintln!("captured per port: {by_port:?}");
+    calls_drain(s).await;
+}
