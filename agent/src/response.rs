@@ -489,7 +489,7 @@ pub(crate) const LOOK_IT_UP_NUDGE: &str = "That answer was for an earlier questi
 /// `output` is a success (a JSON object without `error`).
 fn opens_gate(tools: &[parley_llm::ToolSpec], call: &ToolCall, output: &str) -> bool {
     tools.iter().any(|t| t.name == call.name && parley_llm::known_ids::is_gate(t))
-        && serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v.is_object() && v.get("error").is_none())
+        && parley_llm::known_ids::succeeded(output)
 }
 
 /// Said when a reply after a tool result was not speech.

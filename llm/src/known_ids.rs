@@ -109,12 +109,17 @@ pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<Tool
     }
 }
 
+/// True when a tool's `output` is a success: a JSON object without an `error` key.
+pub fn succeeded(output: &str) -> bool {
+    serde_json::from_str::<Value>(output).is_ok_and(|v| v.is_object() && v.get("error").is_none())
+}
+
 /// Names of the tools whose calls in `messages` have a result that is not an error.
 fn succeeded_tools(messages: &[ChatMessage]) -> Vec<String> {
     let ok_results: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == Role::Tool)
-        .filter(|m| serde_json::from_str::<Value>(&m.content).is_ok_and(|v| v.is_object() && v.get("error").is_none()))
+        .filter(|m| succeeded(&m.content))
         .filter_map(|m| m.tool_call_id.as_deref())
         .collect();
     messages.iter().flat_map(|m| &m.tool_calls).filter(|c| ok_results.contains(&c.id.as_str())).map(|c| c.name.clone()).collect()
