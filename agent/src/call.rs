@@ -220,6 +220,8 @@ struct ActiveResponse {
     pause: watch::Sender<bool>,
     /// `false` while a part that may not be interrupted plays.
     interruptible: Arc<AtomicBool>,
+    /// The turn's span: its latency breakdown is recorded on it when it ends.
+    span: tracing::Span,
 }
 
 struct CallState {
@@ -875,7 +877,22 @@ impl CallState {
         }
         let response_id = new_id("resp");
         let item_id = new_id("item");
-        let span = info_span!("turn", response_id = %response_id);
+        let span = info_span!(
+            "turn",
+            response_id = %response_id,
+            status = tracing::field::Empty,
+            endpoint_ms = tracing::field::Empty,
+            transcript_ms = tracing::field::Empty,
+            asr_ms = tracing::field::Empty,
+            first_token_ms = tracing::field::Empty,
+            first_tts_ms = tracing::field::Empty,
+            first_audio_ms = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            cached_tokens = tracing::field::Empty,
+            prefill_ms = tracing::field::Empty,
+            generated_tokens = tracing::field::Empty,
+            tool_calls = tracing::field::Empty,
+        );
         self.emit(AgentEvent::ResponseCreated { response_id: response_id.clone() }).await;
         let previous = self.conversation.push(Item::message(item_id.clone(), ItemRole::Assistant, None));
         self.emit(AgentEvent::ItemAdded { item_id: item_id.clone(), previous_item_id: previous, role: ItemRole::Assistant, text: None }).await;
@@ -904,9 +921,9 @@ impl CallState {
         let playback = Playback { clock: clock.clone(), paused, interruptible: interruptible.clone(), echo: self.echo.clone() };
         let task = tokio::spawn(
             response::run(job, (*self.engines).clone(), self.session.clone(), self.events.clone(), self.reports_tx.clone(), playback, cancel.clone())
-                .instrument(span),
+                .instrument(span.clone()),
         );
-        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new(), pause, interruptible });
+        self.response = Some(ActiveResponse { id: response_id, item_id, cancel, clock, task, timer, asr_ms, function_calls: Vec::new(), pause, interruptible, span });
     }
 
     /// The server ends the call with last words ([`CallInput::EndWith`]): the reply
@@ -1012,6 +1029,7 @@ impl CallState {
             first_tts_ms: outcome.first_tts_ms,
         };
         info!(status = status.as_str(), ?metrics, "response finished");
+        record_metrics(&active.span, status.as_str(), &metrics, active.function_calls.len());
         self.emit(AgentEvent::Metrics(metrics)).await;
         self.last_played = Some((active.item_id.clone(), active.clock.clone()));
         self.emit(AgentEvent::ResponseDone { response_id: active.id, item_id: Some(active.item_id), status, transcript: text, function_calls: active.function_calls }).await;
@@ -1024,6 +1042,31 @@ impl CallState {
             self.start_response(timer, asr_ms, ResponseOptions::default()).await;
         }
     }
+}
+
+/// Puts a turn's latency breakdown on its span (for traces); fields not measured
+/// in this turn stay unset.
+fn record_metrics(span: &tracing::Span, status: &str, m: &TurnMetrics, tool_calls: usize) {
+    span.record("status", status);
+    for (field, value) in [
+        ("endpoint_ms", m.endpoint_ms),
+        ("transcript_ms", m.transcript_ms),
+        ("asr_ms", m.asr_ms),
+        ("first_token_ms", m.first_token_ms),
+        ("first_tts_ms", m.first_tts_ms),
+        ("first_audio_ms", m.first_audio_ms),
+    ] {
+        if let Some(v) = value {
+            span.record(field, v);
+        }
+    }
+    // As i64: traces carry u64 beyond i64's range as strings.
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("prompt_tokens", count(m.prompt_tokens));
+    span.record("cached_tokens", count(m.cached_tokens));
+    span.record("prefill_ms", m.prefill_ms);
+    span.record("generated_tokens", count(m.generated_tokens));
+    span.record("tool_calls", count(tool_calls));
 }
 
 /// With `PARLEY_DUMP_TURNS=DIR`, writes each committed turn (16 kHz WAV, what the

@@ -603,13 +603,19 @@ async fn run_tools(tools: Tools, calls: Vec<ToolCall>, timeout_ms: u64, reports:
 /// Runs one server tool with its timeout, commits the result, and returns it.
 async fn run_tool(tools: &Tools, call: ToolCall, timeout_ms: u64, reports: &mpsc::Sender<ToolReport>) -> (String, String) {
     let started = Instant::now();
+    let span = tracing::info_span!("tool", tool = %call.name, call_id = %call.id, ok = tracing::field::Empty, ms = tracing::field::Empty);
     let result = match tools.registry.get(&call.name) {
-        Some(tool) => match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), tool.call(call.arguments.clone(), &tools.scope)).await {
-            Ok(r) => r,
-            Err(_) => Err(ToolError::Timeout(timeout_ms)),
-        },
+        Some(tool) => {
+            let run = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), tool.call(call.arguments.clone(), &tools.scope));
+            match run.instrument(span.clone()).await {
+                Ok(r) => r,
+                Err(_) => Err(ToolError::Timeout(timeout_ms)),
+            }
+        }
         None => Err(ToolError::Failed(format!("there is no tool named {}", call.name))),
     };
+    span.record("ok", result.is_ok());
+    span.record("ms", started.elapsed().as_secs_f64() * 1000.0);
     let output = match &result {
         Ok(value) => value.to_string(),
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
@@ -645,17 +651,25 @@ async fn generate(
     first: Arc<OnceLock<Instant>>,
 ) -> Result<(GenerationStats, String), GenerateError> {
     let session = session.clone();
-    let span = tracing::Span::current();
+    // One generation round; `first_token_ms` is from the round's start (the
+    // turn's own figure, from the end of speech, is on the turn span).
+    let span = tracing::info_span!("llm", tools = options.tools.len(), first_token_ms = tracing::field::Empty);
     let run = tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
+        let started = Instant::now();
         let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut said = String::new();
+        let mut seen_token = false;
         let result = session.generate(&messages, &options, &mut |piece: &str| {
             if cancel.is_cancelled() {
                 return ControlFlow::Break(());
             }
             if !piece.is_empty() {
                 let _ = first.set(Instant::now());
+                if !seen_token {
+                    seen_token = true;
+                    span.record("first_token_ms", started.elapsed().as_secs_f64() * 1000.0);
+                }
             }
             said.push_str(piece);
             match text.blocking_send(TextPiece::Text(piece.to_string())) {
@@ -848,7 +862,9 @@ async fn synthesize_phrases(
         let started = Instant::now();
         let tts = engines.tts.clone();
         let text = phrase.clone();
-        let synthesis = tokio::task::spawn_blocking(move || tts.synthesize(&text));
+        let span = tracing::info_span!("tts", chars = phrase.chars().count(), first = first_tts_ms.is_none(), audio_ms = tracing::field::Empty);
+        let in_span = span.clone();
+        let synthesis = tokio::task::spawn_blocking(move || in_span.in_scope(|| tts.synthesize(&text)));
         let result = tokio::select! {
             _ = cancel.cancelled() => return first_tts_ms,
             r = synthesis => r,
@@ -869,6 +885,8 @@ async fn synthesize_phrases(
             first_tts_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         }
         let duration_ms = samples.len() as f64 * 1000.0 / f64::from(voice_rate);
+        span.record("audio_ms", duration_ms);
+        drop(span);
         let converted = resampler.process(&samples);
         let mut marker = Some((phrase, duration_ms));
         for frame in framer.push(&converted) {

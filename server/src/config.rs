@@ -24,6 +24,7 @@ pub struct Config {
     pub sip: SipConfig,
     pub web: WebConfig,
     pub logging: LoggingConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// What goes into the logs.
@@ -513,6 +514,7 @@ impl Config {
         self.sip.rtp_port_range()?;
         self.models.validate()?;
         self.server.http.validate()?;
+        self.telemetry.validate()?;
         self.server.limits.validate().map_err(anyhow::Error::msg)?;
         for d in &self.server.api_key_sha256 {
             crate::keys::check_digest(d).context("server.api_key_sha256")?;

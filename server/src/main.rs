@@ -17,6 +17,7 @@ mod sagemaker;
 mod serve;
 mod sip;
 mod stream;
+mod telemetry;
 mod twilio;
 mod web;
 

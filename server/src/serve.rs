@@ -53,19 +53,28 @@ fn sagemaker_listen() -> String {
     format!("0.0.0.0:{port}")
 }
 
-fn init_logging(json: bool) {
+/// Logs to stderr (text or JSON, `PARLEY_LOG` filters them) and, when
+/// `[telemetry]` names a collector, spans to it over OTLP.
+fn init_logging(json: bool, telemetry: &crate::telemetry::TelemetryConfig, runtime: tokio::runtime::Handle) -> Result<Option<crate::telemetry::Tracing>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().with_filter(filter).boxed() } else { fmt.with_filter(filter).boxed() };
+    let (otlp, tracing) = match crate::telemetry::layer(telemetry, runtime)? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(otlp).try_init().context("setting up logging")?;
+    if let Some(url) = telemetry.traces_url().filter(|_| tracing.is_some()) {
+        info!(%url, sample_ratio = telemetry.sample_ratio, "exporting traces over OTLP/HTTP");
     }
+    Ok(tracing)
 }
 
 /// Runs the server until interrupted.
 pub fn run(args: ServeArgs) -> Result<()> {
-    init_logging(args.log_json);
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -95,6 +104,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let echo = config.agent.mode == AgentMode::Echo;
     config.validate()?;
+    // Before the async runtime starts any thread (this sets environment variables).
+    // SAFETY: only this thread exists yet.
+    let threads = unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let traces = init_logging(args.log_json, &config.telemetry, runtime.handle().clone())?;
     parley_agent::redact::set_enabled(config.logging.redact);
     if !config.logging.redact {
         tracing::warn!("logging.redact = false: transcripts and tool data are logged unredacted");
@@ -103,17 +117,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let env_keys = std::env::var("PARLEY_API_KEYS").ok();
     config.server.resolve_api_keys(env_keys.as_deref()).context("loading the API keys")?;
 
-    // Before the async runtime starts any thread (this sets environment variables).
-    // SAFETY: only this thread exists yet.
-    let threads = unsafe { parley_llm::cpu::set_model_threads(config.llm.threads) };
     info!(simd = parley_llm::cpu::simd_path(), model_threads = threads, asr_threads = config.asr.threads, "CPU");
     // Fail fast, before binding, when the models are missing.
     if !echo {
         crate::models::check(&config.models_dir())?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    let result = runtime.block_on(serve(config));
+    // The spans still queued go out while the runtime that carries them is alive.
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
+    result
 }
 
 /// How long, after the calls have ended, open connections get to finish.
