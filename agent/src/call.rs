@@ -627,7 +627,7 @@ impl CallState {
     /// ([`speculative_prefill`]). Not for speech over a reply (judged separately).
     fn on_speech_paused(&mut self, at_ms: u64, samples: Vec<f32>) {
         let Some(speech) = self.speech.as_mut() else { return };
-        if speech.barge.is_some() {
+        if speech.barge.is_some() || self.engines.transcriber.is_instant() {
             return;
         }
         if let Some(old) = speech.early.take() {
@@ -701,6 +701,7 @@ impl CallState {
                 };
                 let (result, asr_ms) = match early {
                     Some(done) => done,
+                    None if transcriber.is_instant() => (transcriber.transcribe(&samples), 0.0),
                     None => {
                         let started = Instant::now();
                         let permit = asr_slots().acquire().await.ok();

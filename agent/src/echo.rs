@@ -52,6 +52,10 @@ impl Transcriber for EchoTranscriber {
     fn transcribe(&self, _samples_16k: &[f32]) -> Result<Transcript, AsrError> {
         Ok(Transcript { text: ECHO_TRANSCRIPT.to_string() })
     }
+
+    fn is_instant(&self) -> bool {
+        true
+    }
 }
 
 /// A language model that repeats the caller's last message.

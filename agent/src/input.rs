@@ -47,9 +47,12 @@ pub struct InputAudio {
     detector: Option<TurnDetector>,
     prefix_padding_ms: u64,
     max_buffer_ms: u64,
-    /// 16 kHz samples kept since the last commit (or the padding before speech).
+    /// 16 kHz samples kept since the last commit (or the padding before speech):
+    /// `buffer[head..]`. What is dropped from the front is only skipped by `head`
+    /// until it is most of the vector, so dropping costs no copy per packet.
     buffer: Vec<f32>,
-    /// Stream position (in 16 kHz samples) of `buffer[0]`.
+    head: usize,
+    /// Stream position (in 16 kHz samples) of the first kept sample.
     buffer_start: u64,
     /// Total 16 kHz samples pushed since the call began.
     total: u64,
@@ -70,6 +73,7 @@ impl InputAudio {
             prefix_padding_ms,
             max_buffer_ms: u64::from(max_buffer_ms),
             buffer: Vec::new(),
+            head: 0,
             buffer_start: 0,
             total: 0,
             last_arrival: Instant::now(),
@@ -127,9 +131,9 @@ impl InputAudio {
                     // A little audio past the detected end keeps trailing consonants
                     // (the VAD's score falls before a final "s" or "f" does).
                     let cut = (end + END_MARGIN_MS * SAMPLES_PER_MS).min(self.total);
-                    let to = usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.buffer.len());
-                    let turn: Vec<f32> = self.buffer.drain(..to).collect();
-                    self.buffer_start += to as u64;
+                    let to = usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.kept().len());
+                    let turn = self.kept()[..to].to_vec();
+                    self.drop_front(to);
                     // When the last speech sample arrived, assuming real-time input: the
                     // samples pushed after it took their own duration to arrive.
                     let behind_ms = self.total.saturating_sub(end) as f64 / SAMPLES_PER_MS as f64;
@@ -143,7 +147,7 @@ impl InputAudio {
         }
         if self.detector.is_some() && !self.in_speech() {
             self.trim_to_padding();
-        } else if self.buffer.len() as u64 > self.max_buffer_ms * SAMPLES_PER_MS {
+        } else if self.kept().len() as u64 > self.max_buffer_ms * SAMPLES_PER_MS {
             self.clear();
             out.push(InputEvent::Overflow);
         }
@@ -165,8 +169,8 @@ impl InputAudio {
         self.paused_at = Some(at_ms);
         let end = (at_ms * SAMPLES_PER_MS).min(self.total);
         let cut = end + END_MARGIN_MS * SAMPLES_PER_MS;
-        let have = usize::try_from(cut.min(self.total).saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.buffer.len());
-        let mut samples = self.buffer[..have].to_vec();
+        let have = usize::try_from(cut.min(self.total).saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.kept().len());
+        let mut samples = self.kept()[..have].to_vec();
         // The margin not heard yet is (near) silence by definition: pad with zeros.
         samples.resize(usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(have).max(have), 0.0);
         Some(InputEvent::SpeechPaused { at_ms, samples })
@@ -175,10 +179,25 @@ impl InputAudio {
     /// Outside speech only the prefix padding is worth keeping.
     fn trim_to_padding(&mut self) {
         let keep = (self.prefix_padding_ms * SAMPLES_PER_MS) as usize;
-        if self.buffer.len() > keep {
-            let drop = self.buffer.len() - keep;
-            self.buffer.drain(..drop);
-            self.buffer_start += drop as u64;
+        if self.kept().len() > keep {
+            self.drop_front(self.kept().len() - keep);
+        }
+    }
+
+    /// The samples kept.
+    fn kept(&self) -> &[f32] {
+        &self.buffer[self.head..]
+    }
+
+    /// Forgets the first `n` kept samples; the vector is compacted only once the
+    /// skipped part is at least as long as the rest (amortized: no copy per packet).
+    fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.kept().len());
+        self.head += n;
+        self.buffer_start += n as u64;
+        if self.head >= self.buffer.len() - self.head {
+            self.buffer.drain(..self.head);
+            self.head = 0;
         }
     }
 
@@ -188,7 +207,9 @@ impl InputAudio {
         if let Some(d) = &mut self.detector {
             d.reset();
         }
-        std::mem::take(&mut self.buffer)
+        let mut all = std::mem::take(&mut self.buffer);
+        all.drain(..std::mem::take(&mut self.head));
+        all
     }
 
     /// Drops everything buffered.
@@ -198,18 +219,19 @@ impl InputAudio {
 
     /// The turn in progress so far (with its prefix padding), for a partial transcript.
     pub fn current(&self) -> Vec<f32> {
-        self.buffer.clone()
+        self.kept().to_vec()
     }
 
     /// The last `ms` of buffered input and when its last sample arrived.
     pub fn recent(&self, ms: u64) -> (&[f32], Instant) {
-        let n = ((ms * SAMPLES_PER_MS) as usize).min(self.buffer.len());
-        (&self.buffer[self.buffer.len() - n..], self.last_arrival)
+        let kept = self.kept();
+        let n = ((ms * SAMPLES_PER_MS) as usize).min(kept.len());
+        (&kept[kept.len() - n..], self.last_arrival)
     }
 
     /// Milliseconds of audio waiting for a commit.
     pub fn buffered_ms(&self) -> u64 {
-        self.buffer.len() as u64 / SAMPLES_PER_MS
+        self.kept().len() as u64 / SAMPLES_PER_MS
     }
 }
 

@@ -75,4 +75,11 @@ pub trait Transcriber: Send + Sync {
         let _ = stop;
         self.transcribe(samples_16k)
     }
+
+    /// True for a transcriber that does no real work (the echo agent's): its calls
+    /// need neither a server-wide decoding slot nor a blocking thread, and there is
+    /// nothing to gain from decoding a turn early.
+    fn is_instant(&self) -> bool {
+        false
+    }
 }

@@ -271,3 +271,23 @@ fn voice_detector_scores_each_full_frame() {
     // About 2 s of the fixture (125 frames) is speech.
     assert!((100..=135).contains(&loud), "{loud} frames over 0.5");
 }
+
+#[test]
+fn digital_silence_is_scored_without_the_network_and_speech_after_it_is_heard_afresh() {
+    // Exact zeros (and values under half a 16-bit step) score 0.
+    let mut vad = VoiceDetector::new();
+    let quiet: Vec<f32> = (0..16_000).map(|i| if i % 2 == 0 { 1.0e-5 } else { -1.0e-5 }).collect();
+    assert!(vad.push(&quiet).iter().all(|&p| p == 0.0));
+    // Speech after a silent stretch is scored as by a fresh detector on the same
+    // frames (frame-aligned: the silence is a whole number of frames).
+    let mut after = VoiceDetector::new();
+    let mut lead = vec![0.0; 256 * 40];
+    lead.extend(speech());
+    let gated = after.push(&lead);
+    let fresh = VoiceDetector::new().push(&speech());
+    assert_eq!(&gated[40..], &fresh[..], "speech after silence scored differently");
+    // Faint noise just above the floor still goes to the network.
+    let mut noisy = VoiceDetector::new();
+    let hiss: Vec<f32> = (0..2_560).map(|i| if i % 3 == 0 { 1.0e-3 } else { -1.0e-3 }).collect();
+    assert_eq!(noisy.push(&hiss).len(), 10);
+}

@@ -45,7 +45,7 @@ pub async fn ping(State(app): State<Arc<App>>) -> Response {
 /// Upgrades the sidecar's request (HTTP/1.1 or RFC 8441) to a Realtime call whose
 /// binary frames are audio or events.
 pub async fn stream(ws: WebSocketUpgrade, headers: HeaderMap, State(app): State<Arc<App>>) -> Response {
-    let ws = ws.max_message_size(ws::MAX_MESSAGE).max_frame_size(ws::MAX_FRAME).max_write_buffer_size(ws::MAX_WRITE_BUFFER);
+    let ws = ws::configured(ws, ws::MAX_MESSAGE, ws::MAX_FRAME);
     let slot = match driver::admit(&app, &headers, app.config.server.sagemaker) {
         Ok(slot) => slot,
         Err(refusal) => {

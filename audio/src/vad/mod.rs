@@ -18,10 +18,19 @@ pub const FRAME_SAMPLES: usize = 256;
 /// Duration of one frame in milliseconds.
 pub const FRAME_MS: u64 = 16;
 
+/// Loudest sample of a frame the detector treats as digital silence without asking
+/// the network: below half a 16-bit step (μ-law and A-law silence decode to 0 or
+/// within this). Idle calls and silence-suppressed trunks send such frames most of
+/// the time; scoring them was the largest CPU cost of an idle call.
+const SILENCE_PEAK: f32 = 0.5 / 32_768.0;
+
 /// earshot neural VAD on arbitrary-length 16 kHz input (buffers into 256-sample frames).
 pub struct VoiceDetector {
     detector: Box<Detector>,
     pending: Vec<f32>,
+    /// The last frame was digital silence, scored 0 without the network; the
+    /// network starts afresh on the next sound.
+    silent: bool,
 }
 
 impl VoiceDetector {
@@ -30,6 +39,7 @@ impl VoiceDetector {
         Self {
             detector: Detector::default_boxed(),
             pending: Vec::with_capacity(FRAME_SAMPLES),
+            silent: false,
         }
     }
 
@@ -59,7 +69,16 @@ impl VoiceDetector {
             );
             rest = &rest[take..];
             if self.pending.len() == FRAME_SAMPLES {
-                let p = self.detector.predict_f32(&self.pending).clamp(0.0, 1.0);
+                let p = if self.pending.iter().all(|s| s.abs() < SILENCE_PEAK) {
+                    self.silent = true;
+                    0.0
+                } else {
+                    if std::mem::take(&mut self.silent) {
+                        // After digital silence, the state a fresh stream starts from.
+                        self.detector.reset();
+                    }
+                    self.detector.predict_f32(&self.pending).clamp(0.0, 1.0)
+                };
                 on_frame(&self.pending, p);
                 self.pending.clear();
             }
@@ -70,6 +89,7 @@ impl VoiceDetector {
     pub fn reset(&mut self) {
         self.detector.reset();
         self.pending.clear();
+        self.silent = false;
     }
 
     /// Samples held back waiting for a full frame.

@@ -71,9 +71,7 @@ pub async fn handler(mut ws: WebSocketUpgrade, headers: HeaderMap, State(app): S
         ws.set_selected_protocol(p);
     }
     let dialect = dialect_of(&headers);
-    ws.max_message_size(ws::MAX_MESSAGE)
-        .max_frame_size(ws::MAX_FRAME)
-        .max_write_buffer_size(ws::MAX_WRITE_BUFFER)
+    ws::configured(ws, ws::MAX_MESSAGE, ws::MAX_FRAME)
         .on_upgrade(move |socket| {
             let span = info_span!("realtime", call_id = %slot.id);
             let (source, sink) = ws::split(socket);

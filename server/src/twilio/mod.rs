@@ -71,7 +71,7 @@ async fn stream_handler(ws: WebSocketUpgrade, headers: HeaderMap, uri: Uri, Stat
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
-    ws.max_message_size(WS_MAX_MESSAGE).max_frame_size(WS_MAX_MESSAGE).max_write_buffer_size(ws::MAX_WRITE_BUFFER).on_upgrade(move |socket| {
+    ws::configured(ws, WS_MAX_MESSAGE, WS_MAX_MESSAGE).on_upgrade(move |socket| {
         let span = info_span!("twilio", call_id = %slot.id, stream_sid = field::Empty, call_sid = field::Empty);
         let (source, sink) = ws::split(socket);
         let transport = Twilio { parser: Parser { app: app.clone(), bad: 0 } };
