@@ -2,9 +2,11 @@
 //! UDP on loopback; Parley's RTP is captured with tcpdump, decoded and, for the
 //! spoken question, transcribed with the server's own speech-to-text.
 //!
-//! One server for the file, with `[sip]` on, a short ring (for CANCEL) and a
-//! `max_call_seconds` the question call stays well under (the deadline call waits
-//! for Parley's BYE).
+//! One server with the models for the file, with `[sip]` on, a short ring (for
+//! CANCEL), a `max_call_seconds` the question call stays well under (the deadline
+//! call waits for Parley's BYE) and a transfer target (so every call is offered
+//! `transfer_call`). The test of refusals and shutdown starts its own small server
+//! (the echo agent, one call at most) and stops it.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -25,6 +27,11 @@ const RTP_TIMEOUT: u64 = 20;
 const RING_MS: u64 = 800;
 /// Longest the question call may take to be answered aloud.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(80);
+/// `sip.transfer_target` of the server under test.
+const TRANSFER_TARGET: &str = "sip:desk@pbx.example";
+/// `sip.transfer_say` of the server under test (words the small speech-to-text
+/// model hears reliably over G.711).
+const TRANSFER_SAY: &str = "Please hold, I am putting you through to a person.";
 
 struct SipServer {
     http: Server,
@@ -49,7 +56,7 @@ fn server() -> &'static SipServer {
         let dir = std::env::temp_dir().join(format!("parley-e2e-sip-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("sip.toml");
-        std::fs::write(&config, format!("[server]\nmax_call_seconds = {MAX_CALL_SECONDS}\n\n[sip]\nring_ms = {RING_MS}\nrtp_timeout_seconds = {RTP_TIMEOUT}\n")).expect("write config");
+        std::fs::write(&config, format!("[server]\nmax_call_seconds = {MAX_CALL_SECONDS}\n\n[sip]\nring_ms = {RING_MS}\nrtp_timeout_seconds = {RTP_TIMEOUT}\ntransfer_target = \"{TRANSFER_TARGET}\"\ntransfer_say = \"{TRANSFER_SAY}\"\n")).expect("write config");
         let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
         let http = start_server(&["--config", &config.to_string_lossy(), "--sip-listen", &sip.to_string(), "--max-calls", "8"]).expect("start parley with [sip]");
         SipServer { http, sip, dir }
@@ -58,6 +65,11 @@ fn server() -> &'static SipServer {
 
 /// A SIPp scenario from tests/sipp with its `@NAME@` placeholders filled in.
 fn scenario(name: &str, fill: &[(&str, &str)]) -> Result<PathBuf> {
+    scenario_in(&server().dir, name, fill)
+}
+
+/// [`scenario`], written into `dir`.
+fn scenario_in(dir: &Path, name: &str, fill: &[(&str, &str)]) -> Result<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp").join(format!("{name}.xml"));
     let mut text = std::fs::read_to_string(&src).with_context(|| format!("read {}", src.display()))?;
     for (k, v) in fill {
@@ -65,7 +77,7 @@ fn scenario(name: &str, fill: &[(&str, &str)]) -> Result<PathBuf> {
     }
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = server().dir.join(format!("{name}-{n}.xml"));
+    let out = dir.join(format!("{name}-{n}.xml"));
     std::fs::write(&out, text)?;
     Ok(out)
 }
@@ -92,6 +104,19 @@ impl Caller {
     /// Runs the scenario for one call; Ok when SIPp says the call succeeded.
     async fn run(&self, scenario: &Path) -> Result<()> {
         let s = server();
+        self.run_at(scenario, s.sip, &s.dir).await
+    }
+
+    /// SIPp's message log of the last run (`-trace_msg`).
+    fn messages(&self, dir: &Path) -> String {
+        let dir = dir.join(self.name);
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with("_messages.log")).map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect())
+            .unwrap_or_default()
+    }
+
+    /// [`Caller::run`] against the SIP server at `sip`, SIPp's files in `dir`.
+    async fn run_at(&self, scenario: &Path, sip: SocketAddr, dir: &Path) -> Result<()> {
         let args: Vec<String> = [
             "-sf",
             &scenario.to_string_lossy(),
@@ -113,12 +138,12 @@ impl Caller {
             "-timeout_error",
             "-trace_err",
             "-trace_msg",
-            &s.sip.to_string(),
+            &sip.to_string(),
         ]
         .iter()
         .map(|a| a.to_string())
         .collect();
-        let dir = s.dir.join(self.name);
+        let dir = dir.join(self.name);
         std::fs::create_dir_all(&dir)?;
         let out = tokio::process::Command::new("sipp").args(&args).current_dir(&dir).stdin(Stdio::null()).output().await.context("run sipp (apt-get install sip-tester)")?;
         if !out.status.success() {
@@ -450,5 +475,64 @@ async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
         *by_port.entry(u.dst_port).or_default() += 1;
     }
     eprintln!("captured per port: {by_port:?}");
+    calls_drain(s).await;
+}
+
+/// Writes `text` as spoken μ-law (8 kHz) into the server's dir; returns the file and
+/// its length in ms.
+fn spoken_ulaw(dir: &Path, name: &str, text: &str) -> Result<(PathBuf, u64)> {
+    let pcm = speech(text)?;
+    let ulaw = AudioFormat::Pcmu.encode(&resample(&pcm, RATE, 8000)?)?;
+    let path = dir.join(format!("{name}.ulaw"));
+    std::fs::write(&path, &ulaw)?;
+    Ok((path, ulaw.len() as u64 / 8))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_who_asks_for_a_person_is_told_and_transferred_by_refer() {
+    let _timing = one_at_a_time().await;
+    let s = server();
+    let (question, question_ms) = spoken_ulaw(&s.dir, "transfer-question", "Can I talk to a real person, please?").expect("speech");
+    let silence = s.dir.join("transfer-silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
+    let after = "<recv request=\"BYE\" timeout=\"20000\"/><send><![CDATA[\n      SIP/2.0 200 OK\n      [last_Via:]\n      [last_From:]\n      [last_To:]\n      [last_Call-ID:]\n      [last_CSeq:]\n      Content-Length: 0\n    ]]></send>";
+    let fill = [
+        ("QUESTION", question.to_string_lossy().into_owned()),
+        ("QUESTION_MS", question_ms.to_string()),
+        ("SILENCE", silence.to_string_lossy().into_owned()),
+        ("TARGET", TRANSFER_TARGET.to_string()),
+        ("SIPFRAG", "200 OK".to_string()),
+        ("AFTER", after.to_string()),
+    ];
+    let fill: Vec<(&str, &str)> = fill.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sc = scenario("transfer", &fill).expect("scenario");
+    let caller = Caller::new("transfer");
+    let capture = Capture::start("transfer", &[caller.media_port]).expect("capture");
+    let completed_before = metric(&s.http.addr, "parley_sip_transfers_total{outcome=\"completed\"}").await.expect("metric");
+    let started = Instant::now();
+    // SIPp checks the REFER (Refer-To the target, a summary header), answers 202, sends
+    // NOTIFY with a 200 sipfrag and succeeds only when Parley then hangs up (BYE).
+    let run = caller.run(&sc).await;
+    let packets = capture.stop();
+    run.expect("REFER, 202, NOTIFY 200, then Parley's BYE");
+    eprintln!("transfer call: {:.1} s", started.elapsed().as_secs_f64());
+    let completed = metric(&s.http.addr, "parley_sip_transfers_total{outcome=\"completed\"}").await.expect("metric");
+    assert_eq!(completed - completed_before, 1.0, "one transfer completed");
+
+    // The summary: the caller's words, on one line.
+    let log = caller.messages(&s.dir);
+    let summary = log.lines().find_map(|l| l.strip_prefix("X-Parley-Summary:")).unwrap_or_else(|| panic!("no summary header in SIPp's log:\n{log}"));
+    assert!(words(summary).iter().any(|w| w == "person"), "summary {summary:?}");
+    assert!(log.lines().any(|l| l.starts_with("X-Parley-Call-Id: call_")), "no call id header");
+
+    // The caller heard the transfer line before the REFER.
+    let rtp = parley_rtp(&packets, caller.media_port);
+    let p99 = check_stream(&rtp, 0, 20, false).expect("one steady RTP stream");
+    let speech: Vec<u8> = rtp.iter().flat_map(|r| r.payload.iter().copied()).collect();
+    let pcm = AudioFormat::Pcmu.decode(&speech).expect("μ-law");
+    let heard = transcribe_with_server(&s.http, &resample(&pcm, 8000, RATE).expect("resample")).await.expect("transcribe");
+    eprintln!("transfer call: {} packets from Parley (p99 |gap - 20 ms| {p99:.2} ms), heard {heard:?}, summary {summary:?}", rtp.len());
+    let heard = words(&heard);
+    assert!(["hold", "person", "through"].iter().filter(|w| heard.contains(&w.to_string())).count() >= 2, "Parley was heard saying {heard:?}, not {TRANSFER_SAY:?}");
     calls_drain(s).await;
 }

@@ -165,6 +165,11 @@ impl Media {
         s.terms = terms;
     }
 
+    /// How much of the agent's audio waits to be sent, in milliseconds.
+    pub fn queued_ms(&self) -> usize {
+        lock(&self.shared).out.len() / SAMPLES_PER_MS
+    }
+
     /// A handle for the encoder to clear the queue with.
     pub fn clearer(&self) -> Clearer {
         Clearer { shared: self.shared.clone() }
@@ -193,6 +198,14 @@ impl Clearer {
     /// Drops the agent's queued audio at once.
     pub fn clear(&self) {
         clear(&self.shared);
+    }
+
+    /// A clearer of no call's queue (unit tests of the encoder).
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        let terms = super::sdp::Negotiated { codec: super::sdp::Codec::Pcmu, dtmf_pt: None, ptime_ms: 20, remote: None, direction: super::sdp::Direction::SendRecv };
+        let shared = Shared { remote: None, terms, latched: false, out: VecDeque::new(), interrupted: false, last_rx: Instant::now() };
+        Self { shared: Arc::new(Mutex::new(shared)) }
     }
 }
 
