@@ -536,3 +536,103 @@ async fn a_caller_who_asks_for_a_person_is_told_and_transferred_by_refer() {
     assert!(["hold", "person", "through"].iter().filter(|w| heard.contains(&w.to_string())).count() >= 2, "Parley was heard saying {heard:?}, not {TRANSFER_SAY:?}");
     calls_drain(s).await;
 }
+
+/// A server process of this file's own; killed if the test fails before it exits.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `parley serve` with `config` (its own process: the test stops it) and
+/// returns it with its HTTP and SIP addresses.
+fn start_own(config: &Path) -> Result<(Proc, String, SocketAddr)> {
+    use std::io::BufRead;
+    let mut child = Command::new(parley_tests::parley_bin()).args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("start parley")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let proc = Proc(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut http, mut sip) = (None, None);
+    while http.is_none() || sip.is_none() {
+        let Some(Ok(line)) = lines.next() else { bail!("parley exited before listening") };
+        if let Some(a) = line.strip_prefix("parley listening on http://") {
+            http = Some(a.trim().to_string());
+        }
+        if let Some(a) = line.strip_prefix("parley sip listening on udp://") {
+            sip = Some(a.trim().parse()?);
+        }
+    }
+    // Keep reading stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((proc, http.context("http")?, sip.context("sip")?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_at_max_calls_503_while_draining_and_bye_at_shutdown() {
+    // Its own server: the echo agent (no models), one call at most, a short drain.
+    const DRAIN_S: u64 = 2;
+    const RETRY_AFTER_S: u64 = 7;
+    let dir = std::env::temp_dir().join(format!("parley-e2e-sip-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("sip.toml");
+    let sip_port = free_udp_port();
+    std::fs::write(
+        &config,
+        format!("[agent]\nmode = \"echo\"\n\n[server]\nmax_calls = 1\n\n[server.drain]\ntimeout_s = {DRAIN_S}\ngoodbye = \"Goodbye.\"\n\n[server.limits]\nretry_after_s = {RETRY_AFTER_S}\n\n[sip]\nlisten = \"127.0.0.1:{sip_port}\"\n"),
+    )
+    .expect("write config");
+    let (mut proc, http, sip) = start_own(&config).expect("start parley (echo agent, [sip])");
+    let silence = dir.join("silence.ulaw");
+    std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
+    let streaming = format!("<nop><action><exec rtp_stream=\"{},-1,0\"/></action></nop>", silence.to_string_lossy());
+    let holder = Caller::new("holder");
+    let held = scenario_in(&dir, "deadline", &[("MEDIA", &streaming)]).expect("scenario");
+    let refused = |status: &str, check: &str, reference: &str| scenario_in(&dir, "refused", &[("STATUS", status), ("CHECK", check), ("REFERENCE", reference)]);
+    let busy = refused("486", "", "").expect("scenario");
+    let retry = format!("<action><ereg regexp=\"^ *{RETRY_AFTER_S}\" search_in=\"hdr\" header=\"Retry-After:\" check_it=\"true\" assign_to=\"ra\"/></action>");
+    let draining = refused("503", &retry, "<Reference variables=\"ra\"/>").expect("scenario");
+
+    let (held_call, checks) = tokio::join!(
+        async {
+            let t = Instant::now();
+            holder.run_at(&held, sip, &dir).await.map(|()| t)
+        },
+        async {
+            wait_metric(&http, "parley_calls_active", 1.0, Duration::from_secs(20)).await.context("the first call is up")?;
+            // The one call the server takes is up: the next INVITE is busy.
+            Caller::new("busy").run_at(&busy, sip, &dir).await.context("486 at server.max_calls")?;
+            // SIGTERM: the server drains; new calls get 503 with Retry-After.
+            let signalled = Instant::now();
+            let pid = proc.0.id().to_string();
+            ensure!(Command::new("kill").args(["-TERM", &pid]).status()?.success(), "kill -TERM");
+            while !matches!(parley_tests::http_get(&http, "/readyz").await, Ok((503, _))) {
+                ensure!(signalled.elapsed() < Duration::from_secs(5), "/readyz not 503 after SIGTERM");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Caller::new("draining").run_at(&draining, sip, &dir).await.context("503 with Retry-After while draining")?;
+            anyhow::Ok(signalled)
+        }
+    );
+    let signalled = checks.expect("refusals");
+    held_call.expect("the call in progress got Parley's BYE at shutdown");
+    let took = signalled.elapsed().as_secs_f64();
+    // Drain time, then the goodbye and the BYE.
+    assert!((DRAIN_S as f64 - 0.5..DRAIN_S as f64 + 12.0).contains(&took), "BYE {took:.1} s after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = proc.0.try_wait()? {
+                return anyhow::Ok(status);
+            }
+            ensure!(Instant::now() < until, "parley did not exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("join")
+    .expect("exit");
+    assert!(status.success(), "parley exited with {status}");
+}
