@@ -636,3 +636,120 @@ async fn busy_at_max_calls_503_while_draining_and_bye_at_shutdown() {
     .expect("exit");
     assert!(status.success(), "parley exited with {status}");
 }
+
+/// A 16-bit mono WAV file's samples (the `data` chunk, whatever chunks come first).
+fn wav_samples(bytes: &[u8]) -> Result<Vec<f32>> {
+    ensure!(bytes.len() > 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WAVE", "not a WAV file");
+    let mut i = 12;
+    while i + 8 <= bytes.len() {
+        let id = &bytes[i..i + 4];
+        let len = u32::from_le_bytes([bytes[i + 4], bytes[i + 5], bytes[i + 6], bytes[i + 7]]) as usize;
+        let body = &bytes[i + 8..(i + 8 + len).min(bytes.len())];
+        if id == b"data" {
+            return Ok(body.chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0).collect());
+        }
+        i += 8 + len + (len & 1);
+    }
+    bail!("no data chunk")
+}
+
+/// `samples` (8 kHz mono) as a 16-bit WAV file.
+fn wav_8k(samples: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = samples.iter().flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes()).collect();
+    let mut out = Vec::with_capacity(44 + data.len());
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&8000u32.to_le_bytes());
+    out.extend_from_slice(&16000u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// A second real SIP client: baresip (Debian), headless. Its `aufile` module plays a
+/// WAV (the question, then silence) as the microphone and `sndfile` records what it
+/// hears; it calls Parley, and once the reply has been spoken the test stops it
+/// (SIGTERM: it hangs up with BYE). The recording is transcribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baresip_calls_asks_a_question_and_records_the_answer() {
+    let _timing = one_at_a_time().await;
+    let s = server();
+    let dir = s.dir.join("baresip");
+    let rec = dir.join("rec");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&rec).expect("baresip dir");
+    let question = resample(&speech("What is the capital of France?").expect("speech"), RATE, 8000).expect("resample");
+    let mut mic = vec![0.0f32; 4000];
+    mic.extend(&question);
+    // Silence after it, longer than any reply takes: at the file's end baresip hangs up.
+    mic.resize(mic.len() + 8000 * 120, 0.0);
+    let wav = dir.join("question.wav");
+    std::fs::write(&wav, wav_8k(&mic)).expect("write the question");
+    let port = free_udp_port();
+    let config = format!(
+        "poll_method epoll\nsip_listen 127.0.0.1:{port}\naudio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{wav}\naudio_level no\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\nmodule alsa.so\nmodule sndfile.so\nmodule_app account.so\nmodule_app menu.so\nsnd_path {rec}\n",
+        wav = wav.display(),
+        rec = rec.display()
+    );
+    std::fs::write(dir.join("config"), config).expect("config");
+    std::fs::write(dir.join("accounts"), format!("<sip:caller@127.0.0.1:{port}>;regint=0;audio_codecs=PCMU\n")).expect("accounts");
+    std::fs::write(dir.join("contacts"), "").expect("contacts");
+    let log = std::fs::File::create(dir.join("baresip.log")).expect("log");
+    let done_before = metric(&s.http.addr, "parley_responses_total{status=\"completed\"}").await.unwrap_or(0.0);
+    let calls_before = metric(&s.http.addr, "parley_calls_total").await.expect("metric");
+    let mut baresip = Command::new("baresip")
+        .arg("-f")
+        .arg(&dir)
+        .args(["-e", &format!("/dial sip:parley@{}", s.sip), "-t", "150"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("run baresip (apt-get install baresip)");
+    // Hang up a second and a half after the reply was spoken.
+    let started = Instant::now();
+    let replied = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(Some(status)) = baresip.try_wait() {
+            panic!("baresip ended ({status}) before the reply:\n{}", std::fs::read_to_string(dir.join("baresip.log")).unwrap_or_default());
+        }
+        let done = metric(&s.http.addr, "parley_responses_total{status=\"completed\"}").await.unwrap_or(0.0);
+        if done > done_before {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            break true;
+        }
+        if started.elapsed() > REPLY_TIMEOUT {
+            break false;
+        }
+    };
+    let pid = baresip.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let exited = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        matches!(baresip.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = baresip.kill();
+        let _ = baresip.wait();
+    }
+    let log = std::fs::read_to_string(dir.join("baresip.log")).unwrap_or_default();
+    assert!(replied, "no completed reply within {} s; baresip's log:\n{log}", REPLY_TIMEOUT.as_secs());
+    assert!(exited, "baresip did not stop on SIGTERM");
+    assert_eq!(metric(&s.http.addr, "parley_calls_total").await.expect("metric") - calls_before, 1.0, "baresip's call reached Parley");
+    // The caller's hang-up (BYE on SIGTERM) ended the call on Parley's side.
+    calls_drain(s).await;
+
+    let heard_file = std::fs::read_dir(&rec).expect("recordings").flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with("-dec.wav")).unwrap_or_else(|| panic!("baresip recorded nothing; its log:\n{log}"));
+    let heard = wav_samples(&std::fs::read(&heard_file).expect("read the recording")).expect("the recording");
+    assert!(heard.iter().any(|s| s.abs() > 0.05), "the recording is silent");
+    let text = transcribe_with_server(&s.http, &resample(&heard, 8000, RATE).expect("resample")).await.expect("transcribe");
+    eprintln!("baresip heard {text:?} ({:.1} s recorded)", heard.len() as f64 / 8000.0);
+    assert!(words(&text).contains(&"paris".to_string()), "baresip heard {text:?}");
+}
