@@ -89,15 +89,18 @@ pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool, tr
         return;
     }
 
-    prefill_system_prompt(engines, defaults, &[], audio_ms);
+    // One session for both: the second prompt differs only at the end of the tool
+    // list, so its prefill starts from the first one's cache.
+    let mut session = engines.llm.new_session();
+    prefill_system_prompt(engines, session.as_mut(), defaults, &[], audio_ms);
     if defaults.tools_enabled && !transport_tools.is_empty() {
-        prefill_system_prompt(engines, defaults, transport_tools, audio_ms);
+        prefill_system_prompt(engines, session.as_mut(), defaults, transport_tools, audio_ms);
     }
 }
 
 /// Prefills (and so shares) the system prompt of calls with the default settings
 /// plus `client_tools`, in the order a call builds it (`Call::reply_setup`).
-fn prefill_system_prompt(engines: &Engines, defaults: &SessionSettings, client_tools: &[parley_llm::ToolSpec], audio_ms: u64) {
+fn prefill_system_prompt(engines: &Engines, session: &mut dyn parley_llm::LlmSession, defaults: &SessionSettings, client_tools: &[parley_llm::ToolSpec], audio_ms: u64) {
     let t = Instant::now();
     let mut options = defaults.generate.clone();
     let mut instructions = defaults.instructions.clone();
@@ -108,7 +111,6 @@ fn prefill_system_prompt(engines: &Engines, defaults: &SessionSettings, client_t
     }
     options.max_tokens = 1;
     let messages = [ChatMessage::new(Role::System, instructions.as_str()), ChatMessage::new(Role::User, "Hello.")];
-    let mut session = engines.llm.new_session();
     match session.generate(&messages, &options, &mut |_| ControlFlow::Break(())) {
         Ok(stats) => info!(
             audio_ms,

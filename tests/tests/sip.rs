@@ -437,7 +437,7 @@ async fn parley_hangs_up_at_max_call_seconds_and_after_the_rtp_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
+async fn options_cancel_no_common_codec_delayed_offer_pcma_hold_and_codec_change() {
     let s = server();
     // OPTIONS, 488 and CANCEL: signalling only.
     for name in ["options", "no_codec", "cancel"] {
@@ -451,13 +451,16 @@ async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
     let no_sdp = Caller::new("no_sdp");
     let pcma = Caller::new("pcma");
     let hold = Caller::new("hold");
-    let capture = Capture::start("media", &[no_sdp.media_port, pcma.media_port, hold.media_port]).expect("capture");
+    let change = Caller::new("codec_change");
+    let capture = Capture::start("media", &[no_sdp.media_port, pcma.media_port, hold.media_port, change.media_port]).expect("capture");
     let (s1, s2, s3) = (scenario("no_sdp", &[]).expect("scenario"), scenario("pcma", &[("PCMA_PCAP", "/usr/share/sip-tester/g711a.pcap")]).expect("scenario"), scenario("hold", &[]).expect("scenario"));
-    let (a, b, c) = tokio::join!(no_sdp.run(&s1), pcma.run(&s2), hold.run(&s3));
+    let s4 = scenario("codec_change", &[]).expect("scenario");
+    let (a, b, c, d) = tokio::join!(no_sdp.run(&s1), pcma.run(&s2), hold.run(&s3), change.run(&s4));
     let packets = capture.stop();
     a.expect("INVITE without SDP");
     b.expect("PCMA at 30 ms");
     c.expect("hold and resume");
+    d.expect("re-INVITE from PCMU to PCMA answered PCMA");
 
     // Delayed offer: the answer in the ACK chose PCMA.
     let p99 = check_stream(&parley_rtp(&packets, no_sdp.media_port), 8, 20, false).expect("RTP after a delayed offer");
@@ -470,6 +473,16 @@ async fn options_cancel_no_common_codec_delayed_offer_pcma_and_hold() {
     check_stream(&held, 0, 20, true).expect("one stream across hold");
     let longest = held.windows(2).map(|w| w[1].at - w[0].at).fold(0.0, f64::max);
     assert!((2.5..4.5).contains(&longest), "the longest pause in Parley's RTP was {longest:.2} s; the call was held for 3 s");
+    // Codec change: PCMU, then PCMA in the same stream (one SSRC, no sequence or
+    // timestamp jump), each with its own silence byte.
+    let changed = parley_rtp(&packets, change.media_port);
+    let at = changed.iter().position(|r| r.pt == 8).expect("PCMA packets after the re-INVITE");
+    let (before, after) = changed.split_at(at);
+    check_stream(before, 0, 20, false).expect("PCMU before the re-INVITE");
+    check_stream(after, 8, 20, false).expect("PCMA after it");
+    let (last, first) = (&before[before.len() - 1], &after[0]);
+    assert_eq!((first.ssrc, first.seq, first.ts), (last.ssrc, last.seq.wrapping_add(1), last.ts.wrapping_add(160)), "the stream goes on across the codec change");
+    assert!(before.iter().all(|r| r.payload.iter().all(|&b| b == 0xFF)) && after.iter().all(|r| r.payload.iter().all(|&b| b == 0xD5)), "silence in each codec");
     let mut by_port: HashMap<u16, usize> = HashMap::new();
     for u in &packets {
         *by_port.entry(u.dst_port).or_default() += 1;

@@ -306,7 +306,10 @@ pub async fn run(app: Arc<App>, config: Arc<CallConfig>, mut call: IncomingCall)
                         continue;
                     }
                     match sdp::parse(&r.sdp).and_then(|d| sdp::negotiate(&d)) {
-                        Ok(n) => {
+                        Ok(mut n) => {
+                            // The sender keeps the packet length it started with (and
+                            // the call its codec: a new one on the wire is transcoded).
+                            n.ptime_ms = terms.ptime_ms;
                             version += 1;
                             info!(direction = ?n.direction, remote = ?n.remote, codec = n.codec.name(), "re-INVITE: {}", if n.direction == sdp::Direction::SendRecv { "media both ways" } else { "on hold" });
                             media.update(n);
