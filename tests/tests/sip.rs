@@ -501,36 +501,47 @@ fn spoken_ulaw(dir: &Path, name: &str, text: &str) -> Result<(PathBuf, u64)> {
     Ok((path, ulaw.len() as u64 / 8))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_who_asks_for_a_person_is_told_and_transferred_by_refer() {
-    let _timing = one_at_a_time().await;
+/// One caller of transfer.xml: asks for a person; SIPp checks the REFER (Refer-To the
+/// target, a summary header), answers 202 and a NOTIFY with `sipfrag`, then does
+/// `after`. Returns the caller (for its SIPp log), Parley's RTP to it, and how the
+/// `outcome` count of transfers moved.
+async fn transfer_call(name: &'static str, asks: &str, sipfrag: &str, after: &str, outcome: &str) -> (Caller, Vec<Rtp>, f64) {
     let s = server();
-    let (question, question_ms) = spoken_ulaw(&s.dir, "transfer-question", "Can I talk to a real person, please?").expect("speech");
+    let (question, question_ms) = spoken_ulaw(&s.dir, &format!("{name}-question"), asks).expect("speech");
     let silence = s.dir.join("transfer-silence.ulaw");
     std::fs::write(&silence, vec![0xFFu8; 8000]).expect("write silence");
-    let after = "<recv request=\"BYE\" timeout=\"20000\"/><send><![CDATA[\n      SIP/2.0 200 OK\n      [last_Via:]\n      [last_From:]\n      [last_To:]\n      [last_Call-ID:]\n      [last_CSeq:]\n      Content-Length: 0\n    ]]></send>";
     let fill = [
         ("QUESTION", question.to_string_lossy().into_owned()),
         ("QUESTION_MS", question_ms.to_string()),
         ("SILENCE", silence.to_string_lossy().into_owned()),
         ("TARGET", TRANSFER_TARGET.to_string()),
-        ("SIPFRAG", "200 OK".to_string()),
+        ("SIPFRAG", sipfrag.to_string()),
         ("AFTER", after.to_string()),
     ];
     let fill: Vec<(&str, &str)> = fill.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let sc = scenario("transfer", &fill).expect("scenario");
-    let caller = Caller::new("transfer");
-    let capture = Capture::start("transfer", &[caller.media_port]).expect("capture");
-    let completed_before = metric(&s.http.addr, "parley_sip_transfers_total{outcome=\"completed\"}").await.expect("metric");
+    let caller = Caller::new(name);
+    let capture = Capture::start(name, &[caller.media_port]).expect("capture");
+    let count = format!("parley_sip_transfers_total{{outcome=\"{outcome}\"}}");
+    let before = metric(&s.http.addr, &count).await.expect("metric");
     let started = Instant::now();
-    // SIPp checks the REFER (Refer-To the target, a summary header), answers 202, sends
-    // NOTIFY with a 200 sipfrag and succeeds only when Parley then hangs up (BYE).
     let run = caller.run(&sc).await;
     let packets = capture.stop();
-    run.expect("REFER, 202, NOTIFY 200, then Parley's BYE");
-    eprintln!("transfer call: {:.1} s", started.elapsed().as_secs_f64());
-    let completed = metric(&s.http.addr, "parley_sip_transfers_total{outcome=\"completed\"}").await.expect("metric");
-    assert_eq!(completed - completed_before, 1.0, "one transfer completed");
+    run.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    eprintln!("{name} call: {:.1} s", started.elapsed().as_secs_f64());
+    let moved = metric(&s.http.addr, &count).await.expect("metric") - before;
+    let rtp = parley_rtp(&packets, caller.media_port);
+    (caller, rtp, moved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_who_asks_for_a_person_is_told_and_transferred_by_refer() {
+    let _timing = one_at_a_time().await;
+    let s = server();
+    // After NOTIFY 200 the scenario succeeds only when Parley hangs up (BYE).
+    let after = "<recv request=\"BYE\" timeout=\"20000\"/><send><![CDATA[\n      SIP/2.0 200 OK\n      [last_Via:]\n      [last_From:]\n      [last_To:]\n      [last_Call-ID:]\n      [last_CSeq:]\n      Content-Length: 0\n    ]]></send>";
+    let (caller, rtp, completed) = transfer_call("transfer", "Can I talk to a real person, please?", "200 OK", after, "completed").await;
+    assert_eq!(completed, 1.0, "one transfer completed");
 
     // The summary: the caller's words, on one line.
     let log = caller.messages(&s.dir);
@@ -539,12 +550,11 @@ async fn a_caller_who_asks_for_a_person_is_told_and_transferred_by_refer() {
     assert!(log.lines().any(|l| l.starts_with("X-Parley-Call-Id: call_")), "no call id header");
 
     // The caller heard the transfer line before the REFER.
-    let rtp = parley_rtp(&packets, caller.media_port);
     let p99 = check_stream(&rtp, 0, 20, false).expect("one steady RTP stream");
     let speech: Vec<u8> = rtp.iter().flat_map(|r| r.payload.iter().copied()).collect();
     let pcm = AudioFormat::Pcmu.decode(&speech).expect("μ-law");
     let heard = transcribe_with_server(&s.http, &resample(&pcm, 8000, RATE).expect("resample")).await.expect("transcribe");
-    eprintln!("transfer call: {} packets from Parley (p99 |gap - 20 ms| {p99:.2} ms), heard {heard:?}, summary {summary:?}", rtp.len());
+    eprintln!("transfer: {} packets from Parley (p99 |gap - 20 ms| {p99:.2} ms), heard {heard:?}, summary {summary:?}", rtp.len());
     let heard = words(&heard);
     assert!(["hold", "person", "through"].iter().filter(|w| heard.contains(&w.to_string())).count() >= 2, "Parley was heard saying {heard:?}, not {TRANSFER_SAY:?}");
     calls_drain(s).await;
@@ -765,4 +775,24 @@ async fn baresip_calls_asks_a_question_and_records_the_answer() {
     let text = transcribe_with_server(&s.http, &resample(&heard, 8000, RATE).expect("resample")).await.expect("transcribe");
     eprintln!("baresip heard {text:?} ({:.1} s recorded)", heard.len() as f64 / 8000.0);
     assert!(words(&text).contains(&"paris".to_string()), "baresip heard {text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_the_target_does_not_answer_is_told_to_the_caller_and_the_call_goes_on() {
+    let _timing = one_at_a_time().await;
+    let s = server();
+    // After NOTIFY 480 the caller listens (a BYE from Parley now fails the scenario),
+    // then hangs up itself.
+    let after = "<pause milliseconds=\"9000\"/><send retrans=\"500\"><![CDATA[\n      BYE [next_url] SIP/2.0\n      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]\n      From: \"sipp\" <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]\n      To:[$to]\n      Call-ID: [call_id]\n      CSeq: 3 BYE\n      Contact: <sip:sipp@[local_ip]:[local_port]>\n      Max-Forwards: 70\n      Content-Length: 0\n    ]]></send><recv response=\"200\" crlf=\"true\"/>";
+    let (_caller, rtp, failed) = transfer_call("transfer_failed", "I want to speak to a human.", "480 Temporarily Unavailable", after, "failed").await;
+    assert_eq!(failed, 1.0, "one transfer failed");
+    check_stream(&rtp, 0, 20, false).expect("one steady RTP stream");
+    // What the caller heard after the transfer line: that nobody could be reached.
+    let speech: Vec<u8> = rtp.iter().flat_map(|r| r.payload.iter().copied()).collect();
+    let pcm = AudioFormat::Pcmu.decode(&speech).expect("μ-law");
+    let heard = transcribe_with_server(&s.http, &resample(&pcm, 8000, RATE).expect("resample")).await.expect("transcribe");
+    eprintln!("transfer_failed: heard {heard:?}");
+    let heard = words(&heard);
+    assert!(["sorry", "reach", "anyone", "helping"].iter().filter(|w| heard.contains(&w.to_string())).count() >= 2, "the caller heard {heard:?}");
+    calls_drain(s).await;
 }
