@@ -300,7 +300,9 @@ mod tests {
     #[test]
     fn g711_transcoding_maps_silence_to_silence_and_keeps_the_level() {
         assert_eq!(Codec::Pcmu.transcode(Codec::Pcma, &[0xFF]), vec![0xD5], "silence in both laws");
-        assert_eq!(Codec::Pcma.transcode(Codec::Pcmu, &[0xD5]), vec![0xFF]);
+        // A-law has no zero: its silence is +8 (of 32768), μ-law 0xFE, as in G.711's
+        // own A-to-μ table.
+        assert_eq!(Codec::Pcma.transcode(Codec::Pcmu, &[0xD5]), vec![0xFE]);
         assert_eq!(Codec::Pcmu.transcode(Codec::Pcmu, &[1, 2, 3]), vec![1, 2, 3]);
         // μ-law → A-law → μ-law stays within a quantization step of the original level.
         for b in 0..=255u8 {
