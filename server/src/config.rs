@@ -66,7 +66,8 @@ pub struct SipConfig {
     /// Where the `transfer_call` tool hands a caller to a person (SIP REFER's
     /// Refer-To), e.g. `sip:desk@pbx.example`; empty: the tool is not offered.
     pub transfer_target: String,
-    /// What the agent says before it transfers the caller.
+    /// What the agent says before it transfers the caller (not interruptible); empty
+    /// transfers without a word.
     pub transfer_say: String,
 }
 

@@ -249,7 +249,7 @@ pub async fn run(app: Arc<App>, config: Arc<CallConfig>, mut call: IncomingCall)
                         }
                     }
                     Signal::Spoken(text) => {
-                        if let Transfer::Announcing { summary, .. } = &transfer && text.trim() == tc.say {
+                        if let Transfer::Announcing { summary, .. } = &transfer && same_words(&text, &tc.say) {
                             played_out(&media).await;
                             transfer = start_refer(&call, tc, summary.clone(), &parley_call_id, &refer_tx);
                         }
@@ -257,6 +257,11 @@ pub async fn run(app: Arc<App>, config: Arc<CallConfig>, mut call: IncomingCall)
                 }
             }
             Some(answer) = refer_rx.recv() => {
+                if !matches!(transfer, Transfer::Referring { .. }) {
+                    // The transfer already ended (a NOTIFY, its time limit).
+                    debug!(?answer, "a late answer to our REFER");
+                    continue;
+                }
                 match answer {
                     Ok(status) if (200..300).contains(&status) => info!(status, "REFER accepted; waiting for the transfer's outcome (NOTIFY)"),
                     Ok(status) => transfer = transfer_failed(&app, &inject, &format!("the REFER was answered {status}")),
@@ -359,6 +364,13 @@ fn transfer_failed(app: &App, inject: &mpsc::UnboundedSender<CallInput>, why: &s
     let _ = inject.send(CallInput::CancelResponse);
     let _ = inject.send(CallInput::CreateResponseWith(options));
     Transfer::Idle
+}
+
+/// Whether two texts say the same words (case and punctuation aside): a spoken line's
+/// transcript against the configured sentence.
+fn same_words(a: &str, b: &str) -> bool {
+    let words = |s: &str| s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect::<Vec<_>>();
+    words(a) == words(b)
 }
 
 /// Waits (bounded) until the agent's queued audio has gone out.
@@ -580,6 +592,13 @@ mod tests {
         e.event(&done("r2", "Transferring you now."), &mut wire);
         assert!(matches!(rx.try_recv(), Ok(Signal::Spoken(t)) if t == "Transferring you now."));
         assert!(rx.try_recv().is_err(), "asked once");
+    }
+
+    #[test]
+    fn the_transfer_line_is_recognised_by_its_words() {
+        assert!(same_words("Please hold.  I am putting you through", "Please hold, I am putting you through"));
+        assert!(!same_words("Please hold.", "Please hold, I am putting you through"));
+        assert!(!same_words("", "Transferring you now."));
     }
 
     #[test]

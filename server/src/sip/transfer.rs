@@ -24,17 +24,25 @@ const REASON_MAX: usize = 80;
 /// What the caller hears when the transfer did not go through.
 pub const FAILED_SAY: &str = "I'm sorry, I couldn't reach anyone to take your call right now. I can keep helping you here.";
 
-/// The tool as the model sees it.
+/// Words a caller uses to ask for a person; `asked_for` must be one the caller said.
+const ASKED_FOR: &str = "^(person|people|human|someone|somebody|agent|operator|representative|receptionist|staff|manager|transfer|transferred)$";
+
+/// The tool as the model sees it. Its `asked_for` parameter is a known value
+/// (`x-parley-known`): the engine lets the model call the tool only once the caller
+/// has said one of [`ASKED_FOR`]'s words, so a question the agent can answer never
+/// ends in a transfer (the 0.5B model, offered the tool, sometimes called it for
+/// "What is the capital of France?").
 pub fn tool_spec() -> ToolSpec {
     ToolSpec {
         name: TOOL_NAME.into(),
-        description: "Transfer this phone call to a human. Call it whenever the caller asks to speak to a person, a human, a real person, an operator, an agent, a representative or someone at the front desk, or asks to be transferred.".into(),
+        description: "Transfer this phone call to a human. Only when the caller asks to speak to a person, a human, an operator, an agent or a representative, or asks to be transferred. Never for a question you can answer.".into(),
         parameters: json!({
             "type": "object",
             "properties": {
+                "asked_for": {"type": "string", "description": "The word the caller used for whom they want: person, human, agent, operator, …", "pattern": ASKED_FOR, "x-parley-known": true},
                 "reason": {"type": "string", "description": "Why the caller wants a person, in a few words."}
             },
-            "required": ["reason"],
+            "required": ["asked_for", "reason"],
             "additionalProperties": false
         }),
     }
@@ -90,11 +98,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_spec_requires_a_reason_and_nothing_else() {
+    fn the_tool_is_callable_only_once_the_caller_asked_for_a_person() {
+        use parley_llm::{ChatMessage, Role};
         let spec = tool_spec();
         assert_eq!(spec.name, "transfer_call");
-        assert_eq!(spec.parameters["required"], json!(["reason"]));
-        assert_eq!(spec.parameters["additionalProperties"], json!(false));
+        assert_eq!(spec.parameters["required"], json!(["asked_for", "reason"]));
+        let callable = |said: &str| parley_llm::known_ids::narrow(std::slice::from_ref(&spec), &[ChatMessage::new(Role::User, said)]);
+        assert!(callable("What is the capital of France?").is_empty());
+        assert!(callable("Can you help me with my order?").is_empty());
+        let narrowed = callable("Can I talk to a real person, please?");
+        assert_eq!(narrowed.len(), 1);
+        assert_eq!(narrowed[0].parameters["properties"]["asked_for"]["enum"], json!(["PERSON"]));
+        assert_eq!(callable("I want to speak to a human.").len(), 1);
+        assert_eq!(callable("Transfer me to an operator").len(), 1);
     }
 
     #[test]
