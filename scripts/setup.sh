@@ -6,8 +6,9 @@ set -euo pipefail
 # nodejs, curl, openssl: the HTTP/2, TLS and RFC 8441 end-to-end tests (tests/tests/http2.rs)
 # chromium + chromium-driver: the browser test of the demo page (tests/python/test_demo_page.py).
 # fonts-dejavu-core: labels on the load generator's PNG plots (bench/load).
-# sip-tester (SIPp) + tcpdump: the SIP bridge end-to-end tests (tests/tests/sip.rs; tcpdump needs root).
-APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl chromium chromium-driver fonts-dejavu-core sip-tester tcpdump)
+# sip-tester (SIPp) + tcpdump + baresip: the SIP bridge end-to-end tests (tests/tests/sip.rs; tcpdump needs root;
+# baresip is the second real client, headless: aufile plays the question, sndfile records the reply).
+APT_PACKAGES=(cmake g++ make clang libclang-dev pkg-config libopus-dev espeak-ng libespeak-ng-dev sox nodejs curl openssl chromium chromium-driver fonts-dejavu-core sip-tester tcpdump baresip)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -64,11 +64,26 @@ pub struct SipConfig {
     pub ring_ms: u64,
     /// What the agent says when a call connects; empty waits for the caller.
     pub greeting: String,
+    /// Where the `transfer_call` tool hands a caller to a person (SIP REFER's
+    /// Refer-To), e.g. `sip:desk@pbx.example`; empty: the tool is not offered.
+    pub transfer_target: String,
+    /// What the agent says before it transfers the caller (not interruptible); empty
+    /// transfers without a word.
+    pub transfer_say: String,
 }
 
 impl Default for SipConfig {
     fn default() -> Self {
-        Self { listen: String::new(), public_address: String::new(), rtp_ports: String::new(), rtp_timeout_seconds: 30, ring_ms: 0, greeting: String::new() }
+        Self {
+            listen: String::new(),
+            public_address: String::new(),
+            rtp_ports: String::new(),
+            rtp_timeout_seconds: 30,
+            ring_ms: 0,
+            greeting: String::new(),
+            transfer_target: String::new(),
+            transfer_say: "Transferring you now.".into(),
+        }
     }
 }
 
@@ -107,6 +122,19 @@ impl SipConfig {
             Some((lo, hi)) if lo > 0 && lo < hi => Ok(Some((lo, hi))),
             _ => bail!("sip.rtp_ports `{}` is not LOW-HIGH (two ports, LOW below HIGH)", self.rtp_ports),
         }
+    }
+
+    /// The transfer target (a `sip:`, `sips:` or `tel:` URI), when transfers are on.
+    pub fn transfer_uri(&self) -> Result<Option<String>> {
+        let target = self.transfer_target.trim();
+        if target.is_empty() {
+            return Ok(None);
+        }
+        let scheme_ok = ["sip:", "sips:", "tel:"].iter().any(|s| target.len() > s.len() && target.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)));
+        if !scheme_ok || target.chars().any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
+            bail!("sip.transfer_target `{target}` is not a SIP URI (sip:user@host, sips:… or tel:…)");
+        }
+        Ok(Some(target.to_string()))
     }
 }
 
@@ -512,6 +540,7 @@ impl Config {
         self.listen_addr()?;
         self.sip.public_ip()?;
         self.sip.rtp_port_range()?;
+        self.sip.transfer_uri()?;
         self.models.validate()?;
         self.server.http.validate()?;
         self.telemetry.validate()?;
@@ -641,6 +670,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sip_transfer_target_must_be_a_sip_uri() {
+        let with = |t: &str| SipConfig { transfer_target: t.into(), ..SipConfig::default() }.transfer_uri();
+        assert_eq!(with("").expect("empty is off"), None);
+        assert_eq!(with(" sip:desk@pbx.example ").expect("sip"), Some("sip:desk@pbx.example".into()));
+        assert_eq!(with("tel:+15551234567").expect("tel"), Some("tel:+15551234567".into()));
+        for bad in ["desk@pbx.example", "sip:", "sip:desk@pbx example", "<sip:desk@pbx>", "sip:a\r\nX: y", "é:x"] {
+            assert!(with(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {

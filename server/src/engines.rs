@@ -61,7 +61,9 @@ pub fn load(config: &Config) -> Result<Engines> {
     };
 
     let engines = Engines { transcriber: Arc::new(asr), llm, tts: Arc::new(tts), tools };
-    warm_up(&engines, &config.session_defaults(), config.remote_llm().is_none());
+    // SIP calls offer transfer_call too: a system prompt of their own, warmed as well.
+    let sip_tools = if config.sip.listen_addr()?.is_some() && config.sip.transfer_uri()?.is_some() { vec![crate::sip::transfer::tool_spec()] } else { Vec::new() };
+    warm_up(&engines, &config.session_defaults(), config.remote_llm().is_none(), &sip_tools);
     Ok(engines)
 }
 
@@ -70,8 +72,10 @@ pub fn load(config: &Config) -> Result<Engines> {
 /// server's tools (every call with those instructions starts from that shared KV
 /// cache), and Whisper and Piper run once (their first run allocates buffers and
 /// thread pools). Remote replicas (`warm_llm` false) warm their own caches. A failure
-/// here is only logged: the call that meets it reports it.
-pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool) {
+/// here is only logged: the call that meets it reports it. `transport_tools` are the
+/// client tools a transport adds to every call of its own (SIP's `transfer_call`):
+/// when there are any, that system prompt is prefilled too.
+pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool, transport_tools: &[parley_llm::ToolSpec]) {
     let t = Instant::now();
     if let Err(e) = engines.transcriber.transcribe(&vec![0.0f32; 16_000]) {
         warn!(error = %e, "speech-to-text warm-up failed");
@@ -85,20 +89,34 @@ pub fn warm_up(engines: &Engines, defaults: &SessionSettings, warm_llm: bool) {
         return;
     }
 
+    // One session for both: the second prompt differs only at the end of the tool
+    // list, so its prefill starts from the first one's cache.
+    let mut session = engines.llm.new_session();
+    prefill_system_prompt(engines, session.as_mut(), defaults, &[], audio_ms);
+    if defaults.tools_enabled && !transport_tools.is_empty() {
+        prefill_system_prompt(engines, session.as_mut(), defaults, transport_tools, audio_ms);
+    }
+}
+
+/// Prefills (and so shares) the system prompt of calls with the default settings
+/// plus `client_tools`, in the order a call builds it (`Call::reply_setup`).
+fn prefill_system_prompt(engines: &Engines, session: &mut dyn parley_llm::LlmSession, defaults: &SessionSettings, client_tools: &[parley_llm::ToolSpec], audio_ms: u64) {
     let t = Instant::now();
     let mut options = defaults.generate.clone();
     let mut instructions = defaults.instructions.clone();
     if defaults.tools_enabled {
         (instructions, options.tools) = engines.tools.prompt_for(engines.llm.name(), &instructions);
+        options.tools.extend(defaults.client_tools.iter().cloned());
+        options.tools.extend(client_tools.iter().cloned());
     }
     options.max_tokens = 1;
     let messages = [ChatMessage::new(Role::System, instructions.as_str()), ChatMessage::new(Role::User, "Hello.")];
-    let mut session = engines.llm.new_session();
     match session.generate(&messages, &options, &mut |_| ControlFlow::Break(())) {
         Ok(stats) => info!(
             audio_ms,
             llm_ms = t.elapsed().as_millis() as u64,
             prompt_tokens = stats.prompt_tokens,
+            client_tools = client_tools.len(),
             "warmed up: the default system prompt is prefilled and shared"
         ),
         Err(e) => warn!(error = %e, "language model warm-up failed"),

@@ -82,6 +82,12 @@ pub struct Metrics {
     pub write_timeouts: Counter,
     /// Key presses (RFC 4733 events) read from SIP callers' RTP.
     pub sip_dtmf_keys: Counter,
+    /// SIP transfers (`transfer_call`) the agent started.
+    pub sip_transfers_asked: Counter,
+    /// SIP transfers the target answered (NOTIFY 2xx): our leg hung up.
+    pub sip_transfers_completed: Counter,
+    /// SIP transfers refused, failed or timed out: the call went on.
+    pub sip_transfers_failed: Counter,
 }
 
 impl Metrics {
@@ -126,6 +132,10 @@ impl Metrics {
         counter(&mut out, "parley_connections_refused_total", "Connections refused: their address held server.limits.connections_per_ip.", self.connections_refused.get());
         counter(&mut out, "parley_write_timeouts_total", "Calls ended because the client stopped reading (server.write_timeout_ms).", self.write_timeouts.get());
         counter(&mut out, "parley_sip_dtmf_keys_total", "Key presses (RFC 4733) read from SIP callers.", self.sip_dtmf_keys.get());
+        let _ = writeln!(out, "# HELP parley_sip_transfers_total SIP transfers to a person (REFER) by outcome.\n# TYPE parley_sip_transfers_total counter");
+        for (outcome, c) in [("asked", &self.sip_transfers_asked), ("completed", &self.sip_transfers_completed), ("failed", &self.sip_transfers_failed)] {
+            let _ = writeln!(out, "parley_sip_transfers_total{{outcome=\"{outcome}\"}} {}", c.get());
+        }
         gauge(&mut out, "parley_asr_decodes_running", "Speech-to-text decodes running now, all calls together.", parley_agent::asr_decodes_running() as u64);
         let _ = writeln!(out, "# HELP parley_responses_total Responses by final status.\n# TYPE parley_responses_total counter");
         for (status, c) in [("completed", &self.responses_completed), ("cancelled", &self.responses_cancelled), ("failed", &self.responses_failed)] {

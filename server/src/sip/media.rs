@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::dtmf::DtmfDecoder;
 use super::jitter::JitterBuffer;
 use super::packetizer::Packetizer;
-use super::sdp::Negotiated;
+use super::sdp::{Codec, Negotiated};
 use crate::driver::{WireError, WireIn, WireOut, WireSink, WireSource};
 
 /// The caller's audio goes to the call in frames of this length.
@@ -71,7 +71,11 @@ pub struct MediaConfig {
 /// State shared by the call, the receiver and the sender.
 #[derive(Debug)]
 struct Shared {
+    /// The terms on the wire now (a re-INVITE may change the codec).
     terms: Negotiated,
+    /// The codec the call runs in (the first agreed): audio is transcoded between it
+    /// and the wire's when they differ.
+    call_codec: Codec,
     /// Where our RTP goes: the SDP's address until the caller's first packet, then
     /// the address that packet came from.
     remote: Option<SocketAddr>,
@@ -115,7 +119,7 @@ impl Media {
     /// Wraps a bound socket; nothing runs until [`Media::start`].
     pub fn new(socket: UdpSocket, terms: Negotiated) -> std::io::Result<Self> {
         let local = socket.local_addr()?;
-        let shared = Shared { remote: terms.remote, terms, latched: false, out: VecDeque::new(), interrupted: false, last_rx: Instant::now() };
+        let shared = Shared { remote: terms.remote, call_codec: terms.codec, terms, latched: false, out: VecDeque::new(), interrupted: false, last_rx: Instant::now() };
         Ok(Self { shared: Arc::new(Mutex::new(shared)), socket: Arc::new(socket), stop: CancellationToken::new(), local })
     }
 
@@ -128,6 +132,7 @@ impl Media {
     /// halves of the wire.
     pub fn start(&self, terms: Negotiated, config: MediaConfig) -> (MediaSource, MediaSink) {
         self.update(terms);
+        lock(&self.shared).call_codec = terms.codec;
         let (tx, rx) = mpsc::channel(IN_QUEUE);
         let ended = CancellationToken::new();
         tokio::spawn(receive(self.socket.clone(), self.shared.clone(), tx, config, self.stop.clone()).in_current_span());
@@ -165,6 +170,11 @@ impl Media {
         s.terms = terms;
     }
 
+    /// How much of the agent's audio waits to be sent, in milliseconds.
+    pub fn queued_ms(&self) -> usize {
+        lock(&self.shared).out.len() / SAMPLES_PER_MS
+    }
+
     /// A handle for the encoder to clear the queue with.
     pub fn clearer(&self) -> Clearer {
         Clearer { shared: self.shared.clone() }
@@ -193,6 +203,14 @@ impl Clearer {
     /// Drops the agent's queued audio at once.
     pub fn clear(&self) {
         clear(&self.shared);
+    }
+
+    /// A clearer of no call's queue (unit tests of the encoder).
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        let terms = super::sdp::Negotiated { codec: super::sdp::Codec::Pcmu, dtmf_pt: None, ptime_ms: 20, remote: None, direction: super::sdp::Direction::SendRecv };
+        let shared = Shared { remote: None, call_codec: terms.codec, terms, latched: false, out: VecDeque::new(), interrupted: false, last_rx: Instant::now() };
+        Self { shared: Arc::new(Mutex::new(shared)) }
     }
 }
 
@@ -226,9 +244,10 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::S
                     }
                 };
                 let pt = pkt.payload_type();
-                let (audio_pt, dtmf_pt) = {
+                let (audio_pt, dtmf_pt, wire_codec, call_codec) = {
                     let mut s = lock(&shared);
                     let (audio_pt, dtmf_pt) = (s.terms.codec.payload_type(), s.terms.dtmf_pt);
+                    let (wire_codec, call_codec) = (s.terms.codec, s.call_codec);
                     // Symmetric RTP: send back to where the caller's audio really comes
                     // from (behind NAT that is not what its SDP says). Key presses may
                     // come from elsewhere and move nothing; audio from another source
@@ -248,11 +267,13 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Mutex<Shared>>, tx: mpsc::S
                         }
                     }
                     s.last_rx = Instant::now();
-                    (audio_pt, dtmf_pt)
+                    (audio_pt, dtmf_pt, wire_codec, call_codec)
                 };
                 packets += 1;
-                if pt == audio_pt {
+                if pt == audio_pt && wire_codec == call_codec {
                     jitter.push(pkt.ssrc(), pkt.timestamp(), pkt.payload());
+                } else if pt == audio_pt {
+                    jitter.push(pkt.ssrc(), pkt.timestamp(), &wire_codec.transcode(call_codec, pkt.payload()));
                 } else if Some(pt) == dtmf_pt {
                     match dtmf.packet(pkt.ssrc(), pkt.timestamp(), pkt.payload()) {
                         Ok(Some(key)) => {
@@ -314,7 +335,8 @@ fn send(socket: std::net::UdpSocket, shared: Arc<Mutex<Shared>>, stop: Cancellat
     let ptime = Duration::from_millis(u64::from(terms.ptime_ms));
     let samples = terms.ptime_ms * SAMPLES_PER_MS as u32;
     let r = uuid::Uuid::new_v4().as_u128();
-    let mut packetizer = Packetizer::new(r as u32, terms.codec.payload_type(), (r >> 32) as u16, (r >> 64) as u32, samples);
+    let mut payload_type = terms.codec.payload_type();
+    let mut packetizer = Packetizer::new(r as u32, payload_type, (r >> 32) as u16, (r >> 64) as u32, samples);
     let start = Instant::now();
     let mut tick: u64 = 0;
     let (mut sent, mut skipped, mut errors) = (0u64, 0u64, 0u64);
@@ -347,17 +369,22 @@ fn send(socket: std::net::UdpSocket, shared: Arc<Mutex<Shared>>, stop: Cancellat
                 let excess = s.out.len() - cap;
                 s.out.drain(..excess);
             }
+            let (wire, call) = (s.terms.codec, s.call_codec);
+            if wire.payload_type() != payload_type {
+                payload_type = wire.payload_type();
+                packetizer.set_payload_type(payload_type);
+            }
             if !s.terms.direction.sends() || s.remote.is_none() {
                 // Held (or nowhere to send): nothing goes out, the agent's audio is dropped.
                 s.out.clear();
                 (None, false, None)
             } else if s.out.is_empty() {
-                (Some(vec![s.terms.codec.silence(); n]), false, s.remote)
+                (Some(vec![wire.silence(); n]), false, s.remote)
             } else {
                 let take = n.min(s.out.len());
                 let mut p: Vec<u8> = s.out.drain(..take).collect();
-                p.resize(n, s.terms.codec.silence());
-                (Some(p), true, s.remote)
+                p.resize(n, call.silence());
+                (Some(call.transcode(wire, &p)), true, s.remote)
             }
         };
         let (Some(payload), Some(to)) = (payload, to) else {

@@ -6,7 +6,8 @@
 //! - offer/answer in [`sdp`];
 //! - one call from INVITE to hang-up, and its driver transport, in [`call`];
 //! - the call's RTP socket, receive and send loops in [`media`];
-//! - the RTP pieces free of I/O in [`jitter`], [`packetizer`] and [`dtmf`].
+//! - the RTP pieces free of I/O in [`jitter`], [`packetizer`] and [`dtmf`];
+//! - hand-off to a person (`transfer_call`, SIP REFER) in [`transfer`].
 
 pub mod call;
 pub mod dtmf;
@@ -15,6 +16,7 @@ pub mod media;
 pub mod packetizer;
 pub mod sdp;
 pub mod stack;
+pub mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +44,11 @@ pub async fn start(app: Arc<App>) -> Result<Option<tokio::task::JoinHandle<()>>>
         ring: Duration::from_millis(sip.ring_ms),
         media: media::MediaConfig { rtp_timeout: Duration::from_secs(sip.rtp_timeout_seconds) },
         greeting: sip.greeting.clone(),
+        transfer: sip.transfer_uri()?.map(|target| call::TransferConfig { target, say: sip.transfer_say.trim().to_string() }),
     });
     let stack_stop = CancellationToken::new();
-    let mut stack = stack::start(listen, Some(public_ip), stack_stop.clone()).await?;
+    let draining = stack::Draining { token: app.draining.clone(), retry_after_s: app.config.server.limits.retry_after_s };
+    let mut stack = stack::start(listen, Some(public_ip), draining, stack_stop.clone()).await?;
     // Tests and scripts read this line to find the port.
     println!("parley sip listening on udp://{}", stack.local);
     let shutdown = app.shutdown.clone();

@@ -56,6 +56,12 @@ impl Packetizer {
         self.talking = false;
     }
 
+    /// The payload type of the next packets (a re-INVITE changed the codec); the
+    /// stream (SSRC, sequence, timestamp) goes on.
+    pub fn set_payload_type(&mut self, payload_type: u8) {
+        self.payload_type = payload_type;
+    }
+
     /// The agent's audio was dropped (barge-in): the next speech starts a new spurt.
     pub fn interrupt(&mut self) {
         self.talking = false;

@@ -6,6 +6,7 @@
 //! written directly (the writer's builders would spell the same lines at more length).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use parley_audio::format::AudioFormat;
 
@@ -69,6 +70,34 @@ impl Codec {
             Codec::Pcma => 0xD5,
         }
     }
+
+    /// `bytes` of this codec in `to` (G.711 μ-law ↔ A-law, byte by byte through the
+    /// linear sample, as G.711 transcoders do): a call keeps the codec it started
+    /// with when a re-INVITE changes the one on the wire.
+    pub fn transcode(self, to: Codec, bytes: &[u8]) -> Vec<u8> {
+        if self == to {
+            return bytes.to_vec();
+        }
+        let table = transcode_table(self, to);
+        bytes.iter().map(|&b| table[usize::from(b)]).collect()
+    }
+}
+
+/// The 256-entry table from one G.711 law to the other, made once.
+fn transcode_table(from: Codec, to: Codec) -> &'static [u8; 256] {
+    static ULAW_TO_ALAW: OnceLock<[u8; 256]> = OnceLock::new();
+    static ALAW_TO_ULAW: OnceLock<[u8; 256]> = OnceLock::new();
+    let cell = if from == Codec::Pcmu { &ULAW_TO_ALAW } else { &ALAW_TO_ULAW };
+    cell.get_or_init(|| {
+        let mut table = [to.silence(); 256];
+        for (b, out) in (0..=255u8).zip(table.iter_mut()) {
+            let converted = from.format().decode(&[b]).and_then(|s| to.format().encode(&s));
+            if let Ok(Some(&c)) = converted.as_ref().map(|v| v.first()) {
+                *out = c;
+            }
+        }
+        table
+    })
 }
 
 /// Which way media flows, from the point of view of the side that wrote it.
@@ -267,6 +296,21 @@ pub fn offer(local: &LocalMedia, version: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn g711_transcoding_maps_silence_to_silence_and_keeps_the_level() {
+        assert_eq!(Codec::Pcmu.transcode(Codec::Pcma, &[0xFF]), vec![0xD5], "silence in both laws");
+        // A-law has no zero: its silence is +8 (of 32768), μ-law 0xFE, as in G.711's
+        // own A-to-μ table.
+        assert_eq!(Codec::Pcma.transcode(Codec::Pcmu, &[0xD5]), vec![0xFE]);
+        assert_eq!(Codec::Pcmu.transcode(Codec::Pcmu, &[1, 2, 3]), vec![1, 2, 3]);
+        // μ-law → A-law → μ-law stays within a quantization step of the original level.
+        for b in 0..=255u8 {
+            let back = Codec::Pcma.transcode(Codec::Pcmu, &Codec::Pcmu.transcode(Codec::Pcma, &[b]));
+            let (x, y) = (AudioFormat::Pcmu.decode(&[b]).expect("decode")[0], AudioFormat::Pcmu.decode(&back).expect("decode")[0]);
+            assert!((x - y).abs() <= x.abs() / 16.0 + 0.002, "{b:#04x}: {x} became {y}");
+        }
+    }
 
     fn offer_sdp(m: &str, extra: &str) -> String {
         format!("v=0\r\no=caller 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n{m}\r\n{extra}")

@@ -3,6 +3,13 @@
 //! 487 on CANCEL, absorbing retransmitted requests) and the dialogs (tags, CSeq,
 //! routing in-dialog requests). The rest of the bridge sees [`IncomingCall`]s and
 //! [`CallEvent`]s only, so another stack would replace this file alone.
+//!
+//! Transfers (RFC 3515): [`IncomingCall::referrer`] sends REFER in the call's dialog;
+//! the NOTIFYs that report how it went (a `message/sipfrag` status line) come back
+//! as [`CallEvent::TransferProgress`]. rsipstack builds and sends the REFER and
+//! routes the NOTIFYs to the dialog; reading the sipfrag is ours ([`sipfrag_status`]):
+//! the stack's own reader (`ReferStatus::parse`) looks for `Event` among untyped
+//! headers, where its parser never puts it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Methods we answer (the `Allow` header).
-const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY";
 /// New calls waiting for the bridge.
 const CALL_QUEUE: usize = 64;
 
@@ -56,6 +63,16 @@ pub enum Refuse {
     Unavailable,
     /// 400 Bad Request: the offer does not parse.
     BadRequest,
+}
+
+/// Refuses new calls while the server drains: 503 with `Retry-After`, so a trunk
+/// or PBX tries another instance (or this one later).
+#[derive(Debug, Clone)]
+pub struct Draining {
+    /// Cancelled when the server starts draining.
+    pub token: CancellationToken,
+    /// The `Retry-After` seconds sent with the 503.
+    pub retry_after_s: u64,
 }
 
 impl Refuse {
@@ -95,6 +112,14 @@ pub enum CallEvent {
     },
     /// A re-INVITE (hold, resume, a new address): answer it with [`Reoffer::answer`].
     Reoffer(Reoffer),
+    /// A NOTIFY about our REFER (already answered 200): the status the transfer
+    /// target answered so far (100 trying, 180 ringing, 200 connected, 486 busy…).
+    TransferProgress {
+        /// The sipfrag's status code.
+        status: u16,
+        /// Whether the subscription ended with it (`Subscription-State: terminated`).
+        terminated: bool,
+    },
     /// The dialog is over.
     Ended(EndReason),
 }
@@ -163,6 +188,12 @@ impl IncomingCall {
         Ok(self.dialog.bye().await?)
     }
 
+    /// A handle that sends REFER in this call's dialog, usable while
+    /// [`next_event`](Self::next_event) is awaited.
+    pub fn referrer(&self) -> Referrer {
+        Referrer { dialog: self.dialog.clone() }
+    }
+
     /// The next thing that happens in the call; `Ended` is the last.
     pub async fn next_event(&mut self) -> CallEvent {
         loop {
@@ -186,7 +217,23 @@ impl IncomingCall {
                 DialogState::Options(_, _, handle) => {
                     let _ = handle.respond(StatusCode::OK, Some(vec![Header::Allow(ALLOW.into())]), None).await;
                 }
-                DialogState::Info(_, _, handle) | DialogState::Message(_, _, handle) | DialogState::Notify(_, _, handle) | DialogState::Publish(_, _, handle) | DialogState::Refer(_, _, handle) => {
+                DialogState::Notify(_, req, handle) => {
+                    let event = header_value(req.headers.iter(), &["event", "o"]).unwrap_or_default();
+                    let package = event.split(';').next().unwrap_or_default().trim();
+                    if !package.eq_ignore_ascii_case("refer") {
+                        // RFC 6665: an event package we did not subscribe to.
+                        let _ = handle.respond(StatusCode::BadEvent, None, None).await;
+                        continue;
+                    }
+                    let terminated = header_value(req.headers.iter(), &["subscription-state"]).is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+                    let status = sipfrag_status(req.body());
+                    let _ = handle.respond(if status.is_some() { StatusCode::OK } else { StatusCode::BadRequest }, None, None).await;
+                    match status {
+                        Some(status) => return CallEvent::TransferProgress { status, terminated },
+                        None => debug!("a NOTIFY for our REFER without a sipfrag status line: 400"),
+                    }
+                }
+                DialogState::Info(_, _, handle) | DialogState::Message(_, _, handle) | DialogState::Publish(_, _, handle) | DialogState::Refer(_, _, handle) => {
                     let _ = handle.respond(StatusCode::NotImplemented, None, None).await;
                 }
                 DialogState::Terminated(_, reason) => {
@@ -200,6 +247,43 @@ impl IncomingCall {
                 }
                 DialogState::Calling(_) | DialogState::Trying(_) | DialogState::Early(..) | DialogState::WaitAck(..) => {}
             }
+        }
+    }
+}
+
+/// The value of the first header named one of `names` (lowercase; compact forms too).
+fn header_value<'a>(headers: impl Iterator<Item = &'a Header>, names: &[&str]) -> Option<String> {
+    headers.into_iter().find(|h| names.iter().any(|n| h.name().eq_ignore_ascii_case(n))).map(|h| h.value().to_string())
+}
+
+/// The status code of a `message/sipfrag` body's status line (`SIP/2.0 200 OK`).
+pub fn sipfrag_status(body: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.eq_ignore_ascii_case("SIP/2.0") {
+        return None;
+    }
+    let code: u16 = parts.next()?.parse().ok()?;
+    (100..700).contains(&code).then_some(code)
+}
+
+/// Sends REFER in one call's dialog (RFC 3515 blind transfer).
+#[derive(Clone)]
+pub struct Referrer {
+    dialog: InviteDialog,
+}
+
+impl Referrer {
+    /// Asks the caller's side to call `target` instead (Refer-To), with extra
+    /// headers (name, value); returns the REFER's final status (202 when accepted).
+    /// How the transfer goes comes later as [`CallEvent::TransferProgress`].
+    pub async fn refer(&self, target: &str, extra: Vec<(String, String)>) -> Result<u16, SipError> {
+        let headers: Vec<Header> = extra.into_iter().map(|(name, value)| Header::Other(name, value)).collect();
+        let refer_to = format!("<{target}>");
+        match self.dialog.refer(refer_to, Some(headers), None).await? {
+            Some(response) => Ok(u16::from(response.status_code.clone())),
+            None => Err(SipError::Stack("the call is not established: REFER not sent".into())),
         }
     }
 }
@@ -218,8 +302,9 @@ pub struct Stack {
     pub calls: mpsc::Receiver<IncomingCall>,
 }
 
-/// Binds the SIP socket and runs the stack until `cancel`.
-pub async fn start(listen: SocketAddr, contact_host: Option<std::net::IpAddr>, cancel: CancellationToken) -> Result<Stack, SipError> {
+/// Binds the SIP socket and runs the stack until `cancel`; new calls (and OPTIONS)
+/// get 503 once `draining` is cancelled.
+pub async fn start(listen: SocketAddr, contact_host: Option<std::net::IpAddr>, draining: Draining, cancel: CancellationToken) -> Result<Stack, SipError> {
     let transport = TransportLayer::new(cancel.clone());
     let udp = UdpConnection::create_connection(listen, None, Some(cancel.child_token())).await.map_err(|e| SipError::Bind { addr: listen, reason: e.to_string() })?;
     let local = udp.get_addr().get_socketaddr().map_err(|e| SipError::Bind { addr: listen, reason: e.to_string() })?;
@@ -231,14 +316,21 @@ pub async fn start(listen: SocketAddr, contact_host: Option<std::net::IpAddr>, c
     let contact = rsipstack::sip::Uri::try_from(format!("sip:parley@{}", SocketAddr::new(host, local.port())).as_str()).map_err(|e| SipError::Stack(e.to_string()))?;
     let (calls_tx, calls) = mpsc::channel(CALL_QUEUE);
     tokio::spawn(async move { endpoint.serve().await }.instrument(info_span!("sip_endpoint")));
-    tokio::spawn(dispatch(incoming, layer, contact, calls_tx, cancel).instrument(info_span!("sip")));
+    tokio::spawn(dispatch(incoming, layer, contact, calls_tx, draining, cancel).instrument(info_span!("sip")));
     info!(%local, "SIP listening (UDP)");
     Ok(Stack { local, calls })
 }
 
 /// Sorts incoming transactions: new INVITEs become calls, in-dialog requests go to
 /// their dialog, OPTIONS is answered, the rest refused.
-async fn dispatch(mut incoming: rsipstack::transaction::TransactionReceiver, layer: Arc<DialogLayer>, contact: rsipstack::sip::Uri, calls: mpsc::Sender<IncomingCall>, cancel: CancellationToken) {
+async fn dispatch(
+    mut incoming: rsipstack::transaction::TransactionReceiver,
+    layer: Arc<DialogLayer>,
+    contact: rsipstack::sip::Uri,
+    calls: mpsc::Sender<IncomingCall>,
+    draining: Draining,
+    cancel: CancellationToken,
+) {
     loop {
         let mut tx = tokio::select! {
             t = incoming.recv() => match t { Some(t) => t, None => break },
@@ -247,6 +339,14 @@ async fn dispatch(mut incoming: rsipstack::transaction::TransactionReceiver, lay
         let method = tx.original.method;
         let in_dialog = tx.original.to_header().ok().and_then(|t| t.tag().ok().flatten()).is_some();
         match method {
+            Method::Invite | Method::Options if !in_dialog && draining.token.is_cancelled() => {
+                // Before any dialog exists: the stack's reject takes no Retry-After.
+                info!(%method, retry_after_s = draining.retry_after_s, "refused: the server is shutting down (503)");
+                let headers = vec![Header::RetryAfter(draining.retry_after_s.max(1).to_string().into())];
+                if let Err(e) = tx.reply_with(StatusCode::ServiceUnavailable, headers, None).await {
+                    debug!(error = %e, "503 not sent");
+                }
+            }
             Method::Invite if !in_dialog => {
                 let (states_tx, states) = layer.new_dialog_state_channel();
                 let dialog = match layer.get_or_create_server_invite(&tx, states_tx, None, Some(contact.clone())) {
@@ -310,4 +410,19 @@ async fn dispatch(mut incoming: rsipstack::transaction::TransactionReceiver, lay
         }
     }
     debug!("SIP dispatch stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sipfrag_gives_its_status_line_code() {
+        assert_eq!(sipfrag_status(b"SIP/2.0 200 OK\r\n"), Some(200));
+        assert_eq!(sipfrag_status(b"\r\nSIP/2.0 100 Trying"), Some(100));
+        assert_eq!(sipfrag_status(b"sip/2.0 486 Busy Here\r\nContent-Length: 0\r\n"), Some(486));
+        for bad in [&b""[..], b"SIP/2.0", b"SIP/2.0 abc OK", b"HTTP/1.1 200 OK", b"SIP/2.0 99 Low", b"\xff\xfe"] {
+            assert_eq!(sipfrag_status(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }
