@@ -10,15 +10,9 @@ use crate::AudioError;
 /// Lowest and highest rates accepted; outside this the filter sizes make no sense.
 const MIN_RATE: u32 = 1_000;
 const MAX_RATE: u32 = 384_000;
-/// Sinc filter length, in input samples: about 8 ms of input (`from_hz / 125`),
-/// between 96 and 256 taps. The cost per output sample is the filter's length, so a
-/// fixed 256 made the 8 kHz telephone input (32 ms of filter, far more than its
-/// 3.4 kHz band needs) a sixth of a busy echo server's CPU; 96 taps there keep a
-/// 3 kHz tone within 1 dB and images below -40 dB (the tests). The look-ahead is
-/// half of it.
-fn sinc_len(from_hz: u32) -> usize {
-    (from_hz as usize / 125).clamp(96, 256).next_multiple_of(8)
-}
+/// Sinc filter length in input samples: long enough for >90 dB stopband, short
+/// enough that the look-ahead (half of it) stays a few milliseconds.
+const SINC_LEN: usize = 256;
 /// Largest exact sub-sample grid used with nearest-point interpolation; ratios
 /// needing a finer grid fall back to cubic interpolation between 256 points.
 const MAX_EXACT_GRID: usize = 256;
@@ -43,8 +37,6 @@ pub struct StreamResampler {
 
 struct Converter {
     rubato: SincFixedIn<f32>,
-    /// The filter's length in input samples ([`sinc_len`]).
-    sinc_len: usize,
     from_hz: u32,
     to_hz: u32,
     chunk: usize,
@@ -110,7 +102,7 @@ impl StreamResampler {
     pub fn latency_samples(&self) -> usize {
         self.inner.as_ref().map_or(0, |c| {
             let step = c.from_hz.div_ceil(c.to_hz) as usize;
-            c.sinc_len / 2 + 2 + step + c.chunk - 1
+            SINC_LEN / 2 + 2 + step + c.chunk - 1
         })
     }
 
@@ -187,10 +179,9 @@ impl Converter {
             (SincInterpolationType::Cubic, MAX_EXACT_GRID)
         };
         let window = WindowFunction::BlackmanHarris2;
-        let sinc_len = sinc_len(from_hz);
         let params = SincInterpolationParameters {
-            sinc_len,
-            f_cutoff: calculate_cutoff(sinc_len, window),
+            sinc_len: SINC_LEN,
+            f_cutoff: calculate_cutoff(SINC_LEN, window),
             interpolation,
             oversampling_factor: grid,
             window,
@@ -206,7 +197,6 @@ impl Converter {
         let out_buf = rubato.output_buffer_allocate(true);
         let mut conv = Self {
             rubato,
-            sinc_len,
             from_hz,
             to_hz,
             chunk,
@@ -285,8 +275,8 @@ impl Converter {
         let mut out = std::mem::take(&mut self.carry);
         let already = self.emitted - out.len() as u64;
         // Each zero-padded block yields about chunk * ratio samples; the filter
-        // tail and lead-in need at most sinc_len + zeros input samples, so this is bounded.
-        let max_blocks = (self.sinc_len + self.align.zeros) / self.chunk + 3;
+        // tail and lead-in need at most SINC_LEN + zeros input samples, so this is bounded.
+        let max_blocks = (SINC_LEN + self.align.zeros) / self.chunk + 3;
         for _ in 0..max_blocks {
             if self.emitted >= expected {
                 break;

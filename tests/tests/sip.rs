@@ -337,8 +337,10 @@ fn silence_of(pt: u8) -> u8 {
     if pt == 8 { 0xD5 } else { 0xFF }
 }
 
-/// The calls whose packet timing is measured run one test at a time: the machine's
-/// two cores are not also busy with another call's speech recognition.
+/// Tests on the shared server run one at a time: the calls whose packet timing is
+/// measured do not share the machine's two cores with another call's speech
+/// recognition, and the counters a test reads (calls, responses, transfers) move
+/// only for its own calls (`make test` runs two tests of a file at once).
 async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
@@ -410,6 +412,7 @@ async fn a_caller_presses_a_key_asks_a_question_and_hears_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parley_hangs_up_at_max_call_seconds_and_after_the_rtp_timeout() {
+    let _serial = one_at_a_time().await;
     let s = server();
     // One caller streams silence (so only the call's deadline ends it), one sends no RTP.
     let silence = s.dir.join("silence.ulaw");
@@ -438,6 +441,7 @@ async fn parley_hangs_up_at_max_call_seconds_and_after_the_rtp_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn options_cancel_no_common_codec_delayed_offer_pcma_hold_and_codec_change() {
+    let _serial = one_at_a_time().await;
     let s = server();
     // OPTIONS, 488 and CANCEL: signalling only.
     for name in ["options", "no_codec", "cancel"] {
