@@ -14,17 +14,15 @@ CALLS=${CALLS:-100}
 SECONDS_RUN=${SECONDS_RUN:-20}
 TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/parley/target}
 LOAD=${PARLEY_LOAD:-$TARGET/release/parley-load}
-WORK=$(mktemp -d)
-trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+work=$(mktemp -d)
+server_pid=
+trap 'kill $server_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 # The server is stopped and reaped below, so farm-bench counts its CPU with the load
 # client's (the same for both binaries).
-espeak-ng -v en-us -s 150 -w "$WORK/clip.wav" "Hello, I am calling about my order." 2>/dev/null
-printf '[server.limits]\nconnections_per_ip = 0\n' >"$WORK/parley.toml"
+source bench/lib.sh
+echo_caller_files "$work"
 ulimit -n 65536 2>/dev/null || true
-"$PARLEY" serve --config "$WORK/parley.toml" --agent-mode echo --listen 127.0.0.1:0 --max-calls $((CALLS + 16)) >"$WORK/server.out" 2>/dev/null &
-SERVER=$!
-for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(sed -n 's#^parley listening on http://##p' "$WORK/server.out")
-"$LOAD" --addr "$ADDR" --pid "$SERVER" --calls "$CALLS" --transport twilio --ramp-s 5 --duration-s "$SECONDS_RUN" --wav "$WORK/clip.wav" --out "$WORK/out" | tail -1
-kill -TERM "$SERVER"
-wait "$SERVER" || true
+start_server echo --config "$work/parley.toml" --agent-mode echo --max-calls $((CALLS + 16))
+"$LOAD" --addr "$addr" --pid "$server_pid" --calls "$CALLS" --transport twilio --ramp-s 5 --duration-s "$SECONDS_RUN" --wav "$work/clip.wav" --out "$work/out" | tail -1
+kill -TERM "$server_pid"
+wait "$server_pid" || true

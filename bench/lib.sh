@@ -16,3 +16,11 @@ start_server() {
   cat "$work/server-$name.err"
   exit 1
 }
+
+# echo_caller_files DIR: what the echo-agent load scripts share: DIR/clip.wav (a
+# caller's turn, about 1.5 s of espeak-ng speech) and DIR/parley.toml (no cap on
+# connections per address: every caller comes from this machine's one address).
+echo_caller_files() {
+  espeak-ng -v en-us -s 150 -w "$1/clip.wav" "Hello, I am calling about my order." 2>/dev/null
+  printf '[server.limits]\nconnections_per_ip = 0\n' >"$1/parley.toml"
+}

@@ -25,12 +25,11 @@ LOAD="$CARGO_TARGET_DIR/release/parley-load"
 
 # A caller's turn: about 1.5 s of speech.
 CLIP="$OUT/clip.wav"
-espeak-ng -v en-us -s 150 -w "$CLIP" "Hello, I am calling about my order." 2>/dev/null
+source bench/lib.sh
+echo_caller_files "$OUT"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 MAX=$(( $(echo "$CALLS $IDLE_CALLS" | tr ' ' '\n' | sort -n | tail -1) + 16 ))
-# Every caller comes from this machine's one address: no per-address connection cap.
-printf '[server.limits]\nconnections_per_ip = 0\n' >"$OUT/parley.toml"
 "$PARLEY" serve --config "$OUT/parley.toml" --agent-mode echo --listen 127.0.0.1:0 --max-calls "$MAX" >"$OUT/server.out" 2>"$OUT/server.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

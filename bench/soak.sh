@@ -21,21 +21,18 @@ cargo build --release --quiet --bin parley
 cargo build --release --quiet -p parley-load
 PARLEY="$CARGO_TARGET_DIR/release/parley"
 LOAD="$CARGO_TARGET_DIR/release/parley-load"
-espeak-ng -v en-us -s 150 -w "$OUT/clip.wav" "Hello, I am calling about my order." 2>/dev/null
-printf '[server.limits]\nconnections_per_ip = 0\n' >"$OUT/parley.toml"
+source bench/lib.sh
+work="$OUT"
+echo_caller_files "$OUT"
 ulimit -n 65536 2>/dev/null || true
-
-"$PARLEY" serve --config "$OUT/parley.toml" --agent-mode echo --listen 127.0.0.1:0 --max-calls $((CALLS * 2)) >"$OUT/server.out" 2>"$OUT/server.log" &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q "listening on" "$OUT/server.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(sed -n 's#^parley listening on http://##p' "$OUT/server.out")
-fds() { ls "/proc/$SERVER/fd" | wc -l; }
-gauge() { curl -s "http://$ADDR/metrics" | sed -n 's/^parley_calls_active \([0-9]*\).*/\1/p'; }
+start_server soak --config "$OUT/parley.toml" --agent-mode echo --max-calls $((CALLS * 2))
+trap 'kill $server_pid 2>/dev/null || true' EXIT
+fds() { ls "/proc/$server_pid/fd" | wc -l; }
+gauge() { curl -s "http://$addr/metrics" | sed -n 's/^parley_calls_active \([0-9]*\).*/\1/p'; }
 IDLE_FDS=$(fds)
-echo "soak: $CALLS calls x ${MINUTES} min, ${CALL_S} s each, server pid $SERVER on $ADDR; idle fds $IDLE_FDS; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "soak: $CALLS calls x ${MINUTES} min, ${CALL_S} s each, server pid $server_pid on $addr; idle fds $IDLE_FDS; load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$LOAD" --addr "$ADDR" --pid "$SERVER" --calls "$CALLS" --transport twilio --ramp-s 30 \
+"$LOAD" --addr "$addr" --pid "$server_pid" --calls "$CALLS" --transport twilio --ramp-s 30 \
   --duration-s $((MINUTES * 60 - 30)) --call-s "$CALL_S" --wav "$OUT/clip.wav" --out "$OUT/run" | tee "$OUT/run.txt"
 
 # Calls end on the server once their sockets close; give it a moment.
