@@ -19,9 +19,10 @@ pub const FRAME_SAMPLES: usize = 256;
 pub const FRAME_MS: u64 = 16;
 
 /// Loudest sample of a frame the detector treats as digital silence without asking
-/// the network: below half a 16-bit step (μ-law and A-law silence decode to 0 or
-/// within this). Idle calls and silence-suppressed trunks send such frames most of
-/// the time; scoring them was the largest CPU cost of an idle call.
+/// the network: below half a 16-bit step. μ-law silence (0xFF) decodes to exactly
+/// 0; A-law has no zero (its quietest code is ±8 steps), so A-law silence is still
+/// scored by the network. Idle μ-law and PCM calls send such frames most of the
+/// time; scoring them was the largest CPU cost of an idle call.
 const SILENCE_PEAK: f32 = 0.5 / 32_768.0;
 
 /// earshot neural VAD on arbitrary-length 16 kHz input (buffers into 256-sample frames).
