@@ -495,7 +495,7 @@ impl CallState {
                 info!("the caller spoke during a part that may not be interrupted; kept for the next turn");
             }
         }
-        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial_running: false, barge, early: None });
+        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial: None, barge, early: None });
         self.emit(AgentEvent::SpeechStarted { item_id, audio_start_ms: at_ms }).await;
     }
 
@@ -550,14 +550,13 @@ impl CallState {
             return; // paused: the early transcript is running, a partial would only wait
         }
         let since = speech.last_partial.unwrap_or(speech.started);
-        if interval == 0 || speech.partial_running || since.elapsed() < Duration::from_millis(u64::from(interval)) {
+        if interval == 0 || speech.partial.is_some() || since.elapsed() < Duration::from_millis(u64::from(interval)) {
             return;
         }
         if speech.barge.as_ref().is_some_and(|b| b.echo && !b.paused) {
             return;
         }
         let Ok(permit) = asr_slots().try_acquire() else { return };
-        speech.partial_running = true;
         speech.last_partial = Some(Instant::now());
         let mut samples = self.input.current();
         if samples.len() > PARTIAL_MAX_SAMPLES {
@@ -566,18 +565,19 @@ impl CallState {
         let item_id = speech.item_id.clone();
         let transcriber = self.engines.transcriber.clone();
         let tx = self.partials_tx.clone();
-        self.tasks.spawn(
+        let task = self.tasks.spawn(
             async move {
                 let text = decode(transcriber, samples, Some(permit)).await.ok().map(|t| t.text);
                 let _ = tx.send(Partial { item_id, text }).await;
             }
             .in_current_span(),
         );
+        speech.partial = Some(task);
     }
 
     async fn on_partial(&mut self, partial: Partial) {
         let Some(speech) = self.speech.as_mut().filter(|s| s.item_id == partial.item_id) else { return };
-        speech.partial_running = false;
+        speech.partial = None;
         let Some(text) = partial.text else { return };
         let delta = speech.stabilizer.update(&text);
         let confirmed = speech.barge.as_ref().is_some_and(|b| b.paused)
@@ -596,7 +596,8 @@ impl CallState {
     }
 
     async fn on_speech_stopped(&mut self, at_ms: u64, samples: Vec<f32>, ended_at: Instant) {
-        let Some(speech) = self.speech.take() else { return };
+        let Some(mut speech) = self.speech.take() else { return };
+        speech.stop_partial();
         self.emit(AgentEvent::SpeechStopped { item_id: speech.item_id.clone(), audio_end_ms: at_ms }).await;
         let barge = speech.barge.filter(|b| self.response.as_ref().is_some_and(|a| a.id == b.response_id));
         if let Some(b) = &barge
@@ -630,6 +631,7 @@ impl CallState {
         if speech.barge.is_some() || self.engines.transcriber.is_instant() {
             return;
         }
+        speech.stop_partial();
         if let Some(old) = speech.early.take() {
             old.drop_stale();
         }

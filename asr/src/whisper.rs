@@ -308,6 +308,7 @@ impl WhisperTranscriber {
             .ok_or_else(|| AsrError::Decode("no decoder state".into()))?;
         let fit = self.options.fit_audio_ctx
             && audio_ctx_for(audio.len(), self.model_audio_ctx) < self.model_audio_ctx;
+        let _stopping = StopWatch::set(stop);
         let (mut raw, tokens) = self.decode(state, audio, fit, stop)?;
         if fit && (tokens >= max_tokens_for(audio.len()) || looks_like_a_loop(&raw)) {
             // The shortened window made the decoder loop: pay for the full window once.
@@ -345,6 +346,33 @@ impl Drop for PooledState<'_> {
     }
 }
 
+thread_local! {
+    /// The stop flag of the decode running on this thread, if any: whisper.cpp logs a
+    /// decode it was asked to stop as an error ("failed to encode"), which it is not.
+    static STOP_FLAG: std::cell::RefCell<Option<Arc<AtomicBool>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes a decode's stop flag visible to [`log_line`] on this thread while it runs.
+struct StopWatch;
+
+impl StopWatch {
+    fn set(stop: Option<&Arc<AtomicBool>>) -> Self {
+        STOP_FLAG.with(|f| *f.borrow_mut() = stop.cloned());
+        Self
+    }
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        STOP_FLAG.with(|f| *f.borrow_mut() = None);
+    }
+}
+
+/// True when the decode on this thread was asked to stop.
+fn stop_requested_here() -> bool {
+    STOP_FLAG.with(|f| f.borrow().as_ref().is_some_and(|s| s.load(Ordering::Relaxed)))
+}
+
 /// Sends whisper.cpp's and ggml's log lines to `tracing` (target `parley_asr::whisper_cpp`)
 /// instead of stderr: its chatty load report at debug level, warnings and errors as such.
 fn route_whisper_logs() {
@@ -375,6 +403,9 @@ unsafe extern "C" fn log_line(
         return;
     }
     match level {
+        sys::ggml_log_level_GGML_LOG_LEVEL_ERROR if stop_requested_here() => {
+            tracing::debug!(target: "parley_asr::whisper_cpp", "stopped on request: {text}")
+        }
         sys::ggml_log_level_GGML_LOG_LEVEL_ERROR => {
             tracing::error!(target: "parley_asr::whisper_cpp", "{text}")
         }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p parley-llm --example llm_speed -- [--gguf FILE] \
-//!     [--prompt-tokens N]... [--decode N] [--dequantize] [--dense-min N] [--ids-out FILE]
+//!     [--prompt-tokens N]... [--decode N] [--dequantize] [--candle-q8] [--dense-min N] [--ids-out FILE]
 //!     [--greedy-check N]
 //! ```
 //! For each `--prompt-tokens N`: a fresh cache prefills N tokens of a fixed English
@@ -85,6 +85,7 @@ fn main() -> BoxResult<()> {
     let mut prompts = Vec::new();
     let mut decode = 128usize;
     let mut dequantize = false;
+    let mut q8_kernel = true;
     let mut ids_out = None;
     let mut greedy_check = 0usize;
     let mut dense_min = parley_llm::qwen2::DEFAULT_DENSE_PREFILL_MIN_TOKENS;
@@ -96,6 +97,7 @@ fn main() -> BoxResult<()> {
             "--prompt-tokens" => prompts.push(value()?.parse::<usize>()?),
             "--decode" => decode = value()?.parse()?,
             "--dequantize" => dequantize = true,
+            "--candle-q8" => q8_kernel = false,
             "--ids-out" => ids_out = Some(PathBuf::from(value()?)),
             "--greedy-check" => greedy_check = value()?.parse()?,
             "--dense-min" => dense_min = value()?.parse()?,
@@ -119,6 +121,7 @@ fn main() -> BoxResult<()> {
     let options = Qwen2LoadOptions {
         dequantize,
         dense_prefill_min_tokens: dense_min,
+        q8_kernel,
         ..Qwen2LoadOptions::default()
     };
     let t = Instant::now();

@@ -229,6 +229,7 @@ impl CandleEngine {
                 dequantize: options.dequantize,
                 max_context: options.max_context,
                 dense_prefill_min_tokens: options.dense_prefill_min_tokens,
+                ..Qwen2LoadOptions::default()
             },
         )?;
 

@@ -53,21 +53,21 @@ pub struct Qwen2LoadOptions {
     pub max_context: usize,
     /// A forward pass over at least this many tokens (a prefill) multiplies by
     /// dequantized f32 copies of the quantized matrices, made one matrix at a time and
-    /// dropped at once, with a dense GEMM: past a few dozen rows that is faster than
-    /// candle's quantized kernels, even counting the dequantization.
-    /// Fewer tokens (decoding, a short turn) use the quantized kernels. 0 never
-    /// dequantizes.
+    /// dropped at once, with a dense GEMM. Fewer tokens use the quantized kernels.
+    /// 0 (the default) never dequantizes.
     pub dense_prefill_min_tokens: usize,
+    /// Multiply by Q8_0 matrices with Parley's own tiled kernel ([`crate::q8`])
+    /// rather than candle's per-element `vec_dot` (off only to compare the two).
+    pub q8_kernel: bool,
 }
 
-/// Default for [`Qwen2LoadOptions::dense_prefill_min_tokens`]. Measured with the
-/// `llm_speed` example on 2 cores (0.5B model): the quantized kernels prefill about
-/// 50 tok/s, the dense GEMM about 80 tok/s plus about 0.5 s to dequantize the
-/// matrices (memory-bound: converting on both cores measured no faster than candle's
-/// one-thread conversion, so that is what runs), so dense pays off from about 70
-/// tokens. A turn's new
-/// tokens (tens) stay quantized; a system prompt with tools (hundreds) goes dense.
-pub const DEFAULT_DENSE_PREFILL_MIN_TOKENS: usize = 96;
+/// Default for [`Qwen2LoadOptions::dense_prefill_min_tokens`]: never. With candle's
+/// Q8_0 `vec_dot` (about 50–100 tok/s) the dense GEMM paid off from about 70 tokens;
+/// with the tiled kernel of [`crate::q8`] the quantized path is faster at every
+/// length measured (`llm_speed --dense-min 0` against `--dense-min 96`, 0.5B model,
+/// 2 cores: 150 tokens 264–278 against 170 tok/s, 650 tokens 213–217 against
+/// 189–198 tok/s), and it never holds an f32 copy of a matrix.
+pub const DEFAULT_DENSE_PREFILL_MIN_TOKENS: usize = 0;
 
 /// How one forward pass multiplies by the weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,14 +90,24 @@ impl MatmulPath {
     }
 }
 
+/// One weight matrix of a block, held the way its kernel wants it.
+enum Linear {
+    /// candle's own: f32 (dequantized), or a format candle has a fast kernel for.
+    Candle(QMatMul),
+    /// Q8_0 with Parley's tiled kernel.
+    Q8(crate::q8::Q8Matrix),
+}
+
 /// Multiplies `x` by a weight matrix along the chosen path.
-fn linear(w: &QMatMul, x: &Tensor, path: MatmulPath) -> candle_core::Result<Tensor> {
+fn linear(w: &Linear, x: &Tensor, path: MatmulPath) -> candle_core::Result<Tensor> {
     match (path, w) {
-        (MatmulPath::Dense, QMatMul::QTensor(q)) => {
+        (MatmulPath::Dense, Linear::Candle(QMatMul::QTensor(q))) => {
             let dense = q.dequantize(x.device())?;
             x.broadcast_matmul(&dense.t()?)
         }
-        _ => w.forward(x),
+        (MatmulPath::Dense, Linear::Q8(q)) => x.broadcast_matmul(&q.dequantize(x.device())?.t()?),
+        (MatmulPath::Quantized, Linear::Q8(q)) => q.forward(x),
+        (_, Linear::Candle(w)) => w.forward(x),
     }
 }
 
@@ -107,6 +117,7 @@ impl Default for Qwen2LoadOptions {
             dequantize: false,
             max_context: 4096,
             dense_prefill_min_tokens: DEFAULT_DENSE_PREFILL_MIN_TOKENS,
+            q8_kernel: true,
         }
     }
 }
@@ -114,17 +125,17 @@ impl Default for Qwen2LoadOptions {
 /// One decoder block's weights.
 struct Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     bq: Tensor,
     bk: Tensor,
     bv: Tensor,
-    wo: QMatMul,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// The token embedding table. Quantized, it is the output head's own tensor when the
@@ -274,6 +285,18 @@ impl Qwen2Weights {
             }
         };
         let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
+        // A block's matrix: Q8_0 (after conversion) goes to Parley's kernel.
+        let linear = |q: QTensor, name: &str| -> Result<Linear, String> {
+            match matmul(q, name)? {
+                QMatMul::QTensor(q) if options.q8_kernel && q.dtype() == GgmlDType::Q8_0 => {
+                    let q = std::sync::Arc::try_unwrap(q).map_err(|_| format!("`{name}` is shared"))?;
+                    crate::q8::Q8Matrix::from_qtensor(q)
+                        .map(Linear::Q8)
+                        .map_err(|e| format!("`{name}`: {e}"))
+                }
+                other => Ok(Linear::Candle(other)),
+            }
+        };
 
         // Tied embeddings: without `output.weight` the head is the embedding matrix.
         let head_name = match content.tensor_infos.contains_key("output.weight") {
@@ -316,7 +339,7 @@ impl Qwen2Weights {
             let name = |part: &str| format!("blk.{i}.{part}");
             let mm = |reader: &mut R, part: &str| {
                 let n = name(part);
-                matmul(tensor(reader, &n)?, &n)
+                linear(tensor(reader, &n)?, &n)
             };
             blocks.push(Block {
                 wq: mm(reader, "attn_q.weight")?,
@@ -786,12 +809,13 @@ mod tests {
     }
 
     #[test]
-    fn prefills_go_dense_and_decoding_stays_quantized() {
-        let min = DEFAULT_DENSE_PREFILL_MIN_TOKENS;
+    fn prefills_go_dense_only_past_the_threshold() {
+        let min = 96;
         assert_eq!(MatmulPath::for_tokens(1, min), MatmulPath::Quantized);
         assert_eq!(MatmulPath::for_tokens(min - 1, min), MatmulPath::Quantized);
         assert_eq!(MatmulPath::for_tokens(min, min), MatmulPath::Dense);
         assert_eq!(MatmulPath::for_tokens(4000, 0), MatmulPath::Quantized, "0 = never");
+        assert_eq!(MatmulPath::for_tokens(4000, DEFAULT_DENSE_PREFILL_MIN_TOKENS), MatmulPath::Quantized);
     }
 
     #[test]
@@ -799,16 +823,21 @@ mod tests {
         let dev = Device::Cpu;
         let w: Vec<f32> = (0..64 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let w = Tensor::from_vec(w, (64, 256), &dev)?;
-        let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
         let x: Vec<f32> = (0..40 * 256).map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0).collect();
         let x = Tensor::from_vec(x, (1, 40, 256), &dev)?;
-        let a = linear(&q, &x, MatmulPath::Quantized)?;
-        let b = linear(&q, &x, MatmulPath::Dense)?;
-        assert_eq!(a.dims(), b.dims());
-        let err = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-        // Only the quantized path's 8-bit activations differ.
-        assert!(err <= 0.02 * scale, "error {err} against {scale}");
+        let candle = Linear::Candle(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?);
+        let ours = Linear::Q8(crate::q8::Q8Matrix::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?).map_err(candle_core::Error::wrap)?);
+        let dense = linear(&candle, &x, MatmulPath::Dense)?;
+        let scale = dense.abs()?.max_all()?.to_scalar::<f32>()?;
+        for (name, w) in [("candle", &candle), ("q8", &ours)] {
+            for path in [MatmulPath::Quantized, MatmulPath::Dense] {
+                let got = linear(w, &x, path)?;
+                assert_eq!(got.dims(), dense.dims());
+                let err = (got - &dense)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // Only the quantized path's 8-bit activations differ.
+                assert!(err <= 0.02 * scale, "{name} {path:?}: error {err} against {scale}");
+            }
+        }
         Ok(())
     }
 
