@@ -19,7 +19,7 @@ use crate::input::{InputAudio, InputEvent};
 use crate::pacing::PlayClock;
 use crate::response::{self, Playback, ResponseJob, ResponseOutcome, SharedEncoder, SharedSession, ToolReport};
 use crate::settings::{ResponseOptions, SessionSettings};
-use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished};
+use crate::turn_rules::{PartialStabilizer, is_backchannel, looks_unfinished, reads_complete};
 use crate::turns::{Barge, EarlyTranscript, HeldTurn, PARTIAL_MAX_SAMPLES, Speech, asr_slots};
 use crate::{AgentError, Engines};
 
@@ -141,6 +141,15 @@ struct Partial {
     text: Option<String>,
 }
 
+/// The text of an early transcript (taken at the caller's pause), for judging
+/// whether the turn can end before the silence window does.
+struct EarlyText {
+    item_id: String,
+    /// The end of speech (stream ms) it covers.
+    end_ms: u64,
+    text: String,
+}
+
 /// Sets its flag when dropped: a decode future dropped (its call ended, its task
 /// aborted) tells the blocking decode to stop, which then frees its slot.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -251,6 +260,8 @@ struct CallState {
     echo: Arc<Mutex<EchoReference>>,
     partials_tx: mpsc::Sender<Partial>,
     partials_rx: Option<mpsc::Receiver<Partial>>,
+    early_tx: mpsc::Sender<EarlyText>,
+    early_rx: Option<mpsc::Receiver<EarlyText>>,
     transcribed_tx: mpsc::Sender<Transcribed>,
     transcribed_rx: Option<mpsc::Receiver<Transcribed>>,
     /// Transcriptions still running; a response waits for them.
@@ -292,6 +303,7 @@ impl CallState {
         let (transcribed_tx, transcribed_rx) = mpsc::channel(16);
         let (reports_tx, reports_rx) = mpsc::channel(64);
         let (partials_tx, partials_rx) = mpsc::channel(4);
+        let (early_tx, early_rx) = mpsc::channel(4);
         Ok(Self {
             engines,
             settings,
@@ -310,6 +322,8 @@ impl CallState {
             echo: Arc::new(Mutex::new(EchoReference::new(ECHO_MEMORY_MS))),
             partials_tx,
             partials_rx: Some(partials_rx),
+            early_tx,
+            early_rx: Some(early_rx),
             transcribed_tx,
             transcribed_rx: Some(transcribed_rx),
             pending_transcripts: 0,
@@ -347,7 +361,7 @@ impl CallState {
     async fn run(mut self, mut inputs: mpsc::Receiver<CallInput>) {
         info!("call started");
         self.emit(AgentEvent::SessionUpdated(Box::new(self.settings.clone()))).await;
-        let (Some(mut transcribed), Some(mut partials)) = (self.transcribed_rx.take(), self.partials_rx.take()) else { return };
+        let (Some(mut transcribed), Some(mut partials), Some(mut early)) = (self.transcribed_rx.take(), self.partials_rx.take(), self.early_rx.take()) else { return };
         loop {
             // A held turn waits while the caller speaks or a stretch is being transcribed.
             let held_deadline = self.held.as_ref().filter(|_| self.speech.is_none() && self.segments.is_empty()).map(|h| h.deadline);
@@ -361,6 +375,7 @@ impl CallState {
                 },
                 Some(done) = transcribed.recv() => self.on_transcribed(done).await,
                 Some(partial) = partials.recv() => self.on_partial(partial).await,
+                Some(text) = early.recv() => self.on_early_text(text).await,
                 _ = sleep_until_opt(held_deadline) => self.commit_held().await,
                 outcome = wait_response(&mut self.response) => self.finish_response(outcome, None).await,
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
@@ -479,6 +494,7 @@ impl CallState {
         }
         self.judge_barge_in();
         self.start_partial();
+        self.end_turn_if_complete().await;
     }
 
     async fn on_speech_started(&mut self, at_ms: u64) {
@@ -495,7 +511,7 @@ impl CallState {
                 info!("the caller spoke during a part that may not be interrupted; kept for the next turn");
             }
         }
-        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial: None, barge, early: None });
+        self.speech = Some(Speech { item_id: item_id.clone(), started: now, stabilizer: PartialStabilizer::default(), last_partial: None, partial: None, complete: None, barge, early: None });
         self.emit(AgentEvent::SpeechStarted { item_id, audio_start_ms: at_ms }).await;
     }
 
@@ -638,12 +654,14 @@ impl CallState {
         let stale = Arc::new(AtomicBool::new(false));
         let (tx, rx) = tokio::sync::oneshot::channel();
         speech.early = Some(EarlyTranscript { end_ms: at_ms, result: rx, stale: stale.clone() });
+        let item_id = speech.item_id.clone();
         let prefill = (self.response.is_none() && self.held.is_none() && self.segments.is_empty())
             .then(|| {
                 let (instructions, options) = self.reply_setup(&self.settings.instructions);
                 (self.conversation.to_messages(&instructions), options, self.session.clone())
             });
         let transcriber = self.engines.transcriber.clone();
+        let early_tx = self.early_tx.clone();
         let span = info_span!("early_transcript", audio_ms = samples.len() / 16);
         self.tasks.spawn(
             async move {
@@ -656,6 +674,9 @@ impl CallState {
                 let asr_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let text = result.as_ref().ok().map(|t| t.text.trim().to_string()).filter(|t| !t.is_empty());
                 let _ = tx.send((result, asr_ms));
+                if let Some(text) = &text {
+                    let _ = early_tx.send(EarlyText { item_id, end_ms: at_ms, text: text.clone() }).await;
+                }
                 if let (Some(text), Some((messages, options, session))) = (text, prefill)
                     && !stale.load(Ordering::SeqCst)
                 {
@@ -664,6 +685,32 @@ impl CallState {
             }
             .instrument(span),
         );
+    }
+
+    /// An early transcript arrived: if it reads as a finished question, the turn may
+    /// end after `complete_silence_ms` instead of the whole silence window.
+    async fn on_early_text(&mut self, early: EarlyText) {
+        let Some(td) = self.settings.turn_detection.as_ref() else { return };
+        if td.complete_silence_ms >= td.vad.silence_duration_ms {
+            return; // off
+        }
+        let Some(speech) = self.speech.as_mut().filter(|s| s.item_id == early.item_id && s.barge.is_none()) else { return };
+        if !reads_complete(&early.text) {
+            return;
+        }
+        speech.complete = Some(early.end_ms);
+        self.end_turn_if_complete().await;
+    }
+
+    /// Ends the turn now if its early transcript read as finished, the caller has
+    /// said nothing since, and `complete_silence_ms` of silence has passed.
+    async fn end_turn_if_complete(&mut self) {
+        let Some(end_ms) = self.speech.as_ref().and_then(|s| s.complete) else { return };
+        let Some(min_silence) = self.settings.turn_detection.as_ref().map(|t| u64::from(t.complete_silence_ms)) else { return };
+        if let Some(InputEvent::SpeechStopped { at_ms, samples, ended_at }) = self.input.end_turn(end_ms, min_silence) {
+            info!(silence_ms = ended_at.elapsed().as_millis() as u64, "the caller's question reads as finished: turn ended before the silence window");
+            self.on_speech_stopped(at_ms, samples, ended_at).await;
+        }
     }
 
     /// Echo agent: keeps a stretch of the caller's speech for the next response to

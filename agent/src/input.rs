@@ -126,20 +126,7 @@ impl InputAudio {
         for event in events {
             match event {
                 TurnEvent::SpeechStarted { at_ms } => out.push(InputEvent::SpeechStarted { at_ms }),
-                TurnEvent::SpeechStopped { at_ms } => {
-                    let end = (at_ms * SAMPLES_PER_MS).min(self.total);
-                    // A little audio past the detected end keeps trailing consonants
-                    // (the VAD's score falls before a final "s" or "f" does).
-                    let cut = (end + END_MARGIN_MS * SAMPLES_PER_MS).min(self.total);
-                    let to = usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.kept().len());
-                    let turn = self.kept()[..to].to_vec();
-                    self.drop_front(to);
-                    // When the last speech sample arrived, assuming real-time input: the
-                    // samples pushed after it took their own duration to arrive.
-                    let behind_ms = self.total.saturating_sub(end) as f64 / SAMPLES_PER_MS as f64;
-                    let ended_at = arrived.checked_sub(std::time::Duration::from_secs_f64(behind_ms / 1000.0)).unwrap_or(arrived);
-                    out.push(InputEvent::SpeechStopped { at_ms, samples: turn, ended_at });
-                }
+                TurnEvent::SpeechStopped { at_ms } => out.push(self.stopped(at_ms, arrived)),
             }
         }
         if let Some(paused) = self.early_pause() {
@@ -152,6 +139,36 @@ impl InputAudio {
             out.push(InputEvent::Overflow);
         }
         Ok(out)
+    }
+
+    /// The turn that ended at `at_ms` (stream ms), cut from the buffer: up to
+    /// [`END_MARGIN_MS`] past its end, as much of it as has arrived.
+    fn stopped(&mut self, at_ms: u64, arrived: Instant) -> InputEvent {
+        let end = (at_ms * SAMPLES_PER_MS).min(self.total);
+        // A little audio past the detected end keeps trailing consonants
+        // (the VAD's score falls before a final "s" or "f" does).
+        let cut = (end + END_MARGIN_MS * SAMPLES_PER_MS).min(self.total);
+        let to = usize::try_from(cut.saturating_sub(self.buffer_start)).unwrap_or(usize::MAX).min(self.kept().len());
+        let turn = self.kept()[..to].to_vec();
+        self.drop_front(to);
+        // When the last speech sample arrived, assuming real-time input: the
+        // samples pushed after it took their own duration to arrive.
+        let behind_ms = self.total.saturating_sub(end) as f64 / SAMPLES_PER_MS as f64;
+        let ended_at = arrived.checked_sub(std::time::Duration::from_secs_f64(behind_ms / 1000.0)).unwrap_or(arrived);
+        InputEvent::SpeechStopped { at_ms, samples: turn, ended_at }
+    }
+
+    /// Ends the turn now if it is still open, the caller has said nothing since the
+    /// speech that ended at `at_ms`, and has been silent for at least `min_silence_ms`
+    /// (VAD time): the `SpeechStopped` the silence window would give later, with the
+    /// same `at_ms`. See [`TurnDetector::end_turn`].
+    pub fn end_turn(&mut self, at_ms: u64, min_silence_ms: u64) -> Option<InputEvent> {
+        let d = self.detector.as_mut()?;
+        if !d.in_speech() || d.last_speech_end_ms() != at_ms || d.silence_ms() < min_silence_ms {
+            return None;
+        }
+        let TurnEvent::SpeechStopped { at_ms } = d.end_turn()? else { return None };
+        Some(self.stopped(at_ms, self.last_arrival))
     }
 
     /// A `SpeechPaused` when the caller has just been silent for [`EARLY_PAUSE_MS`]
@@ -266,5 +283,33 @@ mod tests {
         let pause_index = events.iter().position(|e| matches!(e, InputEvent::SpeechPaused { at_ms, .. } if *at_ms == stop_at));
         let stop_index = events.iter().position(|e| matches!(e, InputEvent::SpeechStopped { .. }));
         assert!(pause_index < stop_index, "the pause is reported first");
+    }
+
+    #[test]
+    fn a_turn_ended_at_its_pause_is_cut_like_the_stop_and_stops_once() {
+        let vad = TurnSettings::default();
+        let mut input = InputAudio::new(AudioFormat::Pcm16 { rate: 16_000 }, Some(vad), 60_000).expect("input");
+        let mut audio = fixture_speech();
+        audio.extend(vec![0.0; 16 * 1500]);
+        let mut ended = None;
+        let mut later = Vec::new();
+        for chunk in audio.chunks(320) {
+            for event in input.push(&parley_audio::pcm::encode_pcm16le(chunk)).expect("push") {
+                match event {
+                    InputEvent::SpeechPaused { at_ms, .. } => {
+                        // Not yet: too little silence; then it ends.
+                        assert!(input.end_turn(at_ms, 10_000).is_none());
+                        assert!(input.end_turn(at_ms + 16, 0).is_none(), "another end of speech");
+                        ended = input.end_turn(at_ms, EARLY_PAUSE_MS);
+                        assert!(!input.in_speech());
+                    }
+                    other if ended.is_some() => later.push(other),
+                    _ => {}
+                }
+            }
+        }
+        let Some(InputEvent::SpeechStopped { samples, .. }) = ended else { panic!("not ended: {ended:?}") };
+        assert!(samples.len() >= fixture_speech().len() - 16 * 100, "the turn's audio: {} samples", samples.len());
+        assert!(later.is_empty(), "the window brings no second stop: {later:?}");
     }
 }

@@ -64,6 +64,19 @@ pub fn looks_unfinished(text: &str) -> bool {
     tail.len() >= 2 && tail[1] == "at" && all.iter().any(|w| w == "email" || w == "e-mail" || w == "address")
 }
 
+/// True when a transcript reads as a finished turn that wants an answer: it ends in
+/// a question mark, has at least two words, and without the mark does not look
+/// unfinished (Whisper puts "?" after "Can I talk to," too). Only
+/// questions: Whisper ends nearly every cut-off statement with a full stop, and a
+/// statement is often the first half of a turn ("I'd like to check my order.
+/// It's O R D zero zero two."), where a question usually closes one. Such a turn
+/// may end before the silence window (`TurnDetection::complete_silence_ms`).
+pub fn reads_complete(text: &str) -> bool {
+    let trimmed = text.trim();
+    let Some(question) = trimmed.strip_suffix('?') else { return false };
+    words(question).len() >= 2 && !looks_unfinished(question)
+}
+
 /// True when `text` carries no words beyond backchannels (or none at all): a cough,
 /// "mm-hm", "okay". `backchannels` are matched as whole words or phrases.
 pub fn is_backchannel(text: &str, backchannels: &[String]) -> bool {
@@ -145,6 +158,18 @@ mod tests {
         }
         for t in ["What is the capital of Germany?", "How many legs does a dog have?", "Thank you.", "", "Is it ready, 1001?"] {
             assert!(!looks_unfinished(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn only_a_whole_question_reads_complete() {
+        for t in ["What is the capital of Germany?", " How many legs does a dog have? ", "Is order 1001 ready?"] {
+            assert!(reads_complete(t), "{t}");
+        }
+        // Statements, one-word questions, questions cut off mid-way, and a question
+        // ending in digits (more may follow) wait for the window.
+        for t in ["I'd like to check my order.", "Thank you.", "Really?", "", "Can I talk to, ?", "Is the order for the?", "What is", "Is it ready, 1001?"] {
+            assert!(!reads_complete(t), "{t}");
         }
     }
 

@@ -50,6 +50,9 @@ pub(crate) struct Speech {
     pub barge: Option<Barge>,
     /// The transcript started when the caller paused (see [`EarlyTranscript`]).
     pub early: Option<EarlyTranscript>,
+    /// The end of speech (stream ms) whose early transcript reads as a finished
+    /// question: the turn ends there once `complete_silence_ms` has passed.
+    pub complete: Option<u64>,
 }
 
 impl Speech {

@@ -291,3 +291,27 @@ fn digital_silence_is_scored_without_the_network_and_speech_after_it_is_heard_af
     let hiss: Vec<f32> = (0..2_560).map(|i| if i % 3 == 0 { 1.0e-3 } else { -1.0e-3 }).collect();
     assert_eq!(noisy.push(&hiss).len(), 10);
 }
+
+#[test]
+fn a_turn_ended_early_stops_where_the_window_would_and_the_next_speech_is_a_new_turn() {
+    let settings = TurnSettings::default();
+    let audio = speech();
+    let mut detector = TurnDetector::new(settings.clone());
+    // Up to 200 ms after the end of speech: mid-window, the turn is still open.
+    let cut = (SPEECH_END_MS as usize + 200) * 16;
+    let events = events_only(&run(&mut detector, &audio[..cut], 320));
+    assert!(matches!(events.as_slice(), [TurnEvent::SpeechStarted { .. }]), "{events:?}");
+    assert!(detector.in_speech());
+    let at = detector.last_speech_end_ms();
+    assert_eq!(detector.end_turn(), Some(TurnEvent::SpeechStopped { at_ms: at }));
+    assert!(at.abs_diff(SPEECH_END_MS) <= 150, "stopped at {at} ms");
+    assert!(!detector.in_speech());
+    assert_eq!(detector.end_turn(), None, "no turn to end twice");
+    // The rest of the silence brings no second stop; the same speech again is a new turn.
+    assert!(run(&mut detector, &audio[cut..], 320).is_empty());
+    let again = events_only(&run(&mut detector, &audio, 320));
+    assert!(
+        matches!(again.as_slice(), [TurnEvent::SpeechStarted { .. }, TurnEvent::SpeechStopped { .. }]),
+        "{again:?}"
+    );
+}

@@ -373,6 +373,10 @@ pub struct TurnDetectionConfig {
     /// Longest silence before committing a turn that sounds unfinished (a number
     /// being read out, a trailing "and"); equal to `silence_duration_ms` turns it off.
     pub unfinished_silence_ms: u32,
+    /// Silence after which a turn whose early transcript reads as a finished
+    /// question ends, before the rest of the silence window; at least
+    /// `silence_duration_ms` turns it off.
+    pub complete_silence_ms: u32,
     /// How often partial transcripts are made while the caller speaks (0 = off).
     pub partial_interval_ms: u32,
     /// Speech over the agent shorter than this does not even pause it.
@@ -487,6 +491,7 @@ impl Default for TurnDetectionConfig {
             create_response: d.create_response,
             interrupt_response: d.interrupt_response,
             unfinished_silence_ms: d.unfinished_silence_ms,
+            complete_silence_ms: d.complete_silence_ms,
             partial_interval_ms: d.partial_interval_ms,
             min_pause_ms: d.interruption.min_pause_ms,
             backchannels: d.interruption.backchannels,
@@ -655,6 +660,7 @@ impl Config {
             create_response: t.create_response,
             interrupt_response: t.interrupt_response,
             unfinished_silence_ms: t.unfinished_silence_ms,
+            complete_silence_ms: t.complete_silence_ms,
             partial_interval_ms: t.partial_interval_ms,
             interruption: InterruptionSettings {
                 min_pause_ms: t.min_pause_ms,

@@ -236,6 +236,23 @@ impl TurnDetector {
         })
     }
 
+    /// Ends the turn in progress now, before the silence window has run out, and
+    /// returns its `SpeechStopped` (the same `at_ms` the window would have given);
+    /// `None` outside a turn. For a caller that knows more than the VAD: the
+    /// transcript of the pause reads as a finished question. The detector keeps its
+    /// state, so speech that follows starts a new turn as usual.
+    pub fn end_turn(&mut self) -> Option<TurnEvent> {
+        if !self.in_speech {
+            return None;
+        }
+        self.in_speech = false;
+        self.silent_frames = 0;
+        self.steadiness.clear();
+        Some(TurnEvent::SpeechStopped {
+            at_ms: samples_to_ms(self.last_speech_end),
+        })
+    }
+
     /// Whether the caller is currently mid-turn (between start and stop events).
     pub fn in_speech(&self) -> bool {
         self.in_speech

@@ -140,6 +140,8 @@ pub struct TurnDetectionPatch {
     pub eagerness: Option<String>,
     /// Parley: longest silence before committing a turn that sounds unfinished.
     pub unfinished_silence_ms: Option<u32>,
+    /// Parley: silence after which a turn that reads as a finished question ends.
+    pub complete_silence_ms: Option<u32>,
     /// Parley: how often partial transcripts are made (0 = off).
     pub partial_interval_ms: Option<u32>,
     /// Parley: how speech during a reply is judged.

@@ -88,6 +88,12 @@ fn apply_turn_detection(current: &Option<TurnDetection>, patch: Option<TurnDetec
         }
         td.unfinished_silence_ms = v;
     }
+    if let Some(v) = p.complete_silence_ms {
+        if !(100..=10_000).contains(&v) {
+            return Err(invalid(format!("turn_detection.complete_silence_ms must be 100..=10000, not {v}")));
+        }
+        td.complete_silence_ms = v;
+    }
     if let Some(v) = p.partial_interval_ms {
         if v != 0 && v < 200 {
             return Err(invalid(format!("turn_detection.partial_interval_ms must be 0 (off) or at least 200, not {v}")));
@@ -248,6 +254,7 @@ fn turn_detection_json(td: &Option<TurnDetection>) -> Value {
             "create_response": t.create_response,
             "interrupt_response": t.interrupt_response,
             "unfinished_silence_ms": t.unfinished_silence_ms,
+            "complete_silence_ms": t.complete_silence_ms,
             "partial_interval_ms": t.partial_interval_ms,
             "interruption": {
                 "min_pause_ms": t.interruption.min_pause_ms,
