@@ -135,6 +135,11 @@ enum TranscribeKind {
     },
 }
 
+/// Longest interval between partial transcripts of speech over a reply: they are
+/// what tells an interruption from a backchannel, so they do not wait for the
+/// (longer, display-only) `partial_interval_ms`.
+const BARGE_PARTIAL_MS: u32 = 500;
+
 /// A partial transcript of the speech in progress.
 struct Partial {
     item_id: String,
@@ -565,6 +570,12 @@ impl CallState {
         if speech.early.is_some() {
             return; // paused: the early transcript is running, a partial would only wait
         }
+        // Over a reply, partials are what confirms an interruption: they come at
+        // least every BARGE_PARTIAL_MS whatever the display interval.
+        let interval = match speech.barge {
+            Some(_) if interval > 0 => interval.min(BARGE_PARTIAL_MS),
+            _ => interval,
+        };
         let since = speech.last_partial.unwrap_or(speech.started);
         if interval == 0 || speech.partial.is_some() || since.elapsed() < Duration::from_millis(u64::from(interval)) {
             return;
