@@ -251,7 +251,7 @@ pub fn negotiate(offer: &Description) -> Result<Negotiated, SdpError> {
     // We answer the codec with its static number. An offer that maps telephone-event
     // onto that number (and the codec onto a dynamic one) would get an answer giving
     // one number two encodings, and its key presses would be taken for audio: no
-    // telephone-event then (found by the `sdp` fuzz target).
+    // telephone-event then (the `sdp` fuzz target's round-trip check fails without this).
     let dtmf_pt = offer.dtmf_pt.filter(|&pt| pt != codec.payload_type());
     // c=0.0.0.0 is RFC 2543 hold: nothing to send to.
     let direction = if offer.remote.is_none() { Direction::Inactive } else { offer.direction.answer() };
@@ -353,9 +353,9 @@ mod tests {
         assert!(a.contains("m=audio 40000 RTP/AVP 0\r\n") && !a.contains("telephone-event"), "{a}");
     }
 
-    /// Found by the `sdp` fuzz target: telephone-event on the static number we answer
-    /// the codec with gave an answer with `0` twice on its `m=` line and two rtpmaps
-    /// for 0.
+    /// The `sdp` fuzz target's round-trip check failed on this offer (seed
+    /// `event_on_codec_number`): telephone-event on the static number we answer the
+    /// codec with gave an answer with `0` twice on its `m=` line and two rtpmaps for 0.
     #[test]
     fn telephone_event_on_the_number_of_our_codec_is_left_out() {
         let d = parse(offer_sdp("m=audio 5004 RTP/AVP 96 0", "a=rtpmap:96 PCMU/8000\r\na=rtpmap:0 telephone-event/8000\r\n").as_bytes()).expect("parse");
