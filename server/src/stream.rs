@@ -33,6 +33,10 @@ use crate::app::App;
 use crate::driver::{self, WireError, WireIn, WireOut, WireSink, WireSource};
 use crate::realtime::{BinaryFrames, Realtime, dialect_of};
 
+pub mod lines;
+
+use lines::{Line, LineSplitter};
+
 /// Response lines the writer may queue before `send` waits for the client to read
 /// (hyper pulls lines as HTTP/2 flow control allows): small, so the driver's write
 /// timeout sees a client that stopped reading.
@@ -98,77 +102,28 @@ async fn refuse(request: Body, refusal: Response) -> Response {
     refusal
 }
 
-/// The request body as lines: each complete line is one message; empty lines are
-/// skipped; a line longer than the limit is discarded as it arrives and reported as
-/// [`WireIn::TooLarge`]; a last line without a newline still counts.
+/// The request body as lines ([`lines::LineSplitter`]): each complete line is one
+/// message; empty lines are skipped; a line longer than the limit is discarded as it
+/// arrives and reported as [`WireIn::TooLarge`]; a last line without a newline still
+/// counts.
 pub struct NdjsonSource {
     body: BodyDataStream,
-    buf: Vec<u8>,
-    limit: usize,
-    /// Bytes of an oversized line discarded so far (`Some` while skipping to its end).
-    skipping: Option<usize>,
+    lines: LineSplitter,
     ended: bool,
 }
 
 impl NdjsonSource {
     /// Reads `body`, with lines of at most `limit` bytes.
     pub fn new(body: BodyDataStream, limit: usize) -> Self {
-        Self { body, buf: Vec::new(), limit, skipping: None, ended: false }
-    }
-
-    /// The next complete line (or oversized-line report) in the buffer, if any.
-    fn take_line(&mut self) -> Option<WireIn> {
-        loop {
-            if let Some(skipped) = self.skipping {
-                match self.buf.iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        self.buf.drain(..=i);
-                        self.skipping = None;
-                        return Some(WireIn::TooLarge(skipped + i));
-                    }
-                    None => {
-                        self.skipping = Some(skipped + self.buf.len());
-                        self.buf.clear();
-                        return None;
-                    }
-                }
-            }
-            match self.buf.iter().position(|&b| b == b'\n') {
-                Some(i) if i > self.limit => {
-                    self.buf.drain(..=i);
-                    return Some(WireIn::TooLarge(i));
-                }
-                Some(i) => {
-                    let line: Vec<u8> = self.buf.drain(..=i).take(i).collect();
-                    match to_message(line) {
-                        Some(m) => return Some(m),
-                        None => continue, // an empty line
-                    }
-                }
-                None if self.buf.len() > self.limit => {
-                    self.skipping = Some(self.buf.len());
-                    self.buf.clear();
-                    return None;
-                }
-                None => return None,
-            }
-        }
+        Self { body, lines: LineSplitter::new(limit), ended: false }
     }
 }
 
-/// A line as a text message; `None` for a blank one. Invalid UTF-8 is kept (lossily)
-/// so that the decoder answers it with an `invalid_json` error.
-fn to_message(mut line: Vec<u8>) -> Option<WireIn> {
-    if line.last() == Some(&b'\r') {
-        line.pop();
+fn wire_in(line: Line) -> WireIn {
+    match line {
+        Line::Text(t) => WireIn::Text(t),
+        Line::TooLarge(n) => WireIn::TooLarge(n),
     }
-    if line.iter().all(u8::is_ascii_whitespace) {
-        return None;
-    }
-    Some(WireIn::Text(match String::from_utf8(line) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    }))
 }
 
 impl WireSource for NdjsonSource {
@@ -176,25 +131,18 @@ impl WireSource for NdjsonSource {
 
     async fn recv(&mut self) -> Option<Result<WireIn, WireError>> {
         loop {
-            if let Some(m) = self.take_line() {
-                return Some(Ok(m));
+            if let Some(line) = self.lines.next_line() {
+                return Some(Ok(wire_in(line)));
             }
             if self.ended {
                 return None;
             }
             match self.body.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => self.lines.push(&chunk),
                 Some(Err(e)) => return Some(Err(WireError::Io(format!("reading the request body: {e}")))),
                 None => {
                     self.ended = true;
-                    if let Some(skipped) = self.skipping.take() {
-                        return Some(Ok(WireIn::TooLarge(skipped)));
-                    }
-                    let rest = std::mem::take(&mut self.buf);
-                    if let Some(m) = to_message(rest) {
-                        return Some(Ok(m));
-                    }
-                    return None;
+                    return self.lines.finish().map(|line| Ok(wire_in(line)));
                 }
             }
         }

@@ -1,6 +1,9 @@
 //! Client events of the OpenAI Realtime protocol, parsed leniently: the GA shapes
 //! and the older beta shapes both work, unknown fields are ignored, and every
 //! problem becomes a [`ProtocolError`] that the handler turns into an `error` event.
+//!
+//! Only serde, serde_json, base64 and thiserror: no type of the model stack, so the
+//! fuzz targets in `bench/fuzz/` compile this file in as it is.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -19,7 +22,7 @@ pub enum ClientEvent {
     /// `conversation.item.create` of a user text message.
     UserText(String),
     /// `response.create` (with its `response` options, if any).
-    ResponseCreate(Option<parley_agent::ResponseOptions>),
+    ResponseCreate(Option<ResponseRequest>),
     /// `conversation.item.truncate`: playback of an assistant item stopped here.
     Truncate { item_id: String, audio_end_ms: u64 },
     /// `response.cancel`.
@@ -28,6 +31,22 @@ pub enum ClientEvent {
     OutputClear,
     /// `conversation.item.create` of a `function_call_output`: a client tool's result.
     FunctionOutput { call_id: String, output: String },
+}
+
+/// The `response` options of a `response.create` that Parley acts on; the handler
+/// makes the call's `parley_agent::ResponseOptions` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseRequest {
+    /// Instructions for this response only, instead of the session's.
+    pub instructions: Option<String>,
+    /// `false` plays the whole reply even if the caller speaks (Parley's extension).
+    pub interruptible: bool,
+}
+
+impl Default for ResponseRequest {
+    fn default() -> Self {
+        Self { instructions: None, interruptible: true }
+    }
 }
 
 /// Why a client message was refused.
@@ -217,9 +236,9 @@ fn parse_value(mut value: Value) -> Result<ClientEvent, ProtocolError> {
 
 /// The options of `response.create` Parley acts on: `instructions` for this reply,
 /// and `interruptible: false` (a Parley extension) for a reply that must play to the end.
-fn response_options(value: &Value, kind: &str) -> Result<Option<parley_agent::ResponseOptions>, ProtocolError> {
+fn response_options(value: &Value, kind: &str) -> Result<Option<ResponseRequest>, ProtocolError> {
     let Some(response) = value.get("response").filter(|r| !r.is_null()) else { return Ok(None) };
-    let mut options = parley_agent::ResponseOptions::default();
+    let mut options = ResponseRequest::default();
     match response.get("instructions") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => options.instructions = Some(s.clone()),
@@ -307,6 +326,18 @@ mod tests {
         let Ok(ClientEvent::SessionUpdate(p)) = ev else { panic!("not parsed") };
         assert_eq!(p.input_audio_format.as_deref(), Some("g711_alaw"));
         assert_eq!(p.turn_detection.flatten().and_then(|t| t.silence_duration_ms), Some(800));
+    }
+
+    #[test]
+    fn response_create_options() {
+        assert!(matches!(parse(r#"{"type":"response.create"}"#).1, Ok(ClientEvent::ResponseCreate(None))));
+        assert!(matches!(parse(r#"{"type":"response.create","response":null}"#).1, Ok(ClientEvent::ResponseCreate(None))));
+        let (_, ev) = parse(r#"{"type":"response.create","response":{"instructions":"Be brief."}}"#);
+        let Ok(ClientEvent::ResponseCreate(Some(r))) = ev else { panic!("not parsed") };
+        assert_eq!(r, ResponseRequest { instructions: Some("Be brief.".into()), interruptible: true });
+        let (_, ev) = parse(r#"{"type":"response.create","response":{"interruptible":false}}"#);
+        assert!(matches!(ev, Ok(ClientEvent::ResponseCreate(Some(ResponseRequest { instructions: None, interruptible: false })))));
+        assert!(matches!(parse(r#"{"type":"response.create","response":{"interruptible":"no"}}"#).1, Err(ProtocolError::InvalidEvent { .. })));
     }
 
     #[test]

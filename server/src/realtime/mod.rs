@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use parley_agent::{AgentEvent, CallInput, SessionSettings};
+use parley_agent::{AgentEvent, CallInput, ResponseOptions, SessionSettings};
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::app::App;
@@ -160,7 +160,9 @@ impl RealtimeDecoder {
             Ok(ClientEvent::Clear) => Ok(CallInput::ClearInput),
             Ok(ClientEvent::UserText(t)) => Ok(CallInput::UserText(t)),
             Ok(ClientEvent::ResponseCreate(None)) => Ok(CallInput::CreateResponse),
-            Ok(ClientEvent::ResponseCreate(Some(options))) => Ok(CallInput::CreateResponseWith(options)),
+            Ok(ClientEvent::ResponseCreate(Some(r))) => {
+                Ok(CallInput::CreateResponseWith(ResponseOptions { instructions: r.instructions, interruptible: r.interruptible, ..ResponseOptions::default() }))
+            }
             Ok(ClientEvent::Truncate { item_id, audio_end_ms }) => Ok(CallInput::Truncate { item_id, audio_end_ms }),
             Ok(ClientEvent::ResponseCancel | ClientEvent::OutputClear) => Ok(CallInput::CancelResponse),
             Ok(ClientEvent::FunctionOutput { call_id, output }) => Ok(CallInput::ToolOutput { call_id, output }),

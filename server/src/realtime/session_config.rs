@@ -323,6 +323,39 @@ mod tests {
         }
     }
 
+    /// The Realtime seeds of the fuzz target `realtime_client_events` through `apply`
+    /// (which the fuzz build cannot reach: it would need the model stack): every
+    /// `session.update` among them applies or is refused with an `invalid_event`, and
+    /// what the server reports back in either dialect is itself a valid update that
+    /// settles (applying the report of the result changes nothing more).
+    #[test]
+    fn seed_patches_apply_or_refuse_cleanly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/fuzz/seeds/realtime_client_events");
+        let entries = std::fs::read_dir(&dir).expect("the fuzz seeds");
+        let d = SessionSettings::default();
+        let mut updates = 0;
+        for entry in entries {
+            let path = entry.expect("entry").path();
+            let text = String::from_utf8_lossy(&std::fs::read(&path).expect("seed")).into_owned();
+            let Ok(ClientEvent::SessionUpdate(p)) = parse(&text).1 else { continue };
+            updates += 1;
+            let s = match apply(&d, *p, &d) {
+                Ok(s) => s,
+                Err(e) => {
+                    assert_eq!(e.code(), "invalid_event", "{}", path.display());
+                    continue;
+                }
+            };
+            for dialect in [Dialect::Ga, Dialect::Beta] {
+                let report = |s: &SessionSettings| patch(&json!({"type": "session.update", "session": session_json("s", s, dialect)}).to_string());
+                let s1 = apply(&s, report(&s), &d).unwrap_or_else(|e| panic!("{}: our own report refused: {e}", path.display()));
+                let s2 = apply(&s1, report(&s1), &d).expect("valid");
+                assert_eq!(s1, s2, "{} ({dialect:?})", path.display());
+            }
+        }
+        assert!(updates >= 3, "{updates} session.update seeds in {}", dir.display());
+    }
+
     #[test]
     fn ga_update_changes_formats_and_vad() {
         let d = SessionSettings::default();

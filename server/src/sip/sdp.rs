@@ -244,13 +244,18 @@ pub fn parse(body: &[u8]) -> Result<Description, SdpError> {
 }
 
 /// Our answer's terms for an offer: the offer's first G.711 codec, its
-/// telephone-event number, its ptime (20 ms when it names none), the answering
-/// direction.
+/// telephone-event number (unless it is the number we answer the codec with), its
+/// ptime (20 ms when it names none), the answering direction.
 pub fn negotiate(offer: &Description) -> Result<Negotiated, SdpError> {
     let codec = *offer.codecs.first().ok_or_else(|| SdpError::NoCommonCodec(offer.payload_types.iter().map(u8::to_string).collect::<Vec<_>>().join(" ")))?;
+    // We answer the codec with its static number. An offer that maps telephone-event
+    // onto that number (and the codec onto a dynamic one) would get an answer giving
+    // one number two encodings, and its key presses would be taken for audio: no
+    // telephone-event then (the `sdp` fuzz target's round-trip check fails without this).
+    let dtmf_pt = offer.dtmf_pt.filter(|&pt| pt != codec.payload_type());
     // c=0.0.0.0 is RFC 2543 hold: nothing to send to.
     let direction = if offer.remote.is_none() { Direction::Inactive } else { offer.direction.answer() };
-    Ok(Negotiated { codec, dtmf_pt: offer.dtmf_pt, ptime_ms: offer.ptime_ms.unwrap_or(DEFAULT_PTIME_MS), remote: offer.remote, direction })
+    Ok(Negotiated { codec, dtmf_pt, ptime_ms: offer.ptime_ms.unwrap_or(DEFAULT_PTIME_MS), remote: offer.remote, direction })
 }
 
 /// Our terms from the peer's answer to our offer: its codec, its direction reversed.
@@ -346,6 +351,24 @@ mod tests {
         assert_eq!((d.codecs.clone(), d.dtmf_pt), (vec![Codec::Pcmu], None));
         let a = answer(&negotiate(&d).expect("negotiate"), &local(), 1);
         assert!(a.contains("m=audio 40000 RTP/AVP 0\r\n") && !a.contains("telephone-event"), "{a}");
+    }
+
+    /// The `sdp` fuzz target's round-trip check failed on this offer (seed
+    /// `event_on_codec_number`): telephone-event on the static number we answer the
+    /// codec with gave an answer with `0` twice on its `m=` line and two rtpmaps for 0.
+    #[test]
+    fn telephone_event_on_the_number_of_our_codec_is_left_out() {
+        let d = parse(offer_sdp("m=audio 5004 RTP/AVP 96 0", "a=rtpmap:96 PCMU/8000\r\na=rtpmap:0 telephone-event/8000\r\n").as_bytes()).expect("parse");
+        assert_eq!((d.codecs.clone(), d.dtmf_pt), (vec![Codec::Pcmu], Some(0)));
+        let n = negotiate(&d).expect("negotiate");
+        assert_eq!((n.codec, n.dtmf_pt), (Codec::Pcmu, None));
+        let a = answer(&n, &local(), 1);
+        assert!(a.contains("m=audio 40000 RTP/AVP 0\r\n") && !a.contains("telephone-event"), "{a}");
+        let back = parse(a.as_bytes()).expect("our answer parses");
+        assert_eq!((back.codecs, back.dtmf_pt, back.payload_types), (vec![Codec::Pcmu], None, vec![0]));
+        // On the other law's number it is a distinct number, and kept.
+        let d = parse(offer_sdp("m=audio 5004 RTP/AVP 96 8", "a=rtpmap:96 PCMU/8000\r\na=rtpmap:8 telephone-event/8000\r\n").as_bytes()).expect("parse");
+        assert_eq!(negotiate(&d).expect("negotiate").dtmf_pt, Some(8));
     }
 
     #[test]

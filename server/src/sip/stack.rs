@@ -7,7 +7,7 @@
 //! Transfers (RFC 3515): [`IncomingCall::referrer`] sends REFER in the call's dialog;
 //! the NOTIFYs that report how it went (a `message/sipfrag` status line) come back
 //! as [`CallEvent::TransferProgress`]. rsipstack builds and sends the REFER and
-//! routes the NOTIFYs to the dialog; reading the sipfrag is ours ([`sipfrag_status`]):
+//! routes the NOTIFYs to the dialog; reading them is ours ([`read_notify`], [`sipfrag_status`]):
 //! the stack's own reader (`ReferStatus::parse`) looks for `Event` among untyped
 //! headers, where its parser never puts it.
 
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rsipstack::dialog::dialog::{Dialog, DialogState, DialogStateReceiver, TerminatedReason, TransactionHandle};
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invite_dialog::InviteDialog;
-use rsipstack::sip::{Header, HeadersExt, Method, StatusCode};
+use rsipstack::sip::{Header, HeadersExt, Method, Request, StatusCode};
 use rsipstack::transport::TransportLayer;
 use rsipstack::transport::udp::UdpConnection;
 use rsipstack::{EndpointBuilder, Error as StackError};
@@ -217,22 +217,20 @@ impl IncomingCall {
                 DialogState::Options(_, _, handle) => {
                     let _ = handle.respond(StatusCode::OK, Some(vec![Header::Allow(ALLOW.into())]), None).await;
                 }
-                DialogState::Notify(_, req, handle) => {
-                    let event = header_value(req.headers.iter(), &["event", "o"]).unwrap_or_default();
-                    let package = event.split(';').next().unwrap_or_default().trim();
-                    if !package.eq_ignore_ascii_case("refer") {
+                DialogState::Notify(_, req, handle) => match read_notify(&req) {
+                    NotifyReading::OtherEvent => {
                         // RFC 6665: an event package we did not subscribe to.
                         let _ = handle.respond(StatusCode::BadEvent, None, None).await;
-                        continue;
                     }
-                    let terminated = header_value(req.headers.iter(), &["subscription-state"]).is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
-                    let status = sipfrag_status(req.body());
-                    let _ = handle.respond(if status.is_some() { StatusCode::OK } else { StatusCode::BadRequest }, None, None).await;
-                    match status {
-                        Some(status) => return CallEvent::TransferProgress { status, terminated },
-                        None => debug!("a NOTIFY for our REFER without a sipfrag status line: 400"),
+                    NotifyReading::NoStatus => {
+                        let _ = handle.respond(StatusCode::BadRequest, None, None).await;
+                        debug!("a NOTIFY for our REFER without a sipfrag status line: 400");
                     }
-                }
+                    NotifyReading::Progress { status, terminated } => {
+                        let _ = handle.respond(StatusCode::OK, None, None).await;
+                        return CallEvent::TransferProgress { status, terminated };
+                    }
+                },
                 DialogState::Info(_, _, handle) | DialogState::Message(_, _, handle) | DialogState::Publish(_, _, handle) | DialogState::Refer(_, _, handle) => {
                     let _ = handle.respond(StatusCode::NotImplemented, None, None).await;
                 }
@@ -248,6 +246,37 @@ impl IncomingCall {
                 DialogState::Calling(_) | DialogState::Trying(_) | DialogState::Early(..) | DialogState::WaitAck(..) => {}
             }
         }
+    }
+}
+
+/// What a NOTIFY in a call's dialog says, read from its headers and body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyReading {
+    /// An event package other than `refer` (answered 489 Bad Event).
+    OtherEvent,
+    /// A NOTIFY for our REFER without a sipfrag status line (answered 400).
+    NoStatus,
+    /// A NOTIFY for our REFER (answered 200): the transfer target's status so far.
+    Progress {
+        /// The sipfrag's status code.
+        status: u16,
+        /// Whether the subscription ended with it (`Subscription-State: terminated`).
+        terminated: bool,
+    },
+}
+
+/// Reads a NOTIFY: its `Event` package (`o` in compact form), `Subscription-State`
+/// and `message/sipfrag` body.
+pub fn read_notify(req: &Request) -> NotifyReading {
+    let event = header_value(req.headers.iter(), &["event", "o"]).unwrap_or_default();
+    let package = event.split(';').next().unwrap_or_default().trim();
+    if !package.eq_ignore_ascii_case("refer") {
+        return NotifyReading::OtherEvent;
+    }
+    let terminated = header_value(req.headers.iter(), &["subscription-state"]).is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+    match sipfrag_status(req.body()) {
+        Some(status) => NotifyReading::Progress { status, terminated },
+        None => NotifyReading::NoStatus,
     }
 }
 
@@ -415,6 +444,24 @@ async fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(text: &str) -> Request {
+        Request::try_from(text).expect("a request")
+    }
+
+    #[test]
+    fn a_notify_is_read_by_its_event_package_state_and_sipfrag() {
+        let head = "NOTIFY sip:parley@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.2;branch=z9hG4bK1\r\nFrom: <sip:a@192.0.2.2>;tag=1\r\nTo: <sip:parley@192.0.2.1>;tag=2\r\nCall-ID: c1\r\nCSeq: 2 NOTIFY\r\n";
+        let notify = |headers: &str, body: &str| request(&format!("{head}{headers}Content-Length: {}\r\n\r\n{body}", body.len()));
+        assert_eq!(
+            read_notify(&notify("Event: refer;id=7\r\nSubscription-State: terminated;reason=noresource\r\n", "SIP/2.0 200 OK\r\n")),
+            NotifyReading::Progress { status: 200, terminated: true }
+        );
+        assert_eq!(read_notify(&notify("o: REFER\r\nSubscription-State: active\r\n", "SIP/2.0 180 Ringing\r\n")), NotifyReading::Progress { status: 180, terminated: false });
+        assert_eq!(read_notify(&notify("Event: dialog\r\n", "SIP/2.0 200 OK\r\n")), NotifyReading::OtherEvent);
+        assert_eq!(read_notify(&notify("", "SIP/2.0 200 OK\r\n")), NotifyReading::OtherEvent);
+        assert_eq!(read_notify(&notify("Event: refer\r\n", "")), NotifyReading::NoStatus);
+    }
 
     #[test]
     fn a_sipfrag_gives_its_status_line_code() {
