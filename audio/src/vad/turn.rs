@@ -228,12 +228,17 @@ impl TurnDetector {
         if self.silent_frames < self.settings.stop_frames() {
             return None;
         }
+        Some(self.stop())
+    }
+
+    /// Leaves the turn in progress: its `SpeechStopped` at the last speech frame.
+    fn stop(&mut self) -> TurnEvent {
         self.in_speech = false;
         self.silent_frames = 0;
         self.steadiness.clear();
-        Some(TurnEvent::SpeechStopped {
+        TurnEvent::SpeechStopped {
             at_ms: samples_to_ms(self.last_speech_end),
-        })
+        }
     }
 
     /// Ends the turn in progress now, before the silence window has run out, and
@@ -242,15 +247,7 @@ impl TurnDetector {
     /// transcript of the pause reads as a finished question. The detector keeps its
     /// state, so speech that follows starts a new turn as usual.
     pub fn end_turn(&mut self) -> Option<TurnEvent> {
-        if !self.in_speech {
-            return None;
-        }
-        self.in_speech = false;
-        self.silent_frames = 0;
-        self.steadiness.clear();
-        Some(TurnEvent::SpeechStopped {
-            at_ms: samples_to_ms(self.last_speech_end),
-        })
+        self.in_speech.then(|| self.stop())
     }
 
     /// Whether the caller is currently mid-turn (between start and stop events).
