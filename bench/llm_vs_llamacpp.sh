@@ -37,7 +37,7 @@ done
 curl -sf "http://127.0.0.1:$port/health" >/dev/null || { tail -20 "$work/llama.log"; exit 1; }
 
 # The prompts' token ids come from Parley's tokenizer; llama-server gets the same ids.
-CANDLE_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS "$SPEED" --gguf "$GGUF" $EXTRA \
+PARLEY_MODEL_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS "$SPEED" --gguf "$GGUF" $EXTRA \
   --prompt-tokens 150 --prompt-tokens 650 --decode 8 --ids-out "$work/ids.jsonl" >/dev/null
 
 llama_once() { # prints one key=value line per prompt
@@ -52,7 +52,7 @@ print("engine=llama.cpp prompt_tokens=%d prefill_ms=%.0f prefill_tok_s=%.1f deco
 
 llama_once >/dev/null # warm-up
 for r in $(seq "$ROUNDS"); do
-  CANDLE_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS "$SPEED" --gguf "$GGUF" $EXTRA \
+  PARLEY_MODEL_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS "$SPEED" --gguf "$GGUF" $EXTRA \
     --prompt-tokens 150 --prompt-tokens 650 --decode "$DECODE" | grep prompt_tokens >>"$work/results.txt"
   llama_once >>"$work/results.txt"
 done

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p parley-llm --example llm_speed -- [--gguf FILE] \
 //!     [--prompt-tokens N]... [--decode N] [--dequantize] [--candle-q8] [--dense-min N] [--ids-out FILE]
-//!     [--greedy-check N]
+//!     [--greedy-check N] [--threads N] [--concurrent N]
 //! ```
 //! For each `--prompt-tokens N`: a fresh cache prefills N tokens of a fixed English
 //! text (chat-formatted), then decodes `--decode` tokens greedily, never stopping at an
@@ -15,6 +15,11 @@
 //! `--greedy-check N` instead compares greedy continuations of N prompts between the
 //! quantized path (the default) and f32 dequantized weights (the old default), and
 //! prints how many agree token for token, and where the first difference falls.
+//!
+//! `--threads N`: the model's threads (default: `PARLEY_MODEL_THREADS`, else one per
+//! core), as `[llm] threads` sets them in the server. `--concurrent N`: N sessions
+//! prefill and decode at the same time on their own threads, as N calls would (one
+//! line per session, then their total decode rate).
 
 mod common;
 use common::status_mb;
@@ -89,6 +94,8 @@ fn main() -> BoxResult<()> {
     let mut ids_out = None;
     let mut greedy_check = 0usize;
     let mut dense_min = parley_llm::qwen2::DEFAULT_DENSE_PREFILL_MIN_TOKENS;
+    let mut threads = 0usize;
+    let mut concurrent = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -101,12 +108,16 @@ fn main() -> BoxResult<()> {
             "--ids-out" => ids_out = Some(PathBuf::from(value()?)),
             "--greedy-check" => greedy_check = value()?.parse()?,
             "--dense-min" => dense_min = value()?.parse()?,
+            "--threads" => threads = value()?.parse()?,
+            "--concurrent" => concurrent = value()?.parse::<usize>()?.max(1),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     if prompts.is_empty() {
         prompts = vec![150, 650];
     }
+    // SAFETY: no other thread exists yet.
+    unsafe { parley_llm::cpu::set_model_threads(threads) };
     let gguf = gguf.unwrap_or_else(|| {
         let dir = std::env::var_os("PARLEY_MODELS_DIR")
             .map(PathBuf::from)
@@ -140,6 +151,10 @@ fn main() -> BoxResult<()> {
         return check_greedy(&w, &gguf, &tok, greedy_check, decode);
     }
 
+    if concurrent > 1 {
+        return run_concurrent(&w, &tok, &prompts, decode, concurrent);
+    }
+
     let mut all_ids = Vec::new();
     for &n in &prompts {
         let ids = prompt_ids(&tok, n)?;
@@ -161,6 +176,46 @@ fn main() -> BoxResult<()> {
             .map(|ids| serde_json::to_string(ids).unwrap_or_default())
             .collect();
         std::fs::write(path, lines.join("\n") + "\n")?;
+    }
+    Ok(())
+}
+
+/// `sessions` sessions at once, each on its own thread, each prefilling and decoding
+/// every prompt length in turn: what the model does for that many simultaneous calls.
+fn run_concurrent(
+    w: &Qwen2Weights,
+    tok: &tokenizers::Tokenizer,
+    prompts: &[usize],
+    decode: usize,
+    sessions: usize,
+) -> BoxResult<()> {
+    for &n in prompts {
+        let ids = prompt_ids(tok, n)?;
+        let start = Instant::now();
+        let results: Vec<BoxResult<(Vec<u32>, f64, f64)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..sessions)
+                .map(|_| scope.spawn(|| greedy(w, &ids, decode + 1)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("session thread panicked".into())))
+                .collect()
+        });
+        let wall_s = start.elapsed().as_secs_f64();
+        for (i, r) in results.into_iter().enumerate() {
+            let (_, prefill_ms, decode_ms) = r?;
+            println!(
+                "engine=parley session={i} prompt_tokens={} prefill_ms={prefill_ms:.0} decode_tokens={decode} decode_ms={decode_ms:.0} decode_tok_s={:.2}",
+                ids.len(),
+                decode as f64 / (decode_ms / 1e3),
+            );
+        }
+        println!(
+            "engine=parley sessions={sessions} prompt_tokens={} wall_s={wall_s:.2} total_tokens_per_s={:.2} rss_mb={:.0}",
+            ids.len(),
+            (sessions * (ids.len() + decode)) as f64 / wall_s,
+            status_mb("VmRSS:"),
+        );
     }
     Ok(())
 }

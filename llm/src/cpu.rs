@@ -5,11 +5,14 @@
 //! that way must not start on an older CPU: [`check_cpu`] says so in words instead of
 //! dying on an illegal instruction somewhere in the first matrix product.
 //!
-//! Model work runs on candle's one fixed pool (`CANDLE_NUM_THREADS` threads, the
-//! caller included; calls take turns on it) and on rayon's global pool for f32
-//! products (`RAYON_NUM_THREADS`). [`set_model_threads`] sets both before either
-//! exists, so the model never has more threads than the machine has cores and Whisper
-//! and Piper are not starved by oversubscription.
+//! Model work runs on Parley's own pool ([`crate::pool`]: the matrix products, the
+//! caller plus `threads - 1` helpers that never make a product wait for a thread the
+//! scheduler has put aside) and on rayon's global pool for the f32 products of
+//! attention (`RAYON_NUM_THREADS`). candle's barrier pool, which would otherwise spin
+//! a thread per core beside them, is left at one thread (`CANDLE_NUM_THREADS=1`: its
+//! element-wise loops run on the calling thread). [`set_model_threads`] sets all of
+//! this before any pool exists, so the model never has more threads than the machine
+//! has cores and Whisper and Piper are not starved by oversubscription.
 
 use std::sync::OnceLock;
 
@@ -72,36 +75,40 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Sets how many threads the model's matrix products use (0: one per available core),
-/// by setting `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS` unless the operator set
-/// them. Returns the number in force.
+/// Sets how many threads the model's matrix products use (0: one per available core,
+/// or `PARLEY_MODEL_THREADS` when set), and the thread counts of the pools candle
+/// uses (`RAYON_NUM_THREADS` to that number and `CANDLE_NUM_THREADS` to 1, unless the
+/// operator set them). Returns the number in force.
 ///
 /// # Safety
 /// Changes the process environment: call it before any other thread exists (first
 /// thing in `main`, before the async runtime starts).
 pub unsafe fn set_model_threads(threads: usize) -> usize {
-    let n = if threads == 0 { available_cores() } else { threads };
-    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+    let n = match threads {
+        0 => threads_from_env().unwrap_or_else(available_cores),
+        n => n,
+    };
+    let defaults = [("RAYON_NUM_THREADS", n.to_string()), ("CANDLE_NUM_THREADS", "1".to_string())];
+    for (var, value) in defaults {
         if std::env::var_os(var).is_none() {
             // SAFETY: the caller guarantees no other thread reads the environment.
-            unsafe { std::env::set_var(var, n.to_string()) };
+            unsafe { std::env::set_var(var, value) };
         }
     }
-    let in_force = model_threads_from_env().unwrap_or(n);
-    let _ = MODEL_THREADS.set(in_force);
-    in_force
+    *MODEL_THREADS.get_or_init(|| n)
 }
 
-fn model_threads_from_env() -> Option<usize> {
-    std::env::var("CANDLE_NUM_THREADS")
+fn threads_from_env() -> Option<usize> {
+    std::env::var("PARLEY_MODEL_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
 }
 
-/// Threads the model's products use (for the log and metrics).
+/// Threads the model's products use: the caller plus the helpers of
+/// [`crate::pool::model_pool`].
 pub fn model_threads() -> usize {
-    *MODEL_THREADS.get_or_init(|| model_threads_from_env().unwrap_or_else(available_cores))
+    *MODEL_THREADS.get_or_init(|| threads_from_env().unwrap_or_else(available_cores))
 }
 
 #[cfg(test)]

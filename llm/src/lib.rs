@@ -51,6 +51,7 @@ pub mod engine;
 pub mod grammar;
 pub mod known_ids;
 pub mod kv_budget;
+pub mod pool;
 pub mod q8;
 pub mod qwen2;
 pub mod requant;

@@ -111,6 +111,21 @@ impl Q8Matrix {
         self.qs.len() + self.d.len() * 4
     }
 
+    /// Appends row `row` in f32 to `out` (an embedding lookup, when the model's
+    /// token table is its output head); false when there is no such row.
+    pub fn push_row(&self, row: usize, out: &mut Vec<f32>) -> bool {
+        if row >= self.n {
+            return false;
+        }
+        let kb = self.k / BLOCK;
+        let qs = &self.qs[row * self.k..(row + 1) * self.k];
+        let d = &self.d[row * kb..(row + 1) * kb];
+        for (block, &d) in qs.chunks_exact(BLOCK).zip(d) {
+            out.extend(block.iter().map(|&q| f32::from(q) * d));
+        }
+        true
+    }
+
     /// The matrix in f32, for the dense prefill path.
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
         let mut out = Vec::with_capacity(self.n * self.k);
@@ -138,7 +153,7 @@ impl Q8Matrix {
         Tensor::from_vec(out, shape, x.device())
     }
 
-    /// `out (m, n) = x (m, k) · Wᵀ`, on candle's CPU thread pool.
+    /// `out (m, n) = x (m, k) · Wᵀ`, on the model's thread pool ([`crate::pool`]).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "q8 matmul: input size");
         assert_eq!(out.len(), m * self.n, "q8 matmul: output size");
@@ -154,7 +169,7 @@ impl Q8Matrix {
         let groups = self.n.div_ceil(GROUP_N);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let kernel = Kernel::detect();
-        candle_core::utils::barrier_pool().execute_chunked(row_tiles * groups, |items| {
+        crate::pool::model_pool().run(row_tiles * groups, |items| {
             let out_ptr = &out_ptr;
             for item in items {
                 let (rt, g) = (item / groups, item % groups);
@@ -494,5 +509,41 @@ mod tests {
             assert!((p - q).abs() <= 1e-3 * (1.0 + q.abs()), "at {i}: {p} vs {q}");
         }
         Ok(())
+    }
+
+    /// A K-quant matrix (as `ffn_down` is stored) requantized to Q8_0 keeps every
+    /// value within half a Q8_0 step (its block's absmax / 254) of the K-quant value,
+    /// an order of magnitude inside the K-quant's own rounding.
+    #[test]
+    fn k_quants_requantize_within_half_a_q8_step() -> candle_core::Result<()> {
+        let (n, k) = (16, 512);
+        let wf = Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu)?;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let kq: Vec<f32> = QTensor::quantize(&wf, dtype)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            let q8 = Q8Matrix::quantize(n, k, &kq).map_err(candle_core::Error::wrap)?;
+            let back: Vec<f32> = q8.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for (block, (a, b)) in kq.chunks_exact(BLOCK).zip(back.chunks_exact(BLOCK)).enumerate() {
+                let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Rounding the scale (absmax / 127) to f16 moves a value by at most
+                // 127 × scale × 2^-11 = absmax × 2^-11.
+                let bound = amax / 254.0 + amax * 2f32.powi(-11) + 1e-7;
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= bound, "{dtype:?} block {block}: {x} -> {y}, bound {bound}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rows_are_read_back_for_embedding_lookups() {
+        let (n, k) = (5, 64);
+        let w = Q8Matrix::quantize(n, k, &values(n * k, 11)).expect("matrix");
+        let dense: Vec<f32> = w.dequantize(&Device::Cpu).expect("dense").flatten_all().expect("flat").to_vec1().expect("vec");
+        let mut row = Vec::new();
+        assert!(w.push_row(3, &mut row));
+        assert_eq!(row, dense[3 * k..4 * k]);
+        assert!(!w.push_row(5, &mut row), "no sixth row");
+        assert_eq!(row.len(), k);
     }
 }

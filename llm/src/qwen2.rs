@@ -9,11 +9,13 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::LlmError;
+use crate::q8::Q8Matrix;
 use crate::requant::{Conversion, WeightSummary, to_fast_cpu_format};
 
 /// Shape and numerics of a Qwen2 model, read from the GGUF metadata.
@@ -94,8 +96,9 @@ impl MatmulPath {
 enum Linear {
     /// candle's own: f32 (dequantized), or a format candle has a fast kernel for.
     Candle(QMatMul),
-    /// Q8_0 with Parley's tiled kernel.
-    Q8(crate::q8::Q8Matrix),
+    /// Q8_0 with Parley's tiled kernel (shared: a tied output head is also the
+    /// embedding table).
+    Q8(Arc<Q8Matrix>),
 }
 
 /// Multiplies `x` by a weight matrix along the chosen path.
@@ -143,7 +146,8 @@ struct Block {
 /// model instead of another 272 MB in f16.
 enum Embedding {
     Dense(Tensor),
-    Quantized(std::sync::Arc<QTensor>),
+    Quantized(Arc<QTensor>),
+    Q8(Arc<Q8Matrix>),
 }
 
 impl Embedding {
@@ -151,6 +155,17 @@ impl Embedding {
         match self {
             Self::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
             Self::Quantized(q) => q.embedding(ids)?.to_dtype(DType::F32),
+            Self::Q8(q) => {
+                let device = ids.device().clone();
+                let ids = ids.to_vec1::<u32>()?;
+                let mut rows = Vec::with_capacity(ids.len() * q.cols());
+                for &id in &ids {
+                    if !q.push_row(id as usize, &mut rows) {
+                        candle_core::bail!("token id {id} is outside the embedding table ({} rows)", q.rows());
+                    }
+                }
+                Tensor::from_vec(rows, (ids.len(), q.cols()), &device)
+            }
         }
     }
 }
@@ -167,7 +182,7 @@ pub struct Qwen2Weights {
     summary: WeightSummary,
     blocks: Vec<Block>,
     final_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// RoPE tables, `(max_context, head_dim / 2)`.
     cos: Tensor,
     sin: Tensor,
@@ -281,20 +296,45 @@ impl Qwen2Weights {
                     q.storage_size_in_bytes(),
                     conversion,
                 );
-                Ok(QMatMul::QTensor(std::sync::Arc::new(q)))
+                Ok(QMatMul::QTensor(Arc::new(q)))
             }
         };
-        let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
-        // A block's matrix: Q8_0 (after conversion) goes to Parley's kernel.
-        let linear = |q: QTensor, name: &str| -> Result<Linear, String> {
-            match matmul(q, name)? {
-                QMatMul::QTensor(q) if options.q8_kernel && q.dtype() == GgmlDType::Q8_0 => {
-                    let q = std::sync::Arc::try_unwrap(q).map_err(|_| format!("`{name}` is shared"))?;
-                    crate::q8::Q8Matrix::from_qtensor(q)
-                        .map(Linear::Q8)
-                        .map_err(|e| format!("`{name}`: {e}"))
+        // Parley's Q8_0 kernel takes every quantized matrix whose rows are whole
+        // 32-value blocks: Q8_0 as stored, Q5_0 rewritten exactly, the K-quants
+        // (`ffn_down` in Q4_K/Q6_K here) requantized from their values, which costs
+        // about 50 MB for the 0.5B model and keeps every product off candle's barrier
+        // pool ([`crate::pool`] says why that matters). `None`: candle keeps it.
+        let q8 = |q: QTensor, name: &str| -> Result<Result<Q8Matrix, QTensor>, String> {
+            let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            let whole_blocks = q.shape().dims().last().is_some_and(|k| k % crate::q8::BLOCK == 0);
+            if !options.q8_kernel || options.dequantize || !device.is_cpu() || float || !whole_blocks {
+                return Ok(Err(q));
+            }
+            let err = |e: String| format!("`{name}` to Q8_0: {e}");
+            let (matrix, conversion) = match q.dtype() {
+                GgmlDType::Q8_0 => (Q8Matrix::from_qtensor(q).map_err(|e| err(e.to_string()))?, Conversion::Kept),
+                GgmlDType::Q5_0 => {
+                    let (q, conversion) = to_fast_cpu_format(q, device).map_err(|e| err(e.to_string()))?;
+                    (Q8Matrix::from_qtensor(q).map_err(|e| err(e.to_string()))?, conversion)
                 }
-                other => Ok(Linear::Candle(other)),
+                _ => {
+                    let (n, k) = q.shape().dims2().map_err(|e| err(e.to_string()))?;
+                    let values = q
+                        .dequantize(device)
+                        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                        .map_err(|e| err(e.to_string()))?;
+                    (Q8Matrix::quantize(n, k, &values).map_err(|e| err(e.to_string()))?, Conversion::Requantized)
+                }
+            };
+            summary.borrow_mut().add("Q8_0", matrix.size_in_bytes(), conversion);
+            Ok(Ok(matrix))
+        };
+        let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
+        // A block's matrix: on Parley's kernel where it can, else candle's.
+        let linear = |q: QTensor, name: &str| -> Result<Linear, String> {
+            match q8(q, name)? {
+                Ok(matrix) => Ok(Linear::Q8(Arc::new(matrix))),
+                Err(q) => Ok(Linear::Candle(matmul(q, name)?)),
             }
         };
 
@@ -314,16 +354,22 @@ impl Qwen2Weights {
         // quantized, a quarter of f32's bytes and read about twice as fast by candle's
         // AVX2 kernel. Other formats follow `dequantize`.
         let output = if head.dtype() == GgmlDType::Q8_0 {
-            summary
-                .borrow_mut()
-                .add("Q8_0", head.storage_size_in_bytes(), Conversion::Kept);
-            QMatMul::QTensor(std::sync::Arc::new(head))
+            match q8(head, head_name)? {
+                Ok(matrix) => Linear::Q8(Arc::new(matrix)),
+                Err(head) => {
+                    summary
+                        .borrow_mut()
+                        .add("Q8_0", head.storage_size_in_bytes(), Conversion::Kept);
+                    Linear::Candle(QMatMul::QTensor(Arc::new(head)))
+                }
+            }
         } else {
-            matmul(head, head_name)?
+            Linear::Candle(matmul(head, head_name)?)
         };
         let embed = match (&output, tied && !options.dequantize) {
             // Tied and quantized: rows are dequantized from the head as they are looked up.
-            (QMatMul::QTensor(q), true) => Embedding::Quantized(q.clone()),
+            (Linear::Q8(q), true) => Embedding::Q8(Arc::clone(q)),
+            (Linear::Candle(QMatMul::QTensor(q)), true) => Embedding::Quantized(Arc::clone(q)),
             // Otherwise f16 halves the table (545 MB as f32 for the 0.5B model) at no
             // speed cost; looked-up rows are widened to f32.
             _ => Embedding::Dense(
@@ -470,8 +516,7 @@ impl Qwen2Weights {
 
         let last = x.narrow(1, seq - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.final_norm, eps)?;
-        self.output
-            .forward(&last)?
+        linear(&self.output, &last, MatmulPath::Quantized)?
             .flatten_all()?
             .to_dtype(DType::F32)
     }
@@ -826,7 +871,7 @@ mod tests {
         let x: Vec<f32> = (0..40 * 256).map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0).collect();
         let x = Tensor::from_vec(x, (1, 40, 256), &dev)?;
         let candle = Linear::Candle(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?);
-        let ours = Linear::Q8(crate::q8::Q8Matrix::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?).map_err(candle_core::Error::wrap)?);
+        let ours = Linear::Q8(Arc::new(Q8Matrix::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?).map_err(candle_core::Error::wrap)?));
         let dense = linear(&candle, &x, MatmulPath::Dense)?;
         let scale = dense.abs()?.max_all()?.to_scalar::<f32>()?;
         for (name, w) in [("candle", &candle), ("q8", &ours)] {

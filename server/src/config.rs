@@ -414,9 +414,11 @@ pub struct LlmConfig {
     /// (four times the bytes read per token); only for comparison. Off, the weights
     /// stay quantized and formats without a SIMD kernel become Q8_0 at load.
     pub dequantize: bool,
-    /// Threads the embedded model's matrix products use, 0 for one per core. They
-    /// form one fixed pool that calls take turns on (`CANDLE_NUM_THREADS` and
-    /// `RAYON_NUM_THREADS`, when set, win).
+    /// Threads the embedded model's matrix products use, 0 for one per core
+    /// (`PARLEY_MODEL_THREADS` when set). A product runs on the calling thread plus
+    /// the pool's helpers that are free; a second call's product meanwhile runs on its
+    /// own thread instead of waiting (`RAYON_NUM_THREADS`, for attention's f32
+    /// products, wins when set).
     pub threads: usize,
     /// Context window used per call, in tokens.
     pub context: usize,
