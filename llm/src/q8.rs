@@ -53,6 +53,9 @@ pub enum Q8Error {
     /// Reading the tensor's bytes failed.
     #[error("reading the Q8_0 tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Reading the tensor from its file failed.
+    #[error("reading the Q8_0 tensor from the file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Q8Matrix {
@@ -75,14 +78,42 @@ impl Q8Matrix {
         if k == 0 || !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * GGUF_BLOCK_BYTES {
             return Err(Q8Error::Shape(format!("{n}x{k} from {} bytes", bytes.len())));
         }
-        let blocks = n * k / BLOCK;
-        let mut qs = Vec::with_capacity(n * k);
-        let mut d = Vec::with_capacity(blocks);
-        for block in bytes.chunks_exact(GGUF_BLOCK_BYTES) {
-            d.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            qs.extend(block[2..].iter().map(|&b| b as i8));
+        let mut m = Self::with_capacity(n, k);
+        m.push_blocks(bytes);
+        Ok(m)
+    }
+
+    /// Reads `n` rows of `k` values of GGUF Q8_0 blocks from `reader`, a chunk at a
+    /// time: a large matrix (the 0.5B model's 136 MB output head) never has its file
+    /// bytes and its converted copy in memory at once, which kept the loading peak
+    /// about that much above the resident size.
+    pub fn read_gguf<R: std::io::Read>(reader: &mut R, n: usize, k: usize) -> Result<Self, Q8Error> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(Q8Error::Shape(format!("{n}x{k}")));
         }
-        Ok(Self { n, k, qs, d })
+        let mut m = Self::with_capacity(n, k);
+        let mut left = n * k / BLOCK;
+        let mut chunk = vec![0u8; 2048 * GGUF_BLOCK_BYTES];
+        while left > 0 {
+            let blocks = left.min(2048);
+            let bytes = &mut chunk[..blocks * GGUF_BLOCK_BYTES];
+            reader.read_exact(bytes)?;
+            m.push_blocks(bytes);
+            left -= blocks;
+        }
+        Ok(m)
+    }
+
+    fn with_capacity(n: usize, k: usize) -> Self {
+        Self { n, k, qs: Vec::with_capacity(n * k), d: Vec::with_capacity(n * k / BLOCK) }
+    }
+
+    /// Appends whole GGUF Q8_0 blocks (f16 scale, then 32 `i8`).
+    fn push_blocks(&mut self, bytes: &[u8]) {
+        for block in bytes.chunks_exact(GGUF_BLOCK_BYTES) {
+            self.d.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            self.qs.extend(block[2..].iter().map(|&b| b as i8));
+        }
     }
 
     /// Quantizes an f32 `(n, k)` matrix (tests and benches).
@@ -485,6 +516,9 @@ mod tests {
         bytes.extend(half::f16::from_f32(-2.0).to_le_bytes());
         bytes.extend((-16..16).map(|v: i8| v as u8));
         let w = Q8Matrix::from_gguf_bytes(1, 64, &bytes).expect("matrix");
+        let read = Q8Matrix::read_gguf(&mut &bytes[..], 1, 64).expect("read");
+        assert_eq!((read.qs.as_slice(), read.d.as_slice()), (w.qs.as_slice(), w.d.as_slice()));
+        assert!(Q8Matrix::read_gguf(&mut &bytes[..40], 1, 64).is_err(), "a short file");
         let dense: Vec<f32> = w.dequantize(&Device::Cpu).expect("dense").flatten_all().expect("flat").to_vec1().expect("vec");
         assert_eq!(dense[3], 1.5);
         assert_eq!(dense[32], 32.0);

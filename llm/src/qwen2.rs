@@ -343,7 +343,6 @@ impl Qwen2Weights {
             true => "output.weight",
             false => "token_embd.weight",
         };
-        let head = tensor(reader, head_name)?;
         let tied = head_name == "token_embd.weight";
         let vocab_size = match content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims().first().copied().unwrap_or(0),
@@ -351,27 +350,52 @@ impl Qwen2Weights {
         };
         // The head only ever multiplies one row (the last position), where memory
         // traffic is the whole cost: stored as Q8_0 (as in this model) it is kept
-        // quantized, a quarter of f32's bytes and read about twice as fast by candle's
-        // AVX2 kernel. Other formats follow `dequantize`.
-        let output = if head.dtype() == GgmlDType::Q8_0 {
-            match q8(head, head_name)? {
-                Ok(matrix) => Linear::Q8(Arc::new(matrix)),
-                Err(head) => {
-                    summary
-                        .borrow_mut()
-                        .add("Q8_0", head.storage_size_in_bytes(), Conversion::Kept);
-                    Linear::Candle(QMatMul::QTensor(Arc::new(head)))
-                }
+        // quantized, a quarter of f32's bytes. On the CPU it goes to Parley's kernel,
+        // read from the file a chunk at a time; other formats follow `dequantize`.
+        // A Q8_0 table read straight into a `Q8Matrix`, a chunk at a time (`None`:
+        // not Q8_0, or Parley's kernel is not in use).
+        let q8_direct = |reader: &mut R, name: &str| -> Result<Option<Q8Matrix>, String> {
+            let info = content.tensor_infos.get(name).ok_or_else(|| format!("the file has no `{name}`"))?;
+            if info.ggml_dtype != GgmlDType::Q8_0 || !options.q8_kernel || options.dequantize || !device.is_cpu() {
+                return Ok(None);
             }
+            let (n, k) = info.shape.dims2().map_err(|e| format!("`{name}`: {e}"))?;
+            reader
+                .seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset))
+                .map_err(|e| format!("`{name}`: {e}"))?;
+            let matrix = Q8Matrix::read_gguf(reader, n, k).map_err(|e| format!("`{name}`: {e}"))?;
+            summary.borrow_mut().add("Q8_0", matrix.size_in_bytes(), Conversion::Kept);
+            Ok(Some(matrix))
+        };
+        let head_q8 = content.tensor_infos.get(head_name).is_some_and(|i| i.ggml_dtype == GgmlDType::Q8_0);
+        let output = if let Some(matrix) = q8_direct(reader, head_name)? {
+            Linear::Q8(Arc::new(matrix))
+        } else if head_q8 {
+            let head = tensor(reader, head_name)?;
+            summary
+                .borrow_mut()
+                .add("Q8_0", head.storage_size_in_bytes(), Conversion::Kept);
+            Linear::Candle(QMatMul::QTensor(Arc::new(head)))
         } else {
-            Linear::Candle(matmul(head, head_name)?)
+            Linear::Candle(matmul(tensor(reader, head_name)?, head_name)?)
         };
         let embed = match (&output, tied && !options.dequantize) {
             // Tied and quantized: rows are dequantized from the head as they are looked up.
             (Linear::Q8(q), true) => Embedding::Q8(Arc::clone(q)),
             (Linear::Candle(QMatMul::QTensor(q)), true) => Embedding::Quantized(Arc::clone(q)),
-            // Otherwise f16 halves the table (545 MB as f32 for the 0.5B model) at no
-            // speed cost; looked-up rows are widened to f32.
+            // Its own table (the 0.5B model's GGUF carries a separate `output.weight`):
+            // on the CPU it stays in its stored format and only looked-up rows are
+            // dequantized (111 MB in Q6_K for the 0.5B model, where an f16 copy took
+            // 272 MB and making it passed through 545 MB of f32, the whole load's
+            // peak). Otherwise f16 halves it at no speed cost. Looked-up rows are f32.
+            _ if !options.dequantize && device.is_cpu() => match q8_direct(reader, "token_embd.weight")? {
+                Some(table) => Embedding::Q8(Arc::new(table)),
+                None => {
+                    let table = tensor(reader, "token_embd.weight")?;
+                    summary.borrow_mut().add(&format!("{:?}", table.dtype()), table.storage_size_in_bytes(), Conversion::Kept);
+                    Embedding::Quantized(Arc::new(table))
+                }
+            },
             _ => Embedding::Dense(
                 load_dense(reader, "token_embd.weight")?
                     .to_dtype(DType::F16)
@@ -401,6 +425,10 @@ impl Qwen2Weights {
                 bk: load_dense(reader, &name("attn_k.bias"))?,
                 bv: load_dense(reader, &name("attn_v.bias"))?,
             });
+            // Each block's file bytes and conversion copies are garbage now; hand
+            // them back as we go, or they pile up into a loading peak (1041 MB
+            // against 860 MB resident for the 0.5B model).
+            release_freed_memory();
         }
 
         let (cos, sin) = rope_tables(head_dim, rope_theta, max_context, device)

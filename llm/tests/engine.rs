@@ -211,3 +211,32 @@ fn a_new_session_reuses_another_sessions_system_prompt() {
     assert!(b_in_a.cached_tokens > system_tokens);
     assert_eq!(text_b, text_b_in_a);
 }
+
+#[test]
+fn a_reply_after_a_speculative_prefill_starts_without_running_a_token_again() {
+    let Some(engine) = common::engine_or_skip("a_reply_after_a_speculative_prefill_starts_without_running_a_token_again")
+    else {
+        return;
+    };
+    // Its own system prompt: the engine's shared system-prompt cache must not serve
+    // the other tests' first turns.
+    let conv = vec![
+        ChatMessage::new(Role::System, "You answer questions in one word."),
+        ChatMessage::new(Role::User, QUESTION),
+    ];
+    let mut fresh = engine.new_session();
+    let (want, _) = run(fresh.as_mut(), &conv, 16);
+
+    let mut session = engine.new_session();
+    let prompt = session
+        .prefill(&conv, &GenerateOptions::default())
+        .expect("prefill")
+        .expect("the embedded engine keeps a cache");
+    let (answer, stats) = run(session.as_mut(), &conv, 16);
+    assert_eq!(stats.prompt_tokens, prompt);
+    assert_eq!(
+        stats.cached_tokens, stats.prompt_tokens,
+        "the prefill's logits are used as they are: nothing runs before sampling"
+    );
+    assert_eq!(answer, want, "the same greedy answer as without the prefill");
+}
