@@ -8,6 +8,7 @@
 #
 #   bash bench/talking_calls.sh                      # N = 1 2 3 4 6, 90 s each
 #   CALLS="1 2 4" DURATION=60 bash bench/talking_calls.sh
+#   PARLEY=~/old/parley CALLS="1 6" bash bench/talking_calls.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/parley/target}"
@@ -20,13 +21,25 @@ work=$OUT
 
 make -s build models >/dev/null
 cargo build --release --quiet -p parley-load
-PARLEY="$CARGO_TARGET_DIR/release/parley"
+# PARLEY=/path/to/another/parley measures that build instead (same models).
+PARLEY="${PARLEY:-$CARGO_TARGET_DIR/release/parley}"
 LOAD="$CARGO_TARGET_DIR/release/parley-load"
 source bench/lib.sh
 
 # The caller's question (about 2 s of espeak-ng speech); after it, GAP_MS of silence
 # while the agent answers (a sentence or two), then the question again.
 espeak-ng -v en-us -s 150 -w "$OUT/question.wav" "What is the capital of France?" 2>/dev/null
+# espeak ends its file with silence; cut it, so that the end of the clip (where
+# parley-load starts a turn's clock) is the end of speech.
+python3 - "$OUT/question.wav" <<'PY'
+import array, sys, wave
+with wave.open(sys.argv[1]) as w:
+    params, pcm = w.getparams(), array.array("h", w.readframes(w.getnframes()))
+end = max((i for i, v in enumerate(pcm) if abs(v) > 300), default=len(pcm) - 1) + 1
+with wave.open(sys.argv[1], "wb") as w:
+    w.setparams(params)
+    w.writeframes(pcm[:end].tobytes())
+PY
 printf '[server.limits]\nconnections_per_ip = 0\n' >"$OUT/parley.toml"
 start_server talking --config "$OUT/parley.toml"
 trap 'kill $server_pid 2>/dev/null || true' EXIT
