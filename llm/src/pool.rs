@@ -46,6 +46,9 @@ struct Job<'a> {
     items: usize,
     chunk: usize,
     caller: Thread,
+    /// A helper's share of the work panicked (the caller panics in turn, rather
+    /// than return a product with items missing).
+    panicked: AtomicBool,
 }
 
 impl Job<'_> {
@@ -128,7 +131,14 @@ impl WorkPool {
             work(0..items);
             return;
         }
-        let job = Job { work: &work, next: AtomicUsize::new(0), items, chunk, caller: thread::current() };
+        let job = Job {
+            work: &work,
+            next: AtomicUsize::new(0),
+            items,
+            chunk,
+            caller: thread::current(),
+            panicked: AtomicBool::new(false),
+        };
         let shared = &*self.shared;
         // SAFETY: only the lifetime is erased. The pointer is withdrawn below, and this
         // function does not return until every helper that could have read it has
@@ -141,9 +151,27 @@ impl WorkPool {
             shared.wake.notify_all();
         }
 
-        job.drain();
+        {
+            // Withdraws the job and waits for the helpers inside it when the caller's
+            // share is done, and also if that share panics: `job` must outlive them.
+            let _withdraw = Withdraw { pool: self };
+            job.drain();
+        }
+        if job.panicked.load(Ordering::SeqCst) {
+            panic!("a model helper thread panicked in a matrix product");
+        }
+    }
+}
 
-        // Close the product to latecomers, then wait for those inside.
+/// Closes the current product to latecomers, waits for the helpers inside it, and
+/// frees the pool for the next product.
+struct Withdraw<'a> {
+    pool: &'a WorkPool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        let shared = &*self.pool.shared;
         shared.job.store(std::ptr::null_mut(), Ordering::SeqCst);
         let start = Instant::now();
         while shared.inside.load(Ordering::SeqCst) > 0 {
@@ -155,7 +183,7 @@ impl WorkPool {
                 thread::park_timeout(Duration::from_micros(200));
             }
         }
-        self.busy.store(false, Ordering::Release);
+        self.pool.busy.store(false, Ordering::Release);
     }
 }
 
@@ -206,7 +234,11 @@ fn helper(shared: &Shared) {
         } else {
             // SAFETY: the caller keeps the job alive while `inside > 0`.
             let job = unsafe { &*job };
-            job.drain();
+            let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.drain()));
+            if drained.is_err() {
+                // Items of that chunk were left undone: the caller panics in turn.
+                job.panicked.store(true, Ordering::SeqCst);
+            }
             Some(job.caller.clone())
         };
         if shared.inside.fetch_sub(1, Ordering::SeqCst) == 1
@@ -266,6 +298,22 @@ mod tests {
         for c in callers {
             c.join().expect("caller thread");
         }
+    }
+
+    #[test]
+    fn a_panicking_item_panics_the_caller_and_the_pool_goes_on() {
+        let pool = WorkPool::new(2);
+        for _ in 0..20 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(1000, |range| {
+                    if range.contains(&500) {
+                        panic!("item 500");
+                    }
+                })
+            }));
+            assert!(r.is_err(), "the panic reaches the caller");
+        }
+        assert_eq!(sum_of_squares(&pool, 100), (0..100u64).map(|i| i * i).sum::<u64>());
     }
 
     #[test]
