@@ -293,9 +293,19 @@ async fn think(
     let mut held = false;
     let mut retried = false;
     let mut round = 0;
+    // Who the caller is gets checked first, with what they said (a gate); a plain
+    // yes to a tool's confirmation question makes the confirmed call.
+    let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
     while round < policy.max_rounds.max(1) {
         round += 1;
-        let (stats, said) = match generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await {
+        let generated = match first_call.take() {
+            Some(call) => {
+                debug!(tool = %call.name, "the caller's words make this call; no generation needed to write it");
+                Ok((GenerationStats { tool_calls: vec![call], ..GenerationStats::default() }, String::new()))
+            }
+            None => generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await,
+        };
+        let (stats, said) = match generated {
             Ok(done) => done,
             Err(GenerateError::Llm(parley_llm::LlmError::Unavailable(why))) => {
                 // The caller hears why the line went quiet; the client gets the error.
@@ -415,6 +425,9 @@ async fn think(
         };
         let mut hold_the_floor = false;
         let mut gate_opened = false;
+        // The `say` sentences of this round's new results the caller has not heard;
+        // `None` once one of them has none (an error, a tool not built for voice).
+        let mut says: Option<Vec<String>> = Some(Vec::new());
         let mut fresh = results.into_iter();
         for (call, repeat) in known.iter().zip(repeats) {
             let output = match repeat {
@@ -432,6 +445,11 @@ async fn think(
                                 let _ = text.send(TextPiece::Ours(say)).await;
                                 announced.push(call.id.clone());
                             }
+                        } else {
+                            match spoken_sentence(&output) {
+                                Some(say) => says.iter_mut().for_each(|s| s.push(say.clone())),
+                                None => says = None,
+                            }
                         }
                         output
                     }
@@ -443,6 +461,19 @@ async fn think(
         }
         if hold_the_floor {
             let _ = text.send(TextPiece::Uninterruptible).await;
+        }
+        let says = says.filter(|s| !s.is_empty() && !gate_opened);
+        if let Some(says) = says {
+            // Results built for voice speak for themselves: their `say` sentences are
+            // the answer, in the desk's words. (Read back by the 0.5B model they lost
+            // facts: "The order is being processed." for "Which medication is in
+            // order ORD006?", eval.)
+            debug!(results = says.len(), "speaking the results' say sentences");
+            for say in says {
+                parrot.announced(&say);
+                let _ = text.send(TextPiece::Ours(say)).await;
+            }
+            return Ok(total);
         }
         if gate_opened && round < policy.max_rounds.max(1) {
             // The check the other tools waited for passed: go on to what the caller
@@ -473,6 +504,37 @@ async fn think(
         say_last_result(&answered, &announced, &text, &cancel).await;
     }
     Ok(total)
+}
+
+/// The call a caller's plain yes confirms: the previous response's call whose result
+/// asked for confirmation (`"status": "needs_confirmation"`, from a tool that takes
+/// a boolean `confirm`), made again with `confirm: true`. A yes is what
+/// [`crate::turn_rules::confirmation_answer`] reads as one; anything else (a no, a
+/// new question) is the model's to answer. The small model often answered "Yes,
+/// please go ahead." with words and no call, or called a look-up (eval).
+fn confirmed_call(messages: &[ChatMessage], tools: &[parley_llm::ToolSpec]) -> Option<ToolCall> {
+    let last_user = messages.iter().rposition(|m| m.role == parley_llm::Role::User)?;
+    if crate::turn_rules::confirmation_answer(&messages[last_user].content) != Some(true) {
+        return None;
+    }
+    // The results of the response before the caller's answer.
+    let before = &messages[..last_user];
+    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
+    let asked = before[start..].iter().rev().filter(|m| m.role == parley_llm::Role::Tool).find(|m| {
+        serde_json::from_str::<serde_json::Value>(&m.content)
+            .is_ok_and(|v| v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"))
+    })?;
+    let call_id = asked.tool_call_id.as_deref()?;
+    let call = before[start..].iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
+    let takes_confirm = tools.iter().any(|t| {
+        t.name == call.name && t.parameters.pointer("/properties/confirm/type").and_then(serde_json::Value::as_str) == Some("boolean")
+    });
+    let mut arguments = call.arguments.as_object()?.clone();
+    if !takes_confirm {
+        return None;
+    }
+    arguments.insert("confirm".into(), serde_json::Value::Bool(true));
+    Some(ToolCall { id: parley_llm::toolcall::new_call_id(), name: call.name.clone(), arguments: serde_json::Value::Object(arguments) })
 }
 
 /// Said when no language model can answer (every replica down).
@@ -540,7 +602,7 @@ fn spoken_sentence(output: &str) -> Option<String> {
 /// or several, as a model writes calls and results one after another) and besides
 /// a copy of our own instructions to the model.
 fn is_speech(text: &str) -> bool {
-    let words = outside_json(text);
+    let words = crate::reply_text::without_labels(&outside_json(text));
     words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words)
 }
 

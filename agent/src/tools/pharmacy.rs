@@ -119,7 +119,11 @@ impl Operation {
         let mut required = vec![key];
         match self {
             Operation::VerifyMember => {
-                properties.insert("date_of_birth".into(), json!({ "type": "string", "description": pack.parameter("date_of_birth") }));
+                // Only a date the caller said (`x-parley-heard`): never one from an example.
+                properties.insert(
+                    "date_of_birth".into(),
+                    json!({ "type": "string", "description": pack.parameter("date_of_birth"), parley_llm::known_ids::HEARD: "date" }),
+                );
                 required.push("date_of_birth");
             }
             Operation::ListOrders => required.clear(),
