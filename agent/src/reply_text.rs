@@ -18,8 +18,14 @@ const MIN_COPIED_WORDS: usize = 4;
 /// a piece of it back as its reply ("when it has one). Do not show JSON.", eval).
 /// The operator's own instructions are not listed: a line scripted there may be
 /// meant to be said word for word.
-fn our_instructions() -> [&'static str; 4] {
-    [crate::conversation::AFTER_TOOL_NUDGE, crate::response::PLAIN_SPEECH_NUDGE, crate::response::GATE_OPENED_NUDGE, crate::response::LOOK_IT_UP_NUDGE]
+fn our_instructions() -> [&'static str; 5] {
+    [
+        crate::conversation::AFTER_TOOL_NUDGE,
+        crate::response::PLAIN_SPEECH_NUDGE,
+        crate::response::GATE_OPENED_NUDGE,
+        crate::response::LOOK_IT_UP_NUDGE,
+        crate::response::ASK_FOR_DETAILS_NUDGE,
+    ]
 }
 
 /// Lowercase words of `text`, punctuation dropped.

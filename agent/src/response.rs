@@ -316,7 +316,7 @@ async fn think(
         };
         let repeated = parrot.repeats(&said);
         spoke |= is_speech(&said) && !repeated;
-        if stats.tool_calls.is_empty() && !retried && ((round > 1 && !is_speech(&said)) || repeated) {
+        if stats.tool_calls.is_empty() && !retried && (!is_speech(&said) || repeated) {
             // After a tool result the small model sometimes echoes JSON instead of
             // speaking, or it reads the caller's line back (the guards keep either
             // from being spoken); ask once more, plainly.
@@ -331,6 +331,12 @@ async fn think(
                 debug!("the reply only repeated an earlier tool result; asking for a look-up");
                 options.tool_choice = parley_llm::ToolChoice::Required;
                 messages.push(ChatMessage::new(parley_llm::Role::System, LOOK_IT_UP_NUDGE));
+            } else if round == 0 && !options.tools.is_empty() && parley_llm::known_ids::callable(&options, &messages).is_empty() {
+                // Nothing said and nothing callable: the model wanted a tool whose
+                // ids the caller has not given ("You:" and no more, to "What's the
+                // status of my order?" from a caller not yet verified, eval).
+                debug!("no words and no tool callable yet; asking the model to ask the caller");
+                messages.push(ChatMessage::new(parley_llm::Role::System, ASK_FOR_DETAILS_NUDGE));
             } else {
                 messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
             }
@@ -553,6 +559,11 @@ fn opens_gate(tools: &[parley_llm::ToolSpec], call: &ToolCall, output: &str) -> 
     tools.iter().any(|t| t.name == call.name && parley_llm::known_ids::is_gate(t))
         && parley_llm::known_ids::succeeded(output)
 }
+
+/// When the model wrote nothing to say and no tool can be called yet (the ids the
+/// tools need were not said): it asks the caller for them.
+pub(crate) const ASK_FOR_DETAILS_NUDGE: &str =
+    "No tool can be used yet. Answer the caller in one short spoken sentence; if they asked about their records, ask for the details the rules need first.";
 
 /// Said when a reply after a tool result was not speech.
 pub(crate) const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";

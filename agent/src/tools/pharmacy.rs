@@ -170,10 +170,16 @@ impl Operation {
         match self {
             Operation::VerifyMember => verify(conn, request, seen),
             Operation::ListOrders if id != member_id => failed(say::other_member(member_id)),
-            Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?)),
+            Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?, &db::prescriptions_of(conn, member_id)?)),
             Operation::GetOrderDetails | Operation::GetPickupTime => match db::order(conn, &id)?.filter(|o| o.member_id == member_id) {
                 None => failed(say::no_such_order(&id)),
-                Some(order) if self == Operation::GetOrderDetails => ok(say::order_details(&order)),
+                Some(order) if self == Operation::GetOrderDetails => {
+                    let rx = match order.rx_id.as_deref() {
+                        Some(rx_id) => db::prescription(conn, rx_id)?.filter(|rx| rx.member_id == member_id),
+                        None => None,
+                    };
+                    ok(say::order_details(&order, rx.as_ref()))
+                }
                 Some(order) => ok(say::pickup_time(&order)),
             },
             Operation::GetRefillsRemaining => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {

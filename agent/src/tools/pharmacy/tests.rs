@@ -168,8 +168,9 @@ async fn seed_facts_come_in_words_made_for_speech() {
     assert_eq!(order["pickup"], "December sixth at ten a.m.");
     assert_eq!(
         order["say"],
-        "Order O R D zero zero one, Amoxicillin five hundred milligrams, quantity twenty-one, is still being processed; it will be ready for pickup on December sixth at ten a.m."
+        "Order O R D zero zero one, Amoxicillin five hundred milligrams, quantity twenty-one, is still being processed; it will be ready for pickup on December sixth at ten a.m. It was prescribed by Dr. Hannah Reyes, and the prescription has no refills left."
     );
+    assert_eq!(order["prescriber"], "Dr. Hannah Reyes");
     let pickup = desk.call("get_pickup_time", json!("{\"orderId\": \"ord-001\"}")).await.expect("pickup");
     assert_eq!(pickup["say"], "You can pick up order O R D zero zero one on December sixth at ten a.m.");
     let refills = desk.call("get_refills_remaining", json!({"rx_id": "rx1001"})).await.expect("refills");
