@@ -296,6 +296,7 @@ async fn think(
     // Who the caller is gets checked first, with what they said (a gate); a plain
     // yes to a tool's confirmation question makes the confirmed call.
     let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
+    let mut asked_gate = false;
     while round < policy.max_rounds.max(1) {
         round += 1;
         let generated = match first_call.take() {
@@ -349,6 +350,17 @@ async fn think(
             total.tool_calls.extend(stats.tool_calls.iter().cloned());
         }
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
+            if !spoke && answered.is_empty() && !asked_gate && !cancel.is_cancelled() {
+                // Nothing to say to a caller who has not passed a check: the check
+                // says what it needs.
+                if let Some(call) = parley_llm::known_ids::gate_ask(&options, &messages) {
+                    debug!(tool = %call.name, "no words from the model; the gate says what it needs");
+                    asked_gate = true;
+                    first_call = Some(call);
+                    round -= 1;
+                    continue;
+                }
+            }
             if !spoke {
                 say_last_result(&answered, &announced, &text, &cancel).await;
             }
@@ -691,6 +703,7 @@ async fn run_tool(tools: &Tools, call: ToolCall, timeout_ms: u64, reports: &mpsc
     span.record("ms", started.elapsed().as_secs_f64() * 1000.0);
     let output = match &result {
         Ok(value) => value.to_string(),
+        Err(ToolError::Declined(say)) => serde_json::json!({ "error": say, "say": say }).to_string(),
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
     };
     tracing::info!(tool = %call.name, call_id = %call.id, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "tool call");
@@ -1277,6 +1290,39 @@ mod tests {
         ])
         .await;
         assert_eq!(out, [phrase("Let me check."), phrase("Your order O R D zero zero one is at the pharmacy. The pickup is Monday.")]);
+    }
+
+    #[test]
+    fn a_plain_yes_makes_the_call_that_asked_for_confirmation() {
+        use parley_llm::Role;
+        let refill = parley_llm::ToolSpec {
+            name: "request_refill".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"rx_id": {"type": "string"}, "confirm": {"type": "boolean"}}}),
+        };
+        let asked = ToolCall { id: "c1".into(), name: "request_refill".into(), arguments: serde_json::json!({"rx_id": "RX1002"}) };
+        let conversation = |answer: &str| {
+            vec![
+                ChatMessage::new(Role::User, "Please refill RX1002."),
+                ChatMessage::tool_calls("", vec![asked.clone()]),
+                ChatMessage::tool_result("c1", r#"{"status": "needs_confirmation", "say": "Just to confirm: a refill of RX1002?"}"#),
+                ChatMessage::new(Role::Assistant, "Just to confirm: a refill of RX1002?"),
+                ChatMessage::new(Role::User, answer),
+            ]
+        };
+        let tools = [refill];
+        let call = confirmed_call(&conversation("Yes, please go ahead."), &tools).expect("a yes confirms");
+        assert_eq!((call.name.as_str(), call.arguments), ("request_refill", serde_json::json!({"rx_id": "RX1002", "confirm": true})));
+        assert_ne!(call.id, "c1");
+        for answer in ["No, don't.", "How many refills are left on it?", "Actually, wait."] {
+            assert!(confirmed_call(&conversation(answer), &tools).is_none(), "{answer}");
+        }
+        // Only the question of the response just before the answer counts.
+        let mut later = conversation("What time is it?");
+        later.extend([ChatMessage::new(Role::Assistant, "It's noon."), ChatMessage::new(Role::User, "Yes.")]);
+        assert!(confirmed_call(&later, &tools).is_none());
+        // A tool without a boolean `confirm` is not called again.
+        assert!(confirmed_call(&conversation("Yes."), &[]).is_none());
     }
 
     #[test]

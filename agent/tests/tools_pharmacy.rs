@@ -133,7 +133,7 @@ async fn a_refill_without_refills_changes_nothing_on_disk() {
     let result = call_in(&registry, &scope, "request_refill", json!({"rx_id": " rx1001", "confirm": true})).await;
     assert_eq!(
         result,
-        Err(ToolError::Failed(
+        Err(ToolError::Declined(
             "Your prescription for Amoxicillin five hundred milligrams has no refills left. Dr. Hannah Reyes would need to authorize more.".into()
         ))
     );

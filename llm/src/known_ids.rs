@@ -126,39 +126,69 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
     if options.tool_choice != ToolChoice::Auto {
         return None;
     }
-    let last_user = messages.iter().rposition(|m| m.role == Role::User)?;
-    let passed = succeeded_tools(messages);
-    options.tools.iter().filter(|t| is_gate(t) && !passed.contains(&t.name)).find_map(|gate| {
-        let properties = gate.parameters.get("properties")?.as_object()?;
-        let required: Vec<&str> = gate.parameters.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        let mut arguments = Map::new();
-        let mut new_value = false;
-        for (name, schema) in properties {
-            let latest = |m: &[ChatMessage]| -> Option<String> {
-                if heard_kind(schema) == Some("date") {
-                    dates_said(m.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str())).pop()
-                } else {
-                    let pattern = known_pattern(schema)?;
-                    find_ids(&pattern, &conversation_texts(m)).pop()
-                }
-            };
-            if heard_kind(schema).is_none() && known_pattern(schema).is_none() {
-                continue;
-            }
-            let said_now = latest(&messages[last_user..=last_user]);
-            new_value |= said_now.is_some();
-            // The caller's latest words first, then the latest earlier message that has one.
-            let value = said_now.or_else(|| (0..last_user).rev().find_map(|i| latest(&messages[i..=i])));
-            match value {
-                Some(value) => {
-                    arguments.insert(name.clone(), Value::String(value));
-                }
-                None if required.contains(&name.as_str()) && known_pattern(schema).is_some() => return None,
-                None => {}
-            }
-        }
-        new_value.then(|| ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(arguments) })
+    open_gates(options, messages).find_map(|gate| {
+        let said = gate_arguments(gate, messages)?;
+        (said.new_value && !said.missing_known).then(|| ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
     })
+}
+
+/// The call of a gate that has not passed, with whatever values the conversation
+/// holds for it (maybe none): when the model had nothing to say to a caller who has
+/// not passed the check, the gate's own answer says what it needs ("Please tell me
+/// your member ID and your date of birth."), rather than "say it again".
+pub fn gate_ask(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<ToolCall> {
+    if options.tool_choice == ToolChoice::None {
+        return None;
+    }
+    open_gates(options, messages).find_map(|gate| {
+        let said = gate_arguments(gate, messages)?;
+        Some(ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
+    })
+}
+
+/// The gates offered that have not passed.
+fn open_gates<'a>(options: &'a GenerateOptions, messages: &[ChatMessage]) -> impl Iterator<Item = &'a ToolSpec> {
+    let passed = succeeded_tools(messages);
+    options.tools.iter().filter(move |t| is_gate(t) && !passed.contains(&t.name))
+}
+
+/// What the conversation holds for a gate's known and heard parameters.
+struct GateArguments {
+    /// Each parameter's value the caller said last (the latest message first).
+    arguments: Map<String, Value>,
+    /// The last user message gave one of them.
+    new_value: bool,
+    /// A required known id has no value.
+    missing_known: bool,
+}
+
+fn gate_arguments(gate: &ToolSpec, messages: &[ChatMessage]) -> Option<GateArguments> {
+    let last_user = messages.iter().rposition(|m| m.role == Role::User)?;
+    let properties = gate.parameters.get("properties")?.as_object()?;
+    let required: Vec<&str> = gate.parameters.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let mut said = GateArguments { arguments: Map::new(), new_value: false, missing_known: false };
+    for (name, schema) in properties {
+        if heard_kind(schema).is_none() && known_pattern(schema).is_none() {
+            continue;
+        }
+        let latest = |m: &[ChatMessage]| -> Option<String> {
+            if heard_kind(schema) == Some("date") {
+                dates_said(m.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str())).pop()
+            } else {
+                find_ids(&known_pattern(schema)?, &conversation_texts(m)).pop()
+            }
+        };
+        let said_now = latest(&messages[last_user..=last_user]);
+        said.new_value |= said_now.is_some();
+        // The caller's latest words first, then the latest earlier message that has one.
+        match said_now.or_else(|| (0..last_user).rev().find_map(|i| latest(&messages[i..=i]))) {
+            Some(value) => {
+                said.arguments.insert(name.clone(), Value::String(value));
+            }
+            None => said.missing_known |= required.contains(&name.as_str()) && known_pattern(schema).is_some(),
+        }
+    }
+    Some(said)
 }
 
 /// The tools the model may call in a generation with `options`: [`narrow`]ed, then

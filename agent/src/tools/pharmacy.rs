@@ -149,7 +149,8 @@ impl Operation {
     /// Reads the arguments this operation takes.
     fn request(self, arguments: &Value) -> Result<Request, ToolError> {
         let id = match self {
-            Operation::ListOrders => optional_id(arguments, IdKind::Member)?,
+            // The check without a member ID says what it needs.
+            Operation::ListOrders | Operation::VerifyMember => optional_id(arguments, IdKind::Member)?,
             _ => Some(id_argument(arguments, self.id_kind())?),
         };
         Ok(Request {
@@ -161,7 +162,7 @@ impl Operation {
 
     /// Runs the operation on a connection, given what this call has proved so far.
     fn execute(self, conn: &mut rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
-        let failed = |text: String| Ok((Err(ToolError::Failed(text)), Change::None));
+        let failed = |text: String| Ok((Err(ToolError::Declined(text)), Change::None));
         let Some(member_id) = seen.verified.as_deref().filter(|_| self != Operation::VerifyMember) else {
             return if self == Operation::VerifyMember { verify(conn, request, seen) } else { failed(say::VERIFY_FIRST.into()) };
         };
@@ -227,11 +228,13 @@ enum Change {
 
 fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
     if seen.locked {
-        return Ok((Err(ToolError::Failed(say::LOCKED.into())), Change::None));
+        return Ok((Err(ToolError::Declined(say::LOCKED.into())), Change::None));
     }
-    let member_id = request.id.clone().unwrap_or_default();
+    let Some(member_id) = request.id.clone() else {
+        return Ok((Err(ToolError::Declined(say::VERIFY_FIRST.into())), Change::None));
+    };
     let Some(raw_date) = request.birth_date.as_deref() else {
-        return Ok((Err(ToolError::Failed(say::NEED_BIRTH_DATE.into())), Change::None));
+        return Ok((Err(ToolError::Declined(say::NEED_BIRTH_DATE.into())), Change::None));
     };
     let Some(given) = identity::parse_date(raw_date) else {
         return Ok((
@@ -244,7 +247,7 @@ fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result
     let member = db::member(conn, &member_id)?;
     let matches = member.as_ref().is_some_and(|m| crate::tools::spoken::ymd(&m.date_of_birth) == Some(given));
     match member.filter(|_| matches) {
-        None => Ok((Err(ToolError::Failed(say::NO_MATCH.into())), Change::FailedCheck)),
+        None => Ok((Err(ToolError::Declined(say::NO_MATCH.into())), Change::FailedCheck)),
         Some(member) => {
             let orders = db::orders_of(conn, &member.member_id)?;
             let prescriptions = db::prescriptions_of(conn, &member.member_id)?;
@@ -261,10 +264,10 @@ fn refill(
     seen: &Seen,
 ) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
     let Some(rx) = db::prescription(conn, rx_id)?.filter(|rx| rx.member_id == member_id) else {
-        return Ok((Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None));
+        return Ok((Err(ToolError::Declined(say::no_such_prescription(rx_id))), Change::None));
     };
     if rx.refills_remaining <= 0 {
-        return Ok((Err(ToolError::Failed(say::no_refills(&rx))), Change::None));
+        return Ok((Err(ToolError::Declined(say::no_refills(&rx))), Change::None));
     }
     // Confirmed means: offered in an earlier response, and now called with confirm.
     let confirmed = request.confirm && seen.proposed_at.is_some_and(|at| at < seen.response);
@@ -272,8 +275,8 @@ fn refill(
         return Ok((Ok(say::refill_needs_confirmation(&rx)), Change::Proposed(rx.rx_id)));
     }
     Ok(match db::request_refill(conn, rx_id)? {
-        RefillOutcome::UnknownRx => (Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None),
-        RefillOutcome::NoRefills(rx) => (Err(ToolError::Failed(say::no_refills(&rx))), Change::Settled(rx.rx_id)),
+        RefillOutcome::UnknownRx => (Err(ToolError::Declined(say::no_such_prescription(rx_id))), Change::None),
+        RefillOutcome::NoRefills(rx) => (Err(ToolError::Declined(say::no_refills(&rx))), Change::Settled(rx.rx_id)),
         RefillOutcome::AlreadyRequested { prescription, request_id, .. } => {
             (Ok(say::refill_already_requested(&prescription, request_id)), Change::Settled(prescription.rx_id))
         }

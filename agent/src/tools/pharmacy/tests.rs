@@ -49,8 +49,8 @@ impl Desk {
 
 fn failed(result: Result<Value, ToolError>) -> String {
     match result {
-        Err(ToolError::Failed(message)) => message,
-        other => panic!("expected Failed, got {other:?}"),
+        Err(ToolError::Declined(message)) => message,
+        other => panic!("expected Declined, got {other:?}"),
     }
 }
 
