@@ -8,7 +8,7 @@ use crate::tools::spoken;
 /// Words that only text written for the model uses; a phrase containing one is not
 /// for the caller's ears.
 const MODEL_DIRECTED: &[&str] =
-    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
+    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_prescription"];
 
 /// Fewest words a copy of our instructions must have to be taken for one: "Do not
 /// show" alone could be the caller's own business.

@@ -56,7 +56,7 @@ use self::identity::Identity;
 use super::{CallScope, Tool, ToolError, ToolFuture};
 
 /// The pharmacy desk's tools over `db`, ready to register: `verify_member`,
-/// `list_orders`, `get_order_details`, `get_refills_remaining`, `get_pickup_time` and
+/// `list_orders`, `get_order_details`, `get_prescription`, `get_pickup_time` and
 /// `request_refill`. They share the one database, so a refill requested in one call
 /// is seen by the next; who the caller is stays with each call.
 pub fn pharmacy_tools(db: Arc<PharmacyDb>) -> Vec<Arc<dyn Tool>> {
@@ -72,7 +72,7 @@ enum Operation {
     VerifyMember,
     ListOrders,
     GetOrderDetails,
-    GetRefillsRemaining,
+    GetPrescription,
     GetPickupTime,
     RequestRefill,
 }
@@ -82,7 +82,7 @@ impl Operation {
         Operation::VerifyMember,
         Operation::ListOrders,
         Operation::GetOrderDetails,
-        Operation::GetRefillsRemaining,
+        Operation::GetPrescription,
         Operation::GetPickupTime,
         Operation::RequestRefill,
     ];
@@ -92,7 +92,7 @@ impl Operation {
             Operation::VerifyMember => "verify_member",
             Operation::ListOrders => "list_orders",
             Operation::GetOrderDetails => "get_order_details",
-            Operation::GetRefillsRemaining => "get_refills_remaining",
+            Operation::GetPrescription => "get_prescription",
             Operation::GetPickupTime => "get_pickup_time",
             Operation::RequestRefill => "request_refill",
         }
@@ -102,7 +102,7 @@ impl Operation {
         match self {
             Operation::VerifyMember | Operation::ListOrders => IdKind::Member,
             Operation::GetOrderDetails | Operation::GetPickupTime => IdKind::Order,
-            Operation::GetRefillsRemaining | Operation::RequestRefill => IdKind::Prescription,
+            Operation::GetPrescription | Operation::RequestRefill => IdKind::Prescription,
         }
     }
 
@@ -171,7 +171,7 @@ impl Operation {
         match self {
             Operation::VerifyMember => verify(conn, request, seen),
             Operation::ListOrders if id != member_id => failed(say::other_member(member_id)),
-            Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?, &db::prescriptions_of(conn, member_id)?)),
+            Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?)),
             Operation::GetOrderDetails | Operation::GetPickupTime => match db::order(conn, &id)?.filter(|o| o.member_id == member_id) {
                 None => failed(say::no_such_order(&id)),
                 Some(order) if self == Operation::GetOrderDetails => {
@@ -183,7 +183,7 @@ impl Operation {
                 }
                 Some(order) => ok(say::pickup_time(&order)),
             },
-            Operation::GetRefillsRemaining => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
+            Operation::GetPrescription => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
                 None => failed(say::no_such_prescription(&id)),
                 Some(rx) => ok(say::refills(&rx)),
             },

@@ -128,14 +128,13 @@ pub(super) fn pickup_time(order: &Order) -> Value {
     json!({ "order_id": order.order_id, "status": order.status, "pickup": pickup(order), "say": say })
 }
 
-/// `list_orders`: each order with its prescription (`prescriptions`, the member's).
-pub(super) fn order_list(member_id: &str, orders: &[Order], prescriptions: &[Prescription]) -> Value {
-    let rx_of = |o: &Order| prescriptions.iter().find(|rx| o.rx_id.as_deref() == Some(rx.rx_id.as_str()));
-    let said = |o: &Order| order_with_prescription(o, rx_of(o));
+/// `list_orders`. (Each order with its prescription made the list of a member
+/// with two read out the other prescription's refills too; eval.)
+pub(super) fn order_list(member_id: &str, orders: &[Order]) -> Value {
     let say = match orders.len() {
         0 => "You have no orders with us right now.".to_string(),
-        1 => format!("You have one order. {}", said(&orders[0])),
-        n => format!("You have {} orders. {}", quantity(n as i64), orders.iter().map(said).collect::<Vec<_>>().join(" ")),
+        1 => format!("You have one order. {}", order_sentence(&orders[0])),
+        n => format!("You have {} orders. {}", quantity(n as i64), orders.iter().map(order_sentence).collect::<Vec<_>>().join(" ")),
     };
     let list: Vec<Value> = orders
         .iter()
@@ -144,7 +143,7 @@ pub(super) fn order_list(member_id: &str, orders: &[Order], prescriptions: &[Pre
     json!({ "member_id": member_id, "orders": list, "say": say })
 }
 
-/// `get_refills_remaining`.
+/// `get_prescription`.
 pub(super) fn refills(rx: &Prescription) -> Value {
     let say = if rx.refills_remaining <= 0 {
         format!("{} {} would need to authorize more.", prescription_sentence(rx), rx.prescriber)
