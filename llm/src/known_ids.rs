@@ -171,11 +171,13 @@ fn gate_arguments(gate: &ToolSpec, messages: &[ChatMessage]) -> Option<GateArgum
         if heard_kind(schema).is_none() && known_pattern(schema).is_none() {
             continue;
         }
+        // What the caller said, only: a gate checks the caller's own words.
         let latest = |m: &[ChatMessage]| -> Option<String> {
+            let m = m.first().filter(|m| m.role == Role::User)?;
             if heard_kind(schema) == Some("date") {
-                dates_said(m.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str())).pop()
+                dates_said(std::iter::once(m.content.as_str())).pop()
             } else {
-                find_ids(&known_pattern(schema)?, &conversation_texts(m)).pop()
+                find_ids(&known_pattern(schema)?, &conversation_texts(std::slice::from_ref(m))).pop()
             }
         };
         let said_now = latest(&messages[last_user..=last_user]);
@@ -290,7 +292,7 @@ fn conversation_texts(messages: &[ChatMessage]) -> Vec<String> {
                 texts.push(content);
             }
             Role::Tool => texts.push(m.content.clone()),
-            Role::Assistant => texts.extend(m.tool_calls.iter().map(|c| c.arguments.to_string())),
+            Role::Assistant => texts.extend(m.tool_calls.iter().map(|c| without_dates(&c.arguments.to_string()))),
             Role::System => {}
         }
     }
@@ -466,6 +468,13 @@ mod tests {
         // A correction: the date said last, the member ID from before.
         let retry = [user("Member 1004, born January 13, 1958."), user("Sorry, I meant January 30, 1958.")];
         assert_eq!(gate(&retry), Some(("verify_member".into(), json!({"member_id": "1004", "date_of_birth": "January 30, 1958"}))));
+        // The failed check's arguments (a year among them) are not the caller's words.
+        let failed_call = ChatMessage::tool_calls(
+            "",
+            vec![ToolCall { id: "c0".into(), name: "verify_member".into(), arguments: json!({"member_id": "1004", "date_of_birth": "January 13, 1958"}) }],
+        );
+        let retried = [retry[0].clone(), failed_call, ChatMessage::tool_result("c0", r#"{"error": "no match"}"#), retry[1].clone()];
+        assert_eq!(gate(&retried), Some(("verify_member".into(), json!({"member_id": "1004", "date_of_birth": "January 30, 1958"}))));
         let mut messages = retry.to_vec();
         messages.push(user("How are you?"));
         assert_eq!(gate(&messages), None, "nothing new for the check in the last message");
