@@ -297,6 +297,10 @@ async fn think(
     // yes to a tool's confirmation question makes the confirmed call.
     let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
     let mut asked_gate = false;
+    if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_new_id(&options, &messages) {
+        debug!("the caller named a record not looked up yet; the first step is a look-up");
+        options.tool_choice = parley_llm::ToolChoice::Required;
+    }
     while round < policy.max_rounds.max(1) {
         round += 1;
         let generated = match first_call.take() {
@@ -626,7 +630,8 @@ fn spoken_sentence(output: &str) -> Option<String> {
 /// a copy of our own instructions to the model.
 fn is_speech(text: &str) -> bool {
     let words = crate::reply_text::without_labels(&outside_json(text));
-    words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words)
+    // What the phrase guard would drop (text for the model) is no speech either.
+    words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words) && crate::reply_text::speakable(&words).is_some()
 }
 
 /// The text with every top-level JSON object or array (balanced, strings

@@ -132,6 +132,30 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
     })
 }
 
+/// True when the caller's last message names an id (of a known-id parameter of a
+/// tool callable now) that no earlier call or result holds: a record the call has
+/// not looked up yet, so the answer must come from a look-up, not from memory (the
+/// 0.5B model answered "Can you also tell me about order ORD002?" with the earlier
+/// order's facts under the new id; eval).
+pub fn names_new_id(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
+    let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else { return false };
+    let earlier: Vec<String> = messages[..last_user]
+        .iter()
+        .filter(|m| m.role != Role::User)
+        .flat_map(|m| conversation_texts(std::slice::from_ref(m)))
+        .collect();
+    let said = conversation_texts(&messages[last_user..=last_user]);
+    callable(options, messages).iter().filter(|t| !is_gate(t)).any(|tool| {
+        let Some(properties) = options.tools.iter().find(|t| t.name == tool.name).and_then(|t| t.parameters.get("properties")?.as_object()) else {
+            return false;
+        };
+        properties.values().filter_map(known_pattern).any(|pattern| {
+            let seen = find_ids(&pattern, &earlier);
+            find_ids(&pattern, &said).iter().any(|id| !seen.contains(id))
+        })
+    })
+}
+
 /// The call of a gate that has not passed, with whatever values the conversation
 /// holds for it (maybe none): when the model had nothing to say to a caller who has
 /// not passed the check, the gate's own answer says what it needs ("Please tell me
@@ -483,6 +507,24 @@ mod tests {
         assert_eq!(gate(&passed), None, "a passed gate is not called again");
         let none = GenerateOptions { tool_choice: ToolChoice::None, ..options.clone() };
         assert!(gate_call(&none, &[user("Member 1001, born March 12, 1984.")]).is_none());
+    }
+
+    #[test]
+    fn an_id_not_looked_up_yet_asks_for_a_look_up() {
+        let options = GenerateOptions { tools: vec![order_tool()], ..GenerateOptions::default() };
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        let looked_up = [
+            user("Is order ORD001 ready?"),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "get_order_details".into(), arguments: json!({"order_id": "ORD001"}) }]),
+            ChatMessage::tool_result("c1", r#"{"order_id": "ORD001", "status": "processing"}"#),
+        ];
+        let mut messages = looked_up.to_vec();
+        messages.push(user("And what about order O R D zero zero two?"));
+        assert!(names_new_id(&options, &messages));
+        let mut messages = looked_up.to_vec();
+        messages.push(user("When can I pick up ORD001?"));
+        assert!(!names_new_id(&options, &messages), "looked up already");
+        assert!(!names_new_id(&options, &[user("How are you?")]));
     }
 
     #[test]
