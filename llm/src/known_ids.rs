@@ -201,7 +201,10 @@ fn gate_arguments(gate: &ToolSpec, messages: &[ChatMessage]) -> Option<GateArgum
             if heard_kind(schema) == Some("date") {
                 dates_said(std::iter::once(m.content.as_str())).pop()
             } else {
-                find_ids(&known_pattern(schema)?, &conversation_texts(std::slice::from_ref(m))).pop()
+                // The first id of the message: an id leads ("Member 1003, born …"), and
+                // a year the date pattern missed follows ("Orange lie 25th, 1990", as
+                // the ASR heard "July twenty-fifth, nineteen ninety"; eval).
+                find_ids(&known_pattern(schema)?, &conversation_texts(std::slice::from_ref(m))).into_iter().next()
             }
         };
         let said_now = latest(&messages[last_user..=last_user]);
@@ -485,6 +488,11 @@ mod tests {
         assert_eq!(
             gate(&[user("Member one zero zero two, born 11/02/1971, or November 2nd, 1971.")]).map(|(_, a)| a["member_id"].clone()),
             Some(json!("1002"))
+        );
+        // A date the ASR garbled leaves its year; the member ID comes first.
+        assert_eq!(
+            gate(&[user("Hi, number 1003, Orange lie 25th, 1990. How many refills?")]),
+            Some(("verify_member".into(), json!({"member_id": "1003"})))
         );
         // No member ID: not called (the model asks).
         assert_eq!(gate(&[user("Hi, what's the status of my order?")]), None);
