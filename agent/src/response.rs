@@ -354,7 +354,9 @@ async fn think(
             total.tool_calls.extend(stats.tool_calls.iter().cloned());
         }
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
-            if !spoke && answered.is_empty() && !asked_gate && !cancel.is_cancelled() {
+            // (Not when the model only read the caller's words back: "Good morning!
+            // How are you?" is small talk, not a question for the check; eval.)
+            if !spoke && !repeated && answered.is_empty() && !asked_gate && !cancel.is_cancelled() {
                 // Nothing to say to a caller who has not passed a check: the check
                 // says what it needs.
                 if let Some(call) = parley_llm::known_ids::gate_ask(&options, &messages) {
