@@ -8,7 +8,7 @@ use crate::tools::spoken;
 /// Words that only text written for the model uses; a phrase containing one is not
 /// for the caller's ears.
 const MODEL_DIRECTED: &[&str] =
-    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining"];
+    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_prescription"];
 
 /// Fewest words a copy of our instructions must have to be taken for one: "Do not
 /// show" alone could be the caller's own business.
@@ -18,8 +18,14 @@ const MIN_COPIED_WORDS: usize = 4;
 /// a piece of it back as its reply ("when it has one). Do not show JSON.", eval).
 /// The operator's own instructions are not listed: a line scripted there may be
 /// meant to be said word for word.
-fn our_instructions() -> [&'static str; 4] {
-    [crate::conversation::AFTER_TOOL_NUDGE, crate::response::PLAIN_SPEECH_NUDGE, crate::response::GATE_OPENED_NUDGE, crate::response::LOOK_IT_UP_NUDGE]
+fn our_instructions() -> [&'static str; 5] {
+    [
+        crate::conversation::AFTER_TOOL_NUDGE,
+        crate::response::PLAIN_SPEECH_NUDGE,
+        crate::response::GATE_OPENED_NUDGE,
+        crate::response::LOOK_IT_UP_NUDGE,
+        crate::response::ASK_FOR_DETAILS_NUDGE,
+    ]
 }
 
 /// Lowercase words of `text`, punctuation dropped.
@@ -38,10 +44,33 @@ pub fn copies_instructions(text: &str) -> bool {
         && our_instructions().iter().any(|nudge| plain_words(nudge).windows(said.len()).any(|w| w == said.as_slice()))
 }
 
+/// Speaker labels of the prompt's examples (`Caller: …` / `You: …`): the small model
+/// opens its reply with one ("You:", said alone, eval), or goes on to write the
+/// caller's next line.
+const OWN_LABELS: &[&str] = &["You:", "Agent:", "Assistant:"];
+const CALLER_LABELS: &[&str] = &["Caller:", "User:"];
+
+/// `text` without the speaker labels a model copied from the examples: its own
+/// label taken off the front, and from a caller's label on, nothing (a line the
+/// model wrote for the caller is not the agent's to say).
+pub fn without_labels(text: &str) -> String {
+    let mut rest = text.trim_start();
+    while let Some(after) = OWN_LABELS.iter().find_map(|l| rest.strip_prefix(l)) {
+        rest = after.trim_start();
+    }
+    let cut = CALLER_LABELS.iter().filter_map(|l| rest.find(l)).min().unwrap_or(rest.len());
+    let kept = &rest[..cut];
+    let mut out = kept.to_string();
+    for label in OWN_LABELS {
+        out = out.replace(&format!("\n{label}"), "\n");
+    }
+    out
+}
+
 /// The phrase as it should be spoken, or `None` when it must not be spoken at all.
 pub fn speakable(phrase: &str) -> Option<String> {
     // The model copying the history's interruption mark says what came before it.
-    let unmarked = phrase.replace(crate::conversation::INTERRUPTED_MARK, "");
+    let unmarked = without_labels(&phrase.replace(crate::conversation::INTERRUPTED_MARK, ""));
     let phrase = unmarked.trim();
     if phrase.is_empty() {
         return None;
@@ -92,6 +121,15 @@ mod tests {
         assert_eq!(speakable("at the pharmacy.The medication").as_deref(), Some("at the pharmacy. The medication"));
         assert_eq!(speakable("It costs 3.50 at 10:00 AM, see Dr. Reyes.").as_deref(), Some("It costs 3.50 at 10:00 AM, see Dr. Reyes."));
         assert_eq!(speakable("I said OK, A1, COVID19 and (ORD-004).").as_deref(), Some("I said OK, A1, COVID19 and (O R D zero zero four)."));
+    }
+
+    #[test]
+    fn speaker_labels_copied_from_the_examples_are_not_spoken() {
+        assert_eq!(speakable("You:"), None);
+        assert_eq!(speakable("You: What is your member ID?").as_deref(), Some("What is your member ID?"));
+        assert_eq!(speakable("Sure. Caller: Yes, please.").as_deref(), Some("Sure."));
+        assert_eq!(speakable("Caller: Is my order ready?"), None);
+        assert!(speakable("Thank you for your patience.").is_some());
     }
 
     #[test]

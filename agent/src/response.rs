@@ -293,9 +293,24 @@ async fn think(
     let mut held = false;
     let mut retried = false;
     let mut round = 0;
+    // Who the caller is gets checked first, with what they said (a gate); a plain
+    // yes to a tool's confirmation question makes the confirmed call.
+    let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
+    let mut asked_gate = false;
+    if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_new_id(&options, &messages) {
+        debug!("the caller named a record not looked up yet; the first step is a look-up");
+        options.tool_choice = parley_llm::ToolChoice::Required;
+    }
     while round < policy.max_rounds.max(1) {
         round += 1;
-        let (stats, said) = match generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await {
+        let generated = match first_call.take() {
+            Some(call) => {
+                debug!(tool = %call.name, "the caller's words make this call; no generation needed to write it");
+                Ok((GenerationStats { tool_calls: vec![call], ..GenerationStats::default() }, String::new()))
+            }
+            None => generate(&session, messages.clone(), options.clone(), text.clone(), cancel.clone(), first_token.clone()).await,
+        };
+        let (stats, said) = match generated {
             Ok(done) => done,
             Err(GenerateError::Llm(parley_llm::LlmError::Unavailable(why))) => {
                 // The caller hears why the line went quiet; the client gets the error.
@@ -306,7 +321,7 @@ async fn think(
         };
         let repeated = parrot.repeats(&said);
         spoke |= is_speech(&said) && !repeated;
-        if stats.tool_calls.is_empty() && !retried && ((round > 1 && !is_speech(&said)) || repeated) {
+        if stats.tool_calls.is_empty() && !retried && (!is_speech(&said) || repeated) {
             // After a tool result the small model sometimes echoes JSON instead of
             // speaking, or it reads the caller's line back (the guards keep either
             // from being spoken); ask once more, plainly.
@@ -321,6 +336,12 @@ async fn think(
                 debug!("the reply only repeated an earlier tool result; asking for a look-up");
                 options.tool_choice = parley_llm::ToolChoice::Required;
                 messages.push(ChatMessage::new(parley_llm::Role::System, LOOK_IT_UP_NUDGE));
+            } else if round == 0 && !options.tools.is_empty() && parley_llm::known_ids::callable(&options, &messages).is_empty() {
+                // Nothing said and nothing callable: the model wanted a tool whose
+                // ids the caller has not given ("You:" and no more, to "What's the
+                // status of my order?" from a caller not yet verified, eval).
+                debug!("no words and no tool callable yet; asking the model to ask the caller");
+                messages.push(ChatMessage::new(parley_llm::Role::System, ASK_FOR_DETAILS_NUDGE));
             } else {
                 messages.push(ChatMessage::new(parley_llm::Role::System, PLAIN_SPEECH_NUDGE));
             }
@@ -333,6 +354,19 @@ async fn think(
             total.tool_calls.extend(stats.tool_calls.iter().cloned());
         }
         if stats.tool_calls.is_empty() || cancel.is_cancelled() {
+            // (Not when the model only read the caller's words back: "Good morning!
+            // How are you?" is small talk, not a question for the check; eval.)
+            if !spoke && !repeated && answered.is_empty() && !asked_gate && !cancel.is_cancelled() {
+                // Nothing to say to a caller who has not passed a check: the check
+                // says what it needs.
+                if let Some(call) = parley_llm::known_ids::gate_ask(&options, &messages) {
+                    debug!(tool = %call.name, "no words from the model; the gate says what it needs");
+                    asked_gate = true;
+                    first_call = Some(call);
+                    round -= 1;
+                    continue;
+                }
+            }
             if !spoke {
                 say_last_result(&answered, &announced, &text, &cancel).await;
             }
@@ -415,6 +449,9 @@ async fn think(
         };
         let mut hold_the_floor = false;
         let mut gate_opened = false;
+        // The `say` sentences of this round's new results the caller has not heard;
+        // `None` once one of them has none (an error, a tool not built for voice).
+        let mut says: Option<Vec<String>> = Some(Vec::new());
         let mut fresh = results.into_iter();
         for (call, repeat) in known.iter().zip(repeats) {
             let output = match repeat {
@@ -432,6 +469,11 @@ async fn think(
                                 let _ = text.send(TextPiece::Ours(say)).await;
                                 announced.push(call.id.clone());
                             }
+                        } else {
+                            match spoken_sentence(&output) {
+                                Some(say) => says.iter_mut().for_each(|s| s.push(say.clone())),
+                                None => says = None,
+                            }
                         }
                         output
                     }
@@ -443,6 +485,19 @@ async fn think(
         }
         if hold_the_floor {
             let _ = text.send(TextPiece::Uninterruptible).await;
+        }
+        let says = says.filter(|s| !s.is_empty() && !gate_opened);
+        if let Some(says) = says {
+            // Results built for voice speak for themselves: their `say` sentences are
+            // the answer, in the desk's words. (Read back by the 0.5B model they lost
+            // facts: "The order is being processed." for "Which medication is in
+            // order ORD006?", eval.)
+            debug!(results = says.len(), "speaking the results' say sentences");
+            for say in says {
+                parrot.announced(&say);
+                let _ = text.send(TextPiece::Ours(say)).await;
+            }
+            return Ok(total);
         }
         if gate_opened && round < policy.max_rounds.max(1) {
             // The check the other tools waited for passed: go on to what the caller
@@ -475,6 +530,37 @@ async fn think(
     Ok(total)
 }
 
+/// The call a caller's plain yes confirms: the previous response's call whose result
+/// asked for confirmation (`"status": "needs_confirmation"`, from a tool that takes
+/// a boolean `confirm`), made again with `confirm: true`. A yes is what
+/// [`crate::turn_rules::confirmation_answer`] reads as one; anything else (a no, a
+/// new question) is the model's to answer. The small model often answered "Yes,
+/// please go ahead." with words and no call, or called a look-up (eval).
+fn confirmed_call(messages: &[ChatMessage], tools: &[parley_llm::ToolSpec]) -> Option<ToolCall> {
+    let last_user = messages.iter().rposition(|m| m.role == parley_llm::Role::User)?;
+    if crate::turn_rules::confirmation_answer(&messages[last_user].content) != Some(true) {
+        return None;
+    }
+    // The results of the response before the caller's answer.
+    let before = &messages[..last_user];
+    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
+    let asked = before[start..].iter().rev().filter(|m| m.role == parley_llm::Role::Tool).find(|m| {
+        serde_json::from_str::<serde_json::Value>(&m.content)
+            .is_ok_and(|v| v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"))
+    })?;
+    let call_id = asked.tool_call_id.as_deref()?;
+    let call = before[start..].iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
+    let takes_confirm = tools.iter().any(|t| {
+        t.name == call.name && t.parameters.pointer("/properties/confirm/type").and_then(serde_json::Value::as_str) == Some("boolean")
+    });
+    let mut arguments = call.arguments.as_object()?.clone();
+    if !takes_confirm {
+        return None;
+    }
+    arguments.insert("confirm".into(), serde_json::Value::Bool(true));
+    Some(ToolCall { id: parley_llm::toolcall::new_call_id(), name: call.name.clone(), arguments: serde_json::Value::Object(arguments) })
+}
+
 /// Said when no language model can answer (every replica down).
 const UNAVAILABLE_APOLOGY: &str = "I'm sorry, I can't answer right now because of a technical problem on our side. Please try again in a moment.";
 
@@ -491,6 +577,11 @@ fn opens_gate(tools: &[parley_llm::ToolSpec], call: &ToolCall, output: &str) -> 
     tools.iter().any(|t| t.name == call.name && parley_llm::known_ids::is_gate(t))
         && parley_llm::known_ids::succeeded(output)
 }
+
+/// When the model wrote nothing to say and no tool can be called yet (the ids the
+/// tools need were not said): it asks the caller for them.
+pub(crate) const ASK_FOR_DETAILS_NUDGE: &str =
+    "No tool can be used yet. Answer the caller in one short spoken sentence; if they asked about their records, ask for the details the rules need first.";
 
 /// Said when a reply after a tool result was not speech.
 pub(crate) const PLAIN_SPEECH_NUDGE: &str = "Reply to the caller in plain words: one short spoken sentence, no JSON or code.";
@@ -540,8 +631,9 @@ fn spoken_sentence(output: &str) -> Option<String> {
 /// or several, as a model writes calls and results one after another) and besides
 /// a copy of our own instructions to the model.
 fn is_speech(text: &str) -> bool {
-    let words = outside_json(text);
-    words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words)
+    let words = crate::reply_text::without_labels(&outside_json(text));
+    // What the phrase guard would drop (text for the model) is no speech either.
+    words.chars().any(char::is_alphanumeric) && !crate::reply_text::copies_instructions(&words) && crate::reply_text::speakable(&words).is_some()
 }
 
 /// The text with every top-level JSON object or array (balanced, strings
@@ -618,6 +710,7 @@ async fn run_tool(tools: &Tools, call: ToolCall, timeout_ms: u64, reports: &mpsc
     span.record("ms", started.elapsed().as_secs_f64() * 1000.0);
     let output = match &result {
         Ok(value) => value.to_string(),
+        Err(ToolError::Declined(say)) => serde_json::json!({ "error": say, "say": say }).to_string(),
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
     };
     tracing::info!(tool = %call.name, call_id = %call.id, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "tool call");
@@ -1204,6 +1297,39 @@ mod tests {
         ])
         .await;
         assert_eq!(out, [phrase("Let me check."), phrase("Your order O R D zero zero one is at the pharmacy. The pickup is Monday.")]);
+    }
+
+    #[test]
+    fn a_plain_yes_makes_the_call_that_asked_for_confirmation() {
+        use parley_llm::Role;
+        let refill = parley_llm::ToolSpec {
+            name: "request_refill".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"rx_id": {"type": "string"}, "confirm": {"type": "boolean"}}}),
+        };
+        let asked = ToolCall { id: "c1".into(), name: "request_refill".into(), arguments: serde_json::json!({"rx_id": "RX1002"}) };
+        let conversation = |answer: &str| {
+            vec![
+                ChatMessage::new(Role::User, "Please refill RX1002."),
+                ChatMessage::tool_calls("", vec![asked.clone()]),
+                ChatMessage::tool_result("c1", r#"{"status": "needs_confirmation", "say": "Just to confirm: a refill of RX1002?"}"#),
+                ChatMessage::new(Role::Assistant, "Just to confirm: a refill of RX1002?"),
+                ChatMessage::new(Role::User, answer),
+            ]
+        };
+        let tools = [refill];
+        let call = confirmed_call(&conversation("Yes, please go ahead."), &tools).expect("a yes confirms");
+        assert_eq!((call.name.as_str(), call.arguments), ("request_refill", serde_json::json!({"rx_id": "RX1002", "confirm": true})));
+        assert_ne!(call.id, "c1");
+        for answer in ["No, don't.", "How many refills are left on it?", "Actually, wait."] {
+            assert!(confirmed_call(&conversation(answer), &tools).is_none(), "{answer}");
+        }
+        // Only the question of the response just before the answer counts.
+        let mut later = conversation("What time is it?");
+        later.extend([ChatMessage::new(Role::Assistant, "It's noon."), ChatMessage::new(Role::User, "Yes.")]);
+        assert!(confirmed_call(&later, &tools).is_none());
+        // A tool without a boolean `confirm` is not called again.
+        assert!(confirmed_call(&conversation("Yes."), &[]).is_none());
     }
 
     #[test]

@@ -107,6 +107,35 @@ pub fn is_backchannel(text: &str, backchannels: &[String]) -> bool {
     }
 }
 
+/// Words that open a yes to a question the agent asked.
+const YES_WORDS: &[&str] =
+    &["yes", "yeah", "yep", "yup", "sure", "ok", "okay", "correct", "right", "absolutely", "definitely", "confirm", "confirmed"];
+
+/// Openings of a yes said without a yes word.
+const YES_PHRASES: &[&str] = &["go ahead", "please go ahead", "please do", "do it", "please proceed", "that's right", "that is right"];
+
+/// Words that make an answer not a plain yes ("yes, no wait", "not that one").
+const NOT_YES_WORDS: &[&str] =
+    &["no", "nope", "not", "don't", "dont", "never", "cancel", "wait", "stop", "hold", "wrong", "instead", "but", "actually"];
+
+/// Longest answer read as a plain yes: a longer one carries more than the answer.
+const MAX_YES_WORDS: usize = 8;
+
+/// How the caller answered a yes/no question the agent asked: `Some(true)` for a
+/// plain yes ("Yes.", "Yes, please go ahead.", "Yeah, that's right."),
+/// `Some(false)` for an answer with a no in it, `None` for anything else (a new
+/// question, a longer turn): then the model reads it.
+pub fn confirmation_answer(text: &str) -> Option<bool> {
+    let all = words(text);
+    if all.iter().any(|w| NOT_YES_WORDS.contains(&w.as_str())) {
+        return Some(false);
+    }
+    let first = all.first()?;
+    let joined = all.join(" ");
+    let opens_yes = YES_WORDS.contains(&first.as_str()) || YES_PHRASES.iter().any(|p| joined == *p || joined.starts_with(&format!("{p} ")));
+    (opens_yes && all.len() <= MAX_YES_WORDS && !text.contains('?')).then_some(true)
+}
+
 /// Turns a stream of partial hypotheses into append-only text: a word is shown once
 /// two consecutive hypotheses agree on it (and on everything before it), and shown
 /// text is never taken back. The final transcript replaces it all.
@@ -181,6 +210,19 @@ mod tests {
         }
         for t in ["Wait, stop.", "okay but what about tomorrow", "No.", "yeah I need a refill"] {
             assert!(!is_backchannel(t, &b), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_plain_yes_confirms_and_anything_else_does_not() {
+        for t in ["Yes.", "Yes, please go ahead.", "Yes, that's right.", "yeah sure", "Okay, please do.", "Please go ahead."] {
+            assert_eq!(confirmation_answer(t), Some(true), "{t}");
+        }
+        for t in ["Actually no, don't do that. Never mind.", "No.", "Yes, no wait.", "Not that one."] {
+            assert_eq!(confirmation_answer(t), Some(false), "{t}");
+        }
+        for t in ["", "What time can I pick it up?", "Please refill my other one.", "Yes, and when can I pick up my other order, the one from last week?", "Is it ready?", "Sure?"] {
+            assert_eq!(confirmation_answer(t), None, "{t}");
         }
     }
 

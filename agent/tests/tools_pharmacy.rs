@@ -53,7 +53,7 @@ async fn first_open_creates_and_seeds_a_new_file_in_a_new_folder() {
     assert!(path.exists());
     assert_eq!(
         registry.specs().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        ["get_order_details", "get_pickup_time", "get_refills_remaining", "list_orders", "request_refill", "verify_member"]
+        ["get_order_details", "get_pickup_time", "get_prescription", "list_orders", "request_refill", "verify_member"]
     );
     assert_eq!(count(&path, "SELECT COUNT(*) FROM members WHERE member_id = '1001'"), 1);
     assert_eq!(count(&path, "SELECT COUNT(*) FROM members"), 5);
@@ -87,7 +87,7 @@ async fn reopening_keeps_one_seed_and_earlier_changes() {
     assert_eq!(count(&path, "SELECT COUNT(*) FROM members WHERE member_id = '1001'"), 1);
     assert_eq!(count(&path, "SELECT COUNT(*) FROM orders WHERE order_id = 'ORD001'"), 1);
     let scope = verified(&registry, "1002", "1971-11-02").await;
-    let refills = call_in(&registry, &scope, "get_refills_remaining", json!({"rx_id": "RX1002"})).await.expect("refills");
+    let refills = call_in(&registry, &scope, "get_prescription", json!({"rx_id": "RX1002"})).await.expect("refills");
     assert_eq!(refills["refills_remaining"], "one");
     assert_eq!(count(&path, "SELECT COUNT(*) FROM refill_requests WHERE rx_id = 'RX1002'"), 1);
 }
@@ -133,7 +133,7 @@ async fn a_refill_without_refills_changes_nothing_on_disk() {
     let result = call_in(&registry, &scope, "request_refill", json!({"rx_id": " rx1001", "confirm": true})).await;
     assert_eq!(
         result,
-        Err(ToolError::Failed(
+        Err(ToolError::Declined(
             "Your prescription for Amoxicillin five hundred milligrams has no refills left. Dr. Hannah Reyes would need to authorize more.".into()
         ))
     );

@@ -17,6 +17,13 @@
 //! desk's look-ups cannot be the first call of a caller who has not proved who they
 //! are: the check is the only call the model can make.
 //!
+//! A free-text parameter can be held to what the caller said:
+//! `"x-parley-heard": "date"` narrows it to the dates the caller's own messages hold,
+//! as they wrote them ("March 12, 1984", "11/02/1971"), so a date of birth cannot
+//! be invented (the 0.5B model copied the prompt example's date when the caller had
+//! given none); with none said, a tool that requires it cannot be called, and the
+//! model asks.
+//!
 //! A tool can be a gate: `"x-parley-gate": true` on its parameters (an identity
 //! check) makes it callable until it succeeds, then never again in the call (the
 //! 0.5B model re-ran a passed check on the caller's next question instead of
@@ -26,7 +33,7 @@
 use regex::RegexBuilder;
 use serde_json::{Map, Value};
 
-use crate::{ChatMessage, GenerateOptions, Role, ToolChoice, ToolSpec};
+use crate::{ChatMessage, GenerateOptions, Role, ToolCall, ToolChoice, ToolSpec};
 
 /// The annotation that asks for a parameter to be narrowed to known values.
 pub const KNOWN: &str = "x-parley-known";
@@ -38,6 +45,10 @@ pub const AFTER: &str = "x-parley-after";
 /// The annotation (on a tool's parameters) that marks a check the other tools wait
 /// for: callable until it succeeds, then not again.
 pub const GATE: &str = "x-parley-gate";
+
+/// The annotation that narrows a parameter to values of a kind the caller said
+/// (`"date"`), kept as they said them.
+pub const HEARD: &str = "x-parley-heard";
 
 /// True when `tool` is a gate ([`GATE`]).
 pub fn is_gate(tool: &ToolSpec) -> bool {
@@ -71,9 +82,13 @@ pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
                 .unwrap_or_default();
             let names: Vec<String> = properties.keys().cloned().collect();
             for name in names {
-                let Some(pattern) = known_pattern(&properties[&name]) else { continue };
-                let texts = heard.get_or_insert_with(|| conversation_texts(messages));
-                let values = find_ids(&pattern, texts);
+                let values = if heard_kind(&properties[&name]) == Some("date") {
+                    dates_said(messages.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()))
+                } else {
+                    let Some(pattern) = known_pattern(&properties[&name]) else { continue };
+                    let texts = heard.get_or_insert_with(|| conversation_texts(messages));
+                    find_ids(&pattern, texts)
+                };
                 if values.is_empty() {
                     if required.contains(&name) {
                         continue 'tools;
@@ -94,6 +109,115 @@ pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
         out.push(ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters });
     }
     out
+}
+
+/// The call of a gate the caller's last message gave values for: a gate tool
+/// ([`GATE`]) that has not passed, offered with `tool_choice` auto, one of whose
+/// known-id ([`KNOWN`]) or heard ([`HEARD`]) parameters has a value in the last user
+/// message, and all of whose required known ids have a value. Its arguments are
+/// those values, each the one the caller said last; a heard value not said yet is
+/// left out, for the gate to ask for (a member ID said without the date of birth).
+///
+/// A check of who the caller is needs no judgement: what the caller said goes to it
+/// as said, before anything else (the 0.5B model answered "Sorry, I meant January
+/// 30, 1958." by reading it back, invented a birth date from the prompt's example
+/// when the caller gave none, and sometimes answered before checking; eval).
+pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<ToolCall> {
+    if options.tool_choice != ToolChoice::Auto {
+        return None;
+    }
+    open_gates(options, messages).find_map(|gate| {
+        let said = gate_arguments(gate, messages)?;
+        (said.new_value && !said.missing_known).then(|| ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
+    })
+}
+
+/// True when the caller's last message names an id (of a known-id parameter of a
+/// tool callable now) that no earlier call or result holds: a record the call has
+/// not looked up yet, so the answer must come from a look-up, not from memory (the
+/// 0.5B model answered "Can you also tell me about order ORD002?" with the earlier
+/// order's facts under the new id; eval).
+pub fn names_new_id(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
+    let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else { return false };
+    let earlier: Vec<String> = messages[..last_user]
+        .iter()
+        .filter(|m| m.role != Role::User)
+        .flat_map(|m| conversation_texts(std::slice::from_ref(m)))
+        .collect();
+    let said = conversation_texts(&messages[last_user..=last_user]);
+    callable(options, messages).iter().filter(|t| !is_gate(t)).any(|tool| {
+        let Some(properties) = options.tools.iter().find(|t| t.name == tool.name).and_then(|t| t.parameters.get("properties")?.as_object()) else {
+            return false;
+        };
+        properties.values().filter_map(known_pattern).any(|pattern| {
+            let seen = find_ids(&pattern, &earlier);
+            find_ids(&pattern, &said).iter().any(|id| !seen.contains(id))
+        })
+    })
+}
+
+/// The call of a gate that has not passed, with whatever values the conversation
+/// holds for it (maybe none): when the model had nothing to say to a caller who has
+/// not passed the check, the gate's own answer says what it needs ("Please tell me
+/// your member ID and your date of birth."), rather than "say it again".
+pub fn gate_ask(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<ToolCall> {
+    if options.tool_choice == ToolChoice::None {
+        return None;
+    }
+    open_gates(options, messages).find_map(|gate| {
+        let said = gate_arguments(gate, messages)?;
+        Some(ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
+    })
+}
+
+/// The gates offered that have not passed.
+fn open_gates<'a>(options: &'a GenerateOptions, messages: &[ChatMessage]) -> impl Iterator<Item = &'a ToolSpec> {
+    let passed = succeeded_tools(messages);
+    options.tools.iter().filter(move |t| is_gate(t) && !passed.contains(&t.name))
+}
+
+/// What the conversation holds for a gate's known and heard parameters.
+struct GateArguments {
+    /// Each parameter's value the caller said last (the latest message first).
+    arguments: Map<String, Value>,
+    /// The last user message gave one of them.
+    new_value: bool,
+    /// A required known id has no value.
+    missing_known: bool,
+}
+
+fn gate_arguments(gate: &ToolSpec, messages: &[ChatMessage]) -> Option<GateArguments> {
+    let last_user = messages.iter().rposition(|m| m.role == Role::User)?;
+    let properties = gate.parameters.get("properties")?.as_object()?;
+    let required: Vec<&str> = gate.parameters.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let mut said = GateArguments { arguments: Map::new(), new_value: false, missing_known: false };
+    for (name, schema) in properties {
+        if heard_kind(schema).is_none() && known_pattern(schema).is_none() {
+            continue;
+        }
+        // What the caller said, only: a gate checks the caller's own words.
+        let latest = |m: &[ChatMessage]| -> Option<String> {
+            let m = m.first().filter(|m| m.role == Role::User)?;
+            if heard_kind(schema) == Some("date") {
+                dates_said(std::iter::once(m.content.as_str())).pop()
+            } else {
+                // The first id of the message: an id leads ("Member 1003, born …"), and
+                // a year the date pattern missed follows ("Orange lie 25th, 1990", as
+                // the ASR heard "July twenty-fifth, nineteen ninety"; eval).
+                find_ids(&known_pattern(schema)?, &conversation_texts(std::slice::from_ref(m))).into_iter().next()
+            }
+        };
+        let said_now = latest(&messages[last_user..=last_user]);
+        said.new_value |= said_now.is_some();
+        // The caller's latest words first, then the latest earlier message that has one.
+        match said_now.or_else(|| (0..last_user).rev().find_map(|i| latest(&messages[i..=i]))) {
+            Some(value) => {
+                said.arguments.insert(name.clone(), Value::String(value));
+            }
+            None => said.missing_known |= required.contains(&name.as_str()) && known_pattern(schema).is_some(),
+        }
+    }
+    Some(said)
 }
 
 /// The tools the model may call in a generation with `options`: [`narrow`]ed, then
@@ -141,6 +265,47 @@ fn known_pattern(schema: &Value) -> Option<String> {
     Some(pattern.trim_start_matches('^').trim_end_matches('$').to_string())
 }
 
+/// The kind of value a parameter is held to ([`HEARD`]), if any.
+fn heard_kind(schema: &Value) -> Option<&str> {
+    schema.get(HEARD)?.as_str()
+}
+
+/// Dates in `texts` (the caller's messages) as written, each once, in order: a
+/// month by name with a day and a four-digit year ("March 12th, 1984", "the 2nd of
+/// November 1971"), or all digits ("11/02/1971", "1958-01-30").
+fn dates_said<'a>(texts: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for text in texts {
+        for m in date_pattern().find_iter(text) {
+            let date = m.as_str().to_string();
+            if !found.contains(&date) {
+                found.push(date);
+            }
+        }
+    }
+    found
+}
+
+/// `text` with the dates in it blanked out.
+fn without_dates(text: &str) -> String {
+    date_pattern().replace_all(text, " ").into_owned()
+}
+
+/// A date as [`dates_said`] finds it.
+fn date_pattern() -> &'static regex::Regex {
+    static DATE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    DATE.get_or_init(|| {
+        let month = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?";
+        let day = r"\d{1,2}(?:st|nd|rd|th)?";
+        RegexBuilder::new(&format!(
+            r"\b(?:{month}\s+{day},?\s+\d{{4}}|(?:the\s+)?{day}\s+(?:of\s+)?{month},?\s+\d{{4}}|\d{{4}}[-/]\d{{1,2}}[-/]\d{{1,2}}|\d{{1,2}}[-/]\d{{1,2}}[-/]\d{{4}})\b"
+        ))
+        .case_insensitive(true)
+        .build()
+        .expect("the date pattern is a regular expression")
+    })
+}
+
 /// Every text an id may come from: what the caller said (also with spelled-out
 /// letters and digits joined), tool results, and the arguments of earlier calls.
 fn conversation_texts(messages: &[ChatMessage]) -> Vec<String> {
@@ -148,11 +313,13 @@ fn conversation_texts(messages: &[ChatMessage]) -> Vec<String> {
     for m in messages {
         match m.role {
             Role::User => {
-                texts.push(m.content.clone());
-                texts.push(spelled_out_joined(&m.content));
+                // A year is not a member number: the caller's dates are taken out first.
+                let content = without_dates(&m.content);
+                texts.push(spelled_out_joined(&content));
+                texts.push(content);
             }
             Role::Tool => texts.push(m.content.clone()),
-            Role::Assistant => texts.extend(m.tool_calls.iter().map(|c| c.arguments.to_string())),
+            Role::Assistant => texts.extend(m.tool_calls.iter().map(|c| without_dates(&c.arguments.to_string()))),
             Role::System => {}
         }
     }
@@ -269,6 +436,103 @@ mod tests {
         assert_eq!(narrow(&tools, &messages).len(), 1);
         messages.extend([call("c2"), ChatMessage::tool_result("c2", r#"{"verified": true}"#)]);
         assert!(narrow(&tools, &messages).is_empty(), "a passed check is not run again");
+    }
+
+    fn verify_tool() -> ToolSpec {
+        ToolSpec {
+            name: "verify_member".into(),
+            description: String::new(),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "member_id": {"type": "string", "pattern": "^[0-9]{4,}$", "x-parley-known": true},
+                    "date_of_birth": {"type": "string", "x-parley-heard": "date"}
+                },
+                "required": ["member_id", "date_of_birth"],
+                "x-parley-gate": true
+            }),
+        }
+    }
+
+    #[test]
+    fn a_date_must_be_one_the_caller_said() {
+        let tools = [verify_tool()];
+        // A member ID but no date: the check cannot be called (the model asks).
+        let said = [ChatMessage::new(Role::User, "My member ID is 1003. Where is my order?")];
+        assert!(narrow(&tools, &said).is_empty());
+        let said = [
+            ChatMessage::new(Role::User, "Member 1004, born January 13, 1958."),
+            ChatMessage::new(Role::Assistant, "Could you check them? For example January 31, 1970."),
+            ChatMessage::new(Role::User, "Sorry, I meant the 30th of Jan. 1958, or 1958-01-30, or 01/30/1958."),
+        ];
+        let narrowed = narrow(&tools, &said);
+        assert_eq!(
+            narrowed[0].parameters["properties"]["date_of_birth"]["enum"],
+            json!(["January 13, 1958", "the 30th of Jan. 1958", "1958-01-30", "01/30/1958"]),
+            "as said, only the caller's"
+        );
+    }
+
+    #[test]
+    fn a_gate_is_called_with_what_the_caller_said_last() {
+        let options = GenerateOptions { tools: vec![verify_tool(), order_tool()], ..GenerateOptions::default() };
+        let gate = |m: &[ChatMessage]| gate_call(&options, m).map(|c| (c.name, c.arguments));
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        assert_eq!(
+            gate(&[user("Member 1001, born March 12, 1984. Is my order ready?")]),
+            Some(("verify_member".into(), json!({"member_id": "1001", "date_of_birth": "March 12, 1984"})))
+        );
+        // A member ID without the date: the gate is asked, and says what it needs.
+        assert_eq!(gate(&[user("My member ID is 1003. Where is my order?")]), Some(("verify_member".into(), json!({"member_id": "1003"}))));
+        // The year of a birth date is not a member ID.
+        assert_eq!(
+            gate(&[user("Member one zero zero two, born 11/02/1971, or November 2nd, 1971.")]).map(|(_, a)| a["member_id"].clone()),
+            Some(json!("1002"))
+        );
+        // A date the ASR garbled leaves its year; the member ID comes first.
+        assert_eq!(
+            gate(&[user("Hi, number 1003, Orange lie 25th, 1990. How many refills?")]),
+            Some(("verify_member".into(), json!({"member_id": "1003"})))
+        );
+        // No member ID: not called (the model asks).
+        assert_eq!(gate(&[user("Hi, what's the status of my order?")]), None);
+        assert_eq!(gate(&[user("I was born March 12th, 1984.")]), None);
+        // A correction: the date said last, the member ID from before.
+        let retry = [user("Member 1004, born January 13, 1958."), user("Sorry, I meant January 30, 1958.")];
+        assert_eq!(gate(&retry), Some(("verify_member".into(), json!({"member_id": "1004", "date_of_birth": "January 30, 1958"}))));
+        // The failed check's arguments (a year among them) are not the caller's words.
+        let failed_call = ChatMessage::tool_calls(
+            "",
+            vec![ToolCall { id: "c0".into(), name: "verify_member".into(), arguments: json!({"member_id": "1004", "date_of_birth": "January 13, 1958"}) }],
+        );
+        let retried = [retry[0].clone(), failed_call, ChatMessage::tool_result("c0", r#"{"error": "no match"}"#), retry[1].clone()];
+        assert_eq!(gate(&retried), Some(("verify_member".into(), json!({"member_id": "1004", "date_of_birth": "January 30, 1958"}))));
+        let mut messages = retry.to_vec();
+        messages.push(user("How are you?"));
+        assert_eq!(gate(&messages), None, "nothing new for the check in the last message");
+        let call = ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "verify_member".into(), arguments: json!({}) }]);
+        let passed = [call, ChatMessage::tool_result("c1", r#"{"verified": true}"#), user("I'm 1001, born March 12, 1984.")];
+        assert_eq!(gate(&passed), None, "a passed gate is not called again");
+        let none = GenerateOptions { tool_choice: ToolChoice::None, ..options.clone() };
+        assert!(gate_call(&none, &[user("Member 1001, born March 12, 1984.")]).is_none());
+    }
+
+    #[test]
+    fn an_id_not_looked_up_yet_asks_for_a_look_up() {
+        let options = GenerateOptions { tools: vec![order_tool()], ..GenerateOptions::default() };
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        let looked_up = [
+            user("Is order ORD001 ready?"),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "get_order_details".into(), arguments: json!({"order_id": "ORD001"}) }]),
+            ChatMessage::tool_result("c1", r#"{"order_id": "ORD001", "status": "processing"}"#),
+        ];
+        let mut messages = looked_up.to_vec();
+        messages.push(user("And what about order O R D zero zero two?"));
+        assert!(names_new_id(&options, &messages));
+        let mut messages = looked_up.to_vec();
+        messages.push(user("When can I pick up ORD001?"));
+        assert!(!names_new_id(&options, &messages), "looked up already");
+        assert!(!names_new_id(&options, &[user("How are you?")]));
     }
 
     #[test]

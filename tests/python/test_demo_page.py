@@ -23,7 +23,7 @@ from conftest import ROOT, running_parley
 from webdriver import Chromium
 
 KEY = "sk-browser-test"
-PHARMACY_TOOLS = ("verify_member", "lookup_member", "list_orders", "get_order_details", "get_refills_remaining", "get_pickup_time", "request_refill")
+PHARMACY_TOOLS = ("verify_member", "lookup_member", "list_orders", "get_order_details", "get_prescription", "get_pickup_time", "request_refill")
 # With a date of birth, so a desk that verifies callers first can do so in one go.
 QUESTION = "My member ID is 1001 and my date of birth is March 12, 1984. What orders do I have?"
 STORY = "You are a storyteller. Whatever the caller asks for, answer with a long story of at least ten sentences."

@@ -35,7 +35,7 @@ const LLAMA_READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// One response: a tool round trip is two or three generations on a CPU.
 const TURN: Duration = Duration::from_secs(240);
 /// The pharmacy's built-in tools.
-const PHARMACY_TOOLS: [&str; 6] = ["verify_member", "list_orders", "get_order_details", "get_refills_remaining", "get_pickup_time", "request_refill"];
+const PHARMACY_TOOLS: [&str; 6] = ["verify_member", "list_orders", "get_order_details", "get_prescription", "get_pickup_time", "request_refill"];
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))

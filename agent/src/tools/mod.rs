@@ -28,6 +28,11 @@ pub enum ToolError {
     /// The tool ran but could not do what was asked (unknown member, …).
     #[error("{0}")]
     Failed(String),
+    /// The tool declined, and says why in a sentence written for the caller (a
+    /// desk's "Sorry, that member ID and date of birth don't match our records."):
+    /// its result carries the sentence as `say` too, to be spoken as it is.
+    #[error("{0}")]
+    Declined(String),
     /// The tool did not answer in time.
     #[error("the tool did not answer within {0} ms")]
     Timeout(u64),

@@ -56,7 +56,7 @@ use self::identity::Identity;
 use super::{CallScope, Tool, ToolError, ToolFuture};
 
 /// The pharmacy desk's tools over `db`, ready to register: `verify_member`,
-/// `list_orders`, `get_order_details`, `get_refills_remaining`, `get_pickup_time` and
+/// `list_orders`, `get_order_details`, `get_prescription`, `get_pickup_time` and
 /// `request_refill`. They share the one database, so a refill requested in one call
 /// is seen by the next; who the caller is stays with each call.
 pub fn pharmacy_tools(db: Arc<PharmacyDb>) -> Vec<Arc<dyn Tool>> {
@@ -72,7 +72,7 @@ enum Operation {
     VerifyMember,
     ListOrders,
     GetOrderDetails,
-    GetRefillsRemaining,
+    GetPrescription,
     GetPickupTime,
     RequestRefill,
 }
@@ -82,7 +82,7 @@ impl Operation {
         Operation::VerifyMember,
         Operation::ListOrders,
         Operation::GetOrderDetails,
-        Operation::GetRefillsRemaining,
+        Operation::GetPrescription,
         Operation::GetPickupTime,
         Operation::RequestRefill,
     ];
@@ -92,7 +92,7 @@ impl Operation {
             Operation::VerifyMember => "verify_member",
             Operation::ListOrders => "list_orders",
             Operation::GetOrderDetails => "get_order_details",
-            Operation::GetRefillsRemaining => "get_refills_remaining",
+            Operation::GetPrescription => "get_prescription",
             Operation::GetPickupTime => "get_pickup_time",
             Operation::RequestRefill => "request_refill",
         }
@@ -102,7 +102,7 @@ impl Operation {
         match self {
             Operation::VerifyMember | Operation::ListOrders => IdKind::Member,
             Operation::GetOrderDetails | Operation::GetPickupTime => IdKind::Order,
-            Operation::GetRefillsRemaining | Operation::RequestRefill => IdKind::Prescription,
+            Operation::GetPrescription | Operation::RequestRefill => IdKind::Prescription,
         }
     }
 
@@ -119,7 +119,11 @@ impl Operation {
         let mut required = vec![key];
         match self {
             Operation::VerifyMember => {
-                properties.insert("date_of_birth".into(), json!({ "type": "string", "description": pack.parameter("date_of_birth") }));
+                // Only a date the caller said (`x-parley-heard`): never one from an example.
+                properties.insert(
+                    "date_of_birth".into(),
+                    json!({ "type": "string", "description": pack.parameter("date_of_birth"), parley_llm::known_ids::HEARD: "date" }),
+                );
                 required.push("date_of_birth");
             }
             Operation::ListOrders => required.clear(),
@@ -145,7 +149,8 @@ impl Operation {
     /// Reads the arguments this operation takes.
     fn request(self, arguments: &Value) -> Result<Request, ToolError> {
         let id = match self {
-            Operation::ListOrders => optional_id(arguments, IdKind::Member)?,
+            // The check without a member ID says what it needs.
+            Operation::ListOrders | Operation::VerifyMember => optional_id(arguments, IdKind::Member)?,
             _ => Some(id_argument(arguments, self.id_kind())?),
         };
         Ok(Request {
@@ -157,7 +162,7 @@ impl Operation {
 
     /// Runs the operation on a connection, given what this call has proved so far.
     fn execute(self, conn: &mut rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
-        let failed = |text: String| Ok((Err(ToolError::Failed(text)), Change::None));
+        let failed = |text: String| Ok((Err(ToolError::Declined(text)), Change::None));
         let Some(member_id) = seen.verified.as_deref().filter(|_| self != Operation::VerifyMember) else {
             return if self == Operation::VerifyMember { verify(conn, request, seen) } else { failed(say::VERIFY_FIRST.into()) };
         };
@@ -169,10 +174,16 @@ impl Operation {
             Operation::ListOrders => ok(say::order_list(member_id, &db::orders_of(conn, member_id)?)),
             Operation::GetOrderDetails | Operation::GetPickupTime => match db::order(conn, &id)?.filter(|o| o.member_id == member_id) {
                 None => failed(say::no_such_order(&id)),
-                Some(order) if self == Operation::GetOrderDetails => ok(say::order_details(&order)),
+                Some(order) if self == Operation::GetOrderDetails => {
+                    let rx = match order.rx_id.as_deref() {
+                        Some(rx_id) => db::prescription(conn, rx_id)?.filter(|rx| rx.member_id == member_id),
+                        None => None,
+                    };
+                    ok(say::order_details(&order, rx.as_ref()))
+                }
                 Some(order) => ok(say::pickup_time(&order)),
             },
-            Operation::GetRefillsRemaining => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
+            Operation::GetPrescription => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
                 None => failed(say::no_such_prescription(&id)),
                 Some(rx) => ok(say::refills(&rx)),
             },
@@ -217,11 +228,13 @@ enum Change {
 
 fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
     if seen.locked {
-        return Ok((Err(ToolError::Failed(say::LOCKED.into())), Change::None));
+        return Ok((Err(ToolError::Declined(say::LOCKED.into())), Change::None));
     }
-    let member_id = request.id.clone().unwrap_or_default();
+    let Some(member_id) = request.id.clone() else {
+        return Ok((Err(ToolError::Declined(say::VERIFY_FIRST.into())), Change::None));
+    };
     let Some(raw_date) = request.birth_date.as_deref() else {
-        return Ok((Err(ToolError::Failed(say::NEED_BIRTH_DATE.into())), Change::None));
+        return Ok((Err(ToolError::Declined(say::NEED_BIRTH_DATE.into())), Change::None));
     };
     let Some(given) = identity::parse_date(raw_date) else {
         return Ok((
@@ -234,7 +247,7 @@ fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result
     let member = db::member(conn, &member_id)?;
     let matches = member.as_ref().is_some_and(|m| crate::tools::spoken::ymd(&m.date_of_birth) == Some(given));
     match member.filter(|_| matches) {
-        None => Ok((Err(ToolError::Failed(say::NO_MATCH.into())), Change::FailedCheck)),
+        None => Ok((Err(ToolError::Declined(say::NO_MATCH.into())), Change::FailedCheck)),
         Some(member) => {
             let orders = db::orders_of(conn, &member.member_id)?;
             let prescriptions = db::prescriptions_of(conn, &member.member_id)?;
@@ -251,10 +264,10 @@ fn refill(
     seen: &Seen,
 ) -> Result<(Result<Value, ToolError>, Change), rusqlite::Error> {
     let Some(rx) = db::prescription(conn, rx_id)?.filter(|rx| rx.member_id == member_id) else {
-        return Ok((Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None));
+        return Ok((Err(ToolError::Declined(say::no_such_prescription(rx_id))), Change::None));
     };
     if rx.refills_remaining <= 0 {
-        return Ok((Err(ToolError::Failed(say::no_refills(&rx))), Change::None));
+        return Ok((Err(ToolError::Declined(say::no_refills(&rx))), Change::None));
     }
     // Confirmed means: offered in an earlier response, and now called with confirm.
     let confirmed = request.confirm && seen.proposed_at.is_some_and(|at| at < seen.response);
@@ -262,8 +275,8 @@ fn refill(
         return Ok((Ok(say::refill_needs_confirmation(&rx)), Change::Proposed(rx.rx_id)));
     }
     Ok(match db::request_refill(conn, rx_id)? {
-        RefillOutcome::UnknownRx => (Err(ToolError::Failed(say::no_such_prescription(rx_id))), Change::None),
-        RefillOutcome::NoRefills(rx) => (Err(ToolError::Failed(say::no_refills(&rx))), Change::Settled(rx.rx_id)),
+        RefillOutcome::UnknownRx => (Err(ToolError::Declined(say::no_such_prescription(rx_id))), Change::None),
+        RefillOutcome::NoRefills(rx) => (Err(ToolError::Declined(say::no_refills(&rx))), Change::Settled(rx.rx_id)),
         RefillOutcome::AlreadyRequested { prescription, request_id, .. } => {
             (Ok(say::refill_already_requested(&prescription, request_id)), Change::Settled(prescription.rx_id))
         }

@@ -99,7 +99,7 @@ pub(super) fn for_model(model: &str) -> &'static PromptPack {
 mod tests {
     use super::*;
 
-    const TOOLS: [&str; 6] = ["verify_member", "list_orders", "get_order_details", "get_pickup_time", "get_refills_remaining", "request_refill"];
+    const TOOLS: [&str; 6] = ["verify_member", "list_orders", "get_order_details", "get_pickup_time", "get_prescription", "request_refill"];
     const PARAMETERS: [&str; 5] = ["member_id", "date_of_birth", "order_id", "rx_id", "confirm"];
 
     #[test]

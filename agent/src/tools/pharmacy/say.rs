@@ -86,8 +86,25 @@ fn refills_left(n: i64) -> String {
     }
 }
 
-/// `get_order_details`.
-pub(super) fn order_details(order: &Order) -> Value {
+/// What an order's prescription adds to it: "It was prescribed by Dr. Priya Nair,
+/// and the prescription has five refills left." An order's details carry its
+/// prescription, as a pharmacist's screen shows them together, so "Who prescribed
+/// my metformin?" is answered whichever of the two look-ups the model chose (the
+/// 0.5B model often took the order's; eval).
+fn prescription_clause(rx: &Prescription) -> String {
+    format!("It was prescribed by {}, and the prescription {}.", rx.prescriber, refills_left(rx.refills_remaining))
+}
+
+/// One order with its prescription, when it has one.
+fn order_with_prescription(order: &Order, rx: Option<&Prescription>) -> String {
+    match rx {
+        Some(rx) => format!("{} {}", order_sentence(order), prescription_clause(rx)),
+        None => order_sentence(order),
+    }
+}
+
+/// `get_order_details`, with the order's prescription when it has one.
+pub(super) fn order_details(order: &Order, rx: Option<&Prescription>) -> Value {
     json!({
         "order_id": order.order_id,
         "rx_id": order.rx_id,
@@ -95,7 +112,9 @@ pub(super) fn order_details(order: &Order) -> Value {
         "medication": medication(&order.medication, &order.strength),
         "quantity": quantity(order.quantity),
         "pickup": pickup(order),
-        "say": order_sentence(order),
+        "prescriber": rx.map(|rx| rx.prescriber.clone()),
+        "refills_remaining": rx.map(|rx| quantity(rx.refills_remaining)),
+        "say": order_with_prescription(order, rx),
     })
 }
 
@@ -109,7 +128,8 @@ pub(super) fn pickup_time(order: &Order) -> Value {
     json!({ "order_id": order.order_id, "status": order.status, "pickup": pickup(order), "say": say })
 }
 
-/// `list_orders`.
+/// `list_orders`. (Each order with its prescription made the list of a member
+/// with two read out the other prescription's refills too; eval.)
 pub(super) fn order_list(member_id: &str, orders: &[Order]) -> Value {
     let say = match orders.len() {
         0 => "You have no orders with us right now.".to_string(),
@@ -123,7 +143,7 @@ pub(super) fn order_list(member_id: &str, orders: &[Order]) -> Value {
     json!({ "member_id": member_id, "orders": list, "say": say })
 }
 
-/// `get_refills_remaining`.
+/// `get_prescription`.
 pub(super) fn refills(rx: &Prescription) -> Value {
     let say = if rx.refills_remaining <= 0 {
         format!("{} {} would need to authorize more.", prescription_sentence(rx), rx.prescriber)

@@ -49,8 +49,8 @@ impl Desk {
 
 fn failed(result: Result<Value, ToolError>) -> String {
     match result {
-        Err(ToolError::Failed(message)) => message,
-        other => panic!("expected Failed, got {other:?}"),
+        Err(ToolError::Declined(message)) => message,
+        other => panic!("expected Declined, got {other:?}"),
     }
 }
 
@@ -58,7 +58,7 @@ async fn count(db: &Arc<PharmacyDb>, sql: &'static str) -> i64 {
     Arc::clone(db).run(move |conn| conn.query_row(sql, [], |row| row.get(0))).await.expect("count")
 }
 
-const ALL_TOOLS: [&str; 6] = ["get_order_details", "get_pickup_time", "get_refills_remaining", "list_orders", "request_refill", "verify_member"];
+const ALL_TOOLS: [&str; 6] = ["get_order_details", "get_pickup_time", "get_prescription", "list_orders", "request_refill", "verify_member"];
 
 #[test]
 fn every_tool_has_a_schema_with_its_required_id() {
@@ -91,7 +91,7 @@ async fn nothing_is_disclosed_before_the_identity_check() {
         ("list_orders", json!({})),
         ("get_order_details", json!({"order_id": "ORD001"})),
         ("get_pickup_time", json!({"order_id": "ORD001"})),
-        ("get_refills_remaining", json!({"rx_id": "RX1001"})),
+        ("get_prescription", json!({"rx_id": "RX1001"})),
         ("request_refill", json!({"rx_id": "RX1002", "confirm": true})),
     ] {
         let message = failed(desk.call(name, arguments).await);
@@ -111,7 +111,7 @@ async fn the_right_birth_date_unlocks_that_member_only() {
     let message = failed(desk.call("get_order_details", json!({"order_id": "ORD002"})).await);
     assert_eq!(message, "I couldn't find order O R D zero zero two on your account. Could you check the number?");
     assert_eq!(failed(desk.call("get_order_details", json!({"order_id": "ORD999"})).await), say::no_such_order("ORD999"));
-    assert!(failed(desk.call("get_refills_remaining", json!({"rx_id": "RX1002"})).await).contains("R X one zero zero two"));
+    assert!(failed(desk.call("get_prescription", json!({"rx_id": "RX1002"})).await).contains("R X one zero zero two"));
     assert!(failed(desk.call("list_orders", json!({"member_id": "1002"})).await).starts_with("I can only discuss"));
     // A new call starts unverified.
     assert_eq!(failed(desk.new_call().call("list_orders", json!({})).await), say::VERIFY_FIRST);
@@ -168,11 +168,12 @@ async fn seed_facts_come_in_words_made_for_speech() {
     assert_eq!(order["pickup"], "December sixth at ten a.m.");
     assert_eq!(
         order["say"],
-        "Order O R D zero zero one, Amoxicillin five hundred milligrams, quantity twenty-one, is still being processed; it will be ready for pickup on December sixth at ten a.m."
+        "Order O R D zero zero one, Amoxicillin five hundred milligrams, quantity twenty-one, is still being processed; it will be ready for pickup on December sixth at ten a.m. It was prescribed by Dr. Hannah Reyes, and the prescription has no refills left."
     );
+    assert_eq!(order["prescriber"], "Dr. Hannah Reyes");
     let pickup = desk.call("get_pickup_time", json!("{\"orderId\": \"ord-001\"}")).await.expect("pickup");
     assert_eq!(pickup["say"], "You can pick up order O R D zero zero one on December sixth at ten a.m.");
-    let refills = desk.call("get_refills_remaining", json!({"rx_id": "rx1001"})).await.expect("refills");
+    let refills = desk.call("get_prescription", json!({"rx_id": "rx1001"})).await.expect("refills");
     assert_eq!(refills["refills_remaining"], "zero");
     assert_eq!(refills["prescriber"], "Dr. Hannah Reyes");
     assert!(refills["say"].as_str().expect("say").contains("has no refills left"), "{refills}");
@@ -258,12 +259,18 @@ async fn concurrent_confirmed_refills_never_take_more_than_there_are() {
 #[tokio::test]
 async fn bad_ids_are_invalid_arguments() {
     let desk = desk();
-    for (name, arguments) in [("verify_member", json!({})), ("verify_member", json!({"member_id": "maria", "date_of_birth": "1984-03-12"}))] {
+    for (name, arguments) in [("verify_member", json!({"member_id": "maria", "date_of_birth": "1984-03-12"}))] {
         match desk.call(name, arguments.clone()).await {
             Err(ToolError::InvalidArguments(message)) => assert!(message.contains("member"), "{message}"),
             other => panic!("{name} {arguments}: expected InvalidArguments, got {other:?}"),
         }
     }
+    // No member ID at all: the check says, for the caller, what it needs, and that
+    // counts as no failed attempt.
+    for _ in 0..4 {
+        assert_eq!(failed(desk.call("verify_member", json!({})).await), say::VERIFY_FIRST);
+    }
+    assert!(desk.call("verify_member", json!({"member_id": "1001", "date_of_birth": "1984-03-12"})).await.is_ok());
 }
 
 #[test]
