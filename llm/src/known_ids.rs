@@ -126,7 +126,7 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
     if options.tool_choice != ToolChoice::Auto {
         return None;
     }
-    open_gates(options, messages).find_map(|gate| {
+    open_gates(options, messages).filter(|gate| !called_since_caller(messages, &gate.name)).find_map(|gate| {
         let said = gate_arguments(gate, messages)?;
         (said.new_value && !said.missing_known).then(|| ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
     })
@@ -164,7 +164,7 @@ pub fn gate_ask(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<T
     if options.tool_choice == ToolChoice::None {
         return None;
     }
-    open_gates(options, messages).find_map(|gate| {
+    open_gates(options, messages).filter(|gate| !called_since_caller(messages, &gate.name)).find_map(|gate| {
         let said = gate_arguments(gate, messages)?;
         Some(ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
     })
@@ -184,6 +184,14 @@ struct GateArguments {
     new_value: bool,
     /// A required known id has no value.
     missing_known: bool,
+}
+
+/// True when `tool` was called after the caller's last message: its answer to what
+/// the caller said is in the conversation already, and a second call in the same
+/// turn (a reply cancelled and asked for again, e2e `turns`) would only repeat it.
+fn called_since_caller(messages: &[ChatMessage], tool: &str) -> bool {
+    let after = messages.iter().rposition(|m| m.role == Role::User).map_or(0, |i| i + 1);
+    messages[after..].iter().flat_map(|m| &m.tool_calls).any(|c| c.name == tool)
 }
 
 fn gate_arguments(gate: &ToolSpec, messages: &[ChatMessage]) -> Option<GateArguments> {
@@ -515,6 +523,12 @@ mod tests {
         assert_eq!(gate(&passed), None, "a passed gate is not called again");
         let none = GenerateOptions { tool_choice: ToolChoice::None, ..options.clone() };
         assert!(gate_call(&none, &[user("Member 1001, born March 12, 1984.")]).is_none());
+        // Called already since the caller spoke (a cancelled reply asked for again):
+        // its answer stands, neither call nor question comes again.
+        let asked = ChatMessage::tool_calls("", vec![ToolCall { id: "c2".into(), name: "verify_member".into(), arguments: json!({"member_id": "1001"}) }]);
+        let this_turn = [user("My member ID is 1001. What is the status of my order?"), asked, ChatMessage::tool_result("c2", r#"{"error": "date of birth needed"}"#)];
+        assert_eq!(gate(&this_turn), None, "the gate is not called twice in one turn");
+        assert!(gate_ask(&options, &this_turn).is_none());
     }
 
     #[test]
