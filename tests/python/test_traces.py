@@ -137,13 +137,17 @@ def test_a_call_is_traced_with_its_turns_and_stages():
         for s in by_name[name]:
             assert turn_ids & {a.span_id for a in ancestors(s)}, f"{name} span outside any turn"
 
-    # Two turns, each with its LLM and synthesis figures; the spoken one also with
+    # Two turns, each with its synthesis figures; the spoken one also with
     # speech-to-text and the time from the end of speech to the first audio; the
     # typed one made the identity check.
     turns = [attrs(t) for t in sorted(by_name["turn"], key=lambda s: s.start_time_unix_nano)]
     assert len(turns) == 2, turns
     assert all(t.get("status") == "completed" for t in turns), turns
-    assert all(t.get("first_tts_ms", 0) > 0 and t.get("prompt_tokens", 0) > 0 for t in turns), turns
+    assert all(t.get("first_tts_ms", 0) > 0 for t in turns), turns
+    # The identity check is made by the agent from the caller's words, and when its
+    # result carries a sentence that sentence is the answer: that turn may run no
+    # generation at all. The other one does.
+    assert any(t.get("prompt_tokens", 0) > 0 for t in turns), turns
     assert turns[0].get("tool_calls", 0) >= 1, turns
     spoken = [t for t in turns if "asr_ms" in t]
     assert len(spoken) == 1 and spoken[0]["asr_ms"] > 0 and spoken[0]["first_audio_ms"] > spoken[0]["asr_ms"], turns
