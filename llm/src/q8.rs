@@ -169,8 +169,8 @@ impl Q8Matrix {
     /// The matrix in f32, for the dense prefill path.
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
         let mut out = Vec::with_capacity(self.n * self.k);
-        for (block, &d) in self.qs.chunks_exact(BLOCK).zip(&self.d) {
-            out.extend(block.iter().map(|&q| f32::from(q) * d));
+        for row in 0..self.n {
+            self.push_row(row, &mut out);
         }
         Tensor::from_vec(out, (self.n, self.k), device)
     }
