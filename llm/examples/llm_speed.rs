@@ -4,13 +4,15 @@
 //! ```text
 //! cargo run --release -p parley-llm --example llm_speed -- [--gguf FILE] \
 //!     [--prompt-tokens N]... [--decode N] [--dequantize] [--candle-q8] [--dense-min N] [--ids-out FILE]
-//!     [--greedy-check N] [--threads N] [--concurrent N]
+//!     [--greedy-check N] [--threads N] [--concurrent N] [--row-layout]
 //! ```
 //! For each `--prompt-tokens N`: a fresh cache prefills N tokens of a fixed English
 //! text (chat-formatted), then decodes `--decode` tokens greedily, never stopping at an
 //! end token. Prints one `key=value` line per prompt (prefill and decode tok/s) and
 //! the process's resident memory (now and peak).
 //!
+//! `--row-layout`: Q8_0 matrices in rows with the tile kernels, not in AVX-VNNI
+//! panels (for comparison; CPUs without AVX-VNNI always use rows).
 //! `--dense-min N`: prefills of at least N tokens use dequantized weights (0: never).
 //! `--greedy-check N` instead compares greedy continuations of N prompts between the
 //! quantized path (the default) and f32 dequantized weights (the old default), and
@@ -105,6 +107,7 @@ fn main() -> BoxResult<()> {
             "--decode" => decode = value()?.parse()?,
             "--dequantize" => dequantize = true,
             "--candle-q8" => q8_kernel = false,
+            "--row-layout" => parley_llm::q8::use_row_layout(true),
             "--ids-out" => ids_out = Some(PathBuf::from(value()?)),
             "--greedy-check" => greedy_check = value()?.parse()?,
             "--dense-min" => dense_min = value()?.parse()?,

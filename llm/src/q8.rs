@@ -15,14 +15,19 @@
 //! 650-token one at 213–217 (candle's dense f32 GEMM: 189–198); decoding the same
 //! (47–51 tok/s both).
 //!
-//! On CPUs with AVX-VNNI, products of `VNNI_MIN_ROWS` rows or more (prefills) take
-//! a third kernel (`Q8Matrix::matmul_vnni`): each work item repacks eight weight
-//! rows so that one `vpdpbusd` accumulates eight outputs at once, with no sign
-//! juggling and no horizontal sums. Measured with `llm_speed` against the tile
-//! kernel (same machine, alternated): 150 tokens at 442–449 against 234–243 tok/s,
-//! 650 tokens at 390–419 against 181–185 (with [`crate::cpu::keep_large_buffers`]);
-//! llama.cpp's `llama-server`, built for this CPU (AVX-512 VNNI), prefills them at
-//! about 280 and 310 (`bench/llm_vs_llamacpp.sh`).
+//! On CPUs with AVX-VNNI the weights are stored differently ([`Layout::Panels`]):
+//! eight rows interleaved four bytes at a time, each byte offset by 128, so that one
+//! `vpdpbusd` accumulates eight outputs' integer dot products at once from one
+//! broadcast activation word, with no sign juggling and no horizontal sums; every
+//! product, decoding included, takes that kernel. The offset's contribution,
+//! `128 · Σa` per activation block, is taken off once per block for all outputs.
+//! Stored that way at load, a decode step reads one contiguous stream per work item
+//! (the row layout read eight: four weight rows and their four scale rows, and its
+//! time went to waiting on them; `perf annotate`). Measured with `llm_speed` (0.5B
+//! model, 2 threads, alternated with the build that repacked panels per prefill
+//! product and decoded on the tile kernel): decode 72–76 tok/s against 53–56 after a
+//! 17-token prompt, 60.5 against 46–47 after 650; a 17-token prefill 56 ms against
+//! 81–92; 150 and 650 tokens about even (325–338 ms, 1.63–1.65 s).
 //!
 //! Numerics are those of ggml's Q8_0 × Q8_0 product: activations are quantized to 8
 //! bits per block of 32 with an absmax scale, each block's integer dot product is
@@ -47,10 +52,115 @@ const GGUF_BLOCK_BYTES: usize = 2 + BLOCK;
 pub struct Q8Matrix {
     n: usize,
     k: usize,
-    /// `n * k` quantized values, row-major.
-    qs: Vec<i8>,
-    /// `n * k / 32` block scales, row-major.
+    /// The quantized values.
+    layout: Layout,
+    /// The block scales, in the order of [`Layout`].
     d: Vec<f32>,
+}
+
+/// How a [`Q8Matrix`] holds its values (chosen at load for the CPU: see the module doc).
+enum Layout {
+    /// `n * k` values, row-major; scales row-major (`n * k / 32`). For the tile
+    /// kernels (CPUs without AVX-VNNI).
+    Rows(Vec<i8>),
+    /// Panels of [`PANEL`] rows (the last padded with zero rows): for panel `p`,
+    /// block `b` and 4-value group `g`, 32 bytes at `((p · kb + b) · 8 + g) · 32` hold
+    /// that group of each of the eight rows in turn, each value stored as `q + 128`;
+    /// scales at `(p · kb + b) · 8 + row`. For the AVX-VNNI kernel.
+    Panels(Vec<u8>),
+}
+
+/// Bytes of one block of one panel: [`PANEL`] rows of 32 values.
+const PANEL_BLOCK_BYTES: usize = PANEL * BLOCK;
+
+/// Whether new matrices use [`Layout::Panels`] on a CPU that can (on by default;
+/// `llm_speed --row-layout` turns it off to compare).
+static PANELS_WANTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Makes matrices loaded from now on use the row layout and the tile kernels even
+/// on CPUs with AVX-VNNI (for side-by-side measurements).
+pub fn use_row_layout(rows: bool) {
+    PANELS_WANTED.store(!rows, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether matrices loaded now are stored as panels.
+fn panels_by_default() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return PANELS_WANTED.load(std::sync::atomic::Ordering::Relaxed) && vnni::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Builds a matrix block by block in row-major order, packing each completed group
+/// of [`PANEL`] rows into a panel when the layout wants it (so a large matrix never
+/// sits in memory twice).
+struct Builder {
+    m: Q8Matrix,
+    /// Rows waiting for their panel: values and scales, row-major.
+    pending: (Vec<i8>, Vec<f32>),
+}
+
+impl Builder {
+    fn new(n: usize, k: usize, panels: bool) -> Self {
+        let blocks = n * k / BLOCK;
+        let layout = match panels {
+            false => Layout::Rows(Vec::with_capacity(n * k)),
+            true => Layout::Panels(Vec::with_capacity(n.div_ceil(PANEL) * PANEL * k)),
+        };
+        let pending = match panels {
+            false => (Vec::new(), Vec::new()),
+            true => (Vec::with_capacity(PANEL * k), Vec::with_capacity(PANEL * k / BLOCK)),
+        };
+        Self { m: Q8Matrix { n, k, layout, d: Vec::with_capacity(blocks.div_ceil(PANEL) * PANEL) }, pending }
+    }
+
+    /// Appends the next block (row-major order over the matrix).
+    fn push(&mut self, d: f32, values: impl IntoIterator<Item = i8>) {
+        match &mut self.m.layout {
+            Layout::Rows(qs) => {
+                qs.extend(values);
+                self.m.d.push(d);
+            }
+            Layout::Panels(_) => {
+                self.pending.0.extend(values);
+                self.pending.1.push(d);
+                if self.pending.1.len() == PANEL * self.m.k / BLOCK {
+                    self.flush();
+                }
+            }
+        }
+    }
+
+    /// Packs the pending rows (fewer than [`PANEL`] only at the end) into a panel.
+    fn flush(&mut self) {
+        let Layout::Panels(qs) = &mut self.m.layout else { return };
+        let (k, kb) = (self.m.k, self.m.k / BLOCK);
+        let (values, scales) = &mut self.pending;
+        let rows = scales.len() / kb;
+        if rows == 0 {
+            return;
+        }
+        for b in 0..kb {
+            for g in 0..BLOCK / 4 {
+                for row in 0..PANEL {
+                    for i in 0..4 {
+                        let q = if row < rows { values[row * k + b * BLOCK + g * 4 + i] } else { 0 };
+                        qs.push((q as u8) ^ 0x80);
+                    }
+                }
+            }
+            for row in 0..PANEL {
+                self.m.d.push(if row < rows { scales[row * kb + b] } else { 0.0 });
+            }
+        }
+        values.clear();
+        scales.clear();
+    }
+
+    fn finish(mut self) -> Q8Matrix {
+        self.flush();
+        self.m
+    }
 }
 
 /// Errors of building a [`Q8Matrix`].
@@ -84,12 +194,16 @@ impl Q8Matrix {
 
     /// Reads `n` rows of `k` values from GGUF Q8_0 blocks.
     pub fn from_gguf_bytes(n: usize, k: usize, bytes: &[u8]) -> Result<Self, Q8Error> {
+        Self::from_gguf_bytes_in(n, k, bytes, panels_by_default())
+    }
+
+    fn from_gguf_bytes_in(n: usize, k: usize, bytes: &[u8], panels: bool) -> Result<Self, Q8Error> {
         if k == 0 || !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * GGUF_BLOCK_BYTES {
             return Err(Q8Error::Shape(format!("{n}x{k} from {} bytes", bytes.len())));
         }
-        let mut m = Self::with_capacity(n, k);
-        m.push_blocks(bytes);
-        Ok(m)
+        let mut m = Builder::new(n, k, panels);
+        push_blocks(&mut m, bytes);
+        Ok(m.finish())
     }
 
     /// Reads `n` rows of `k` values of GGUF Q8_0 blocks from `reader`, a chunk at a
@@ -100,29 +214,17 @@ impl Q8Matrix {
         if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(Q8Error::Shape(format!("{n}x{k}")));
         }
-        let mut m = Self::with_capacity(n, k);
+        let mut m = Builder::new(n, k, panels_by_default());
         let mut left = n * k / BLOCK;
         let mut chunk = vec![0u8; 2048 * GGUF_BLOCK_BYTES];
         while left > 0 {
             let blocks = left.min(2048);
             let bytes = &mut chunk[..blocks * GGUF_BLOCK_BYTES];
             reader.read_exact(bytes)?;
-            m.push_blocks(bytes);
+            push_blocks(&mut m, bytes);
             left -= blocks;
         }
-        Ok(m)
-    }
-
-    fn with_capacity(n: usize, k: usize) -> Self {
-        Self { n, k, qs: Vec::with_capacity(n * k), d: Vec::with_capacity(n * k / BLOCK) }
-    }
-
-    /// Appends whole GGUF Q8_0 blocks (f16 scale, then 32 `i8`).
-    fn push_blocks(&mut self, bytes: &[u8]) {
-        for block in bytes.chunks_exact(GGUF_BLOCK_BYTES) {
-            self.d.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            self.qs.extend(block[2..].iter().map(|&b| b as i8));
-        }
+        Ok(m.finish())
     }
 
     /// Quantizes an f32 `(n, k)` matrix (tests and benches).
@@ -133,7 +235,46 @@ impl Q8Matrix {
         let mut qs = vec![0i8; n * k];
         let mut d = vec![0f32; n * k / BLOCK];
         quantize_into(values, &mut qs, &mut d);
-        Ok(Self { n, k, qs, d })
+        let mut m = Builder::new(n, k, panels_by_default());
+        for (block, &d) in qs.chunks_exact(BLOCK).zip(&d) {
+            m.push(d, block.iter().copied());
+        }
+        Ok(m.finish())
+    }
+
+    /// The same matrix in the row layout (tests compare the two layouts' kernels).
+    #[cfg(test)]
+    fn to_rows(&self) -> Self {
+        let kb = self.k / BLOCK;
+        let mut m = Builder::new(self.n, self.k, false);
+        for row in 0..self.n {
+            for b in 0..kb {
+                let (values, d) = self.block(row, b);
+                m.push(d, values);
+            }
+        }
+        m.finish()
+    }
+
+    /// Block `b` of row `row`: its values and scale, whatever the layout.
+    fn block(&self, row: usize, b: usize) -> ([i8; BLOCK], f32) {
+        let kb = self.k / BLOCK;
+        match &self.layout {
+            Layout::Rows(qs) => {
+                let mut out = [0i8; BLOCK];
+                out.copy_from_slice(&qs[row * self.k + b * BLOCK..][..BLOCK]);
+                (out, self.d[row * kb + b])
+            }
+            Layout::Panels(qs) => {
+                let (p, col) = (row / PANEL, row % PANEL);
+                let at = (p * kb + b) * PANEL_BLOCK_BYTES;
+                let values = std::array::from_fn(|i| {
+                    let (g, j) = (i / 4, i % 4);
+                    (qs[at + g * 32 + col * 4 + j] ^ 0x80) as i8
+                });
+                (values, self.d[(p * kb + b) * PANEL + col])
+            }
+        }
     }
 
     /// Output width (rows of the matrix).
@@ -148,7 +289,11 @@ impl Q8Matrix {
 
     /// Bytes held (for the startup log's weight summary).
     pub fn size_in_bytes(&self) -> usize {
-        self.qs.len() + self.d.len() * 4
+        let values = match &self.layout {
+            Layout::Rows(qs) => qs.len(),
+            Layout::Panels(qs) => qs.len(),
+        };
+        values + self.d.len() * 4
     }
 
     /// Appends row `row` in f32 to `out` (an embedding lookup, when the model's
@@ -157,11 +302,9 @@ impl Q8Matrix {
         if row >= self.n {
             return false;
         }
-        let kb = self.k / BLOCK;
-        let qs = &self.qs[row * self.k..(row + 1) * self.k];
-        let d = &self.d[row * kb..(row + 1) * kb];
-        for (block, &d) in qs.chunks_exact(BLOCK).zip(d) {
-            out.extend(block.iter().map(|&q| f32::from(q) * d));
+        for b in 0..self.k / BLOCK {
+            let (values, d) = self.block(row, b);
+            out.extend(values.iter().map(|&q| f32::from(q) * d));
         }
         true
     }
@@ -200,23 +343,35 @@ impl Q8Matrix {
         let kb = self.k / BLOCK;
         let mut aq = vec![0i8; m * self.k];
         let mut ad = vec![0f32; m * kb];
-        #[cfg(target_arch = "x86_64")]
-        if m >= VNNI_MIN_ROWS && vnni::available() {
-            quantize_rows(x, self.k, &mut aq, &mut ad, true);
-            // SAFETY: i8 and u8 have the same size and alignment; `quantize_rows`
-            // stored each value + 128 (`unsigned`).
-            let au = unsafe { std::slice::from_raw_parts(aq.as_ptr().cast::<u8>(), aq.len()) };
-            self.matmul_vnni(au, &ad, m, out);
-            return;
-        }
-        quantize_rows(x, self.k, &mut aq, &mut ad, false);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let qs = match &self.layout {
+            Layout::Rows(qs) => qs,
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(qs) => {
+                let mut sums = vec![0i32; m * kb];
+                quantize_rows(x, self.k, &mut aq, &mut ad, Some(&mut sums));
+                let acts = vnni::Acts { qs: &aq, d: &ad, sums: &sums, k: self.k, m };
+                crate::pool::model_pool().run(self.n.div_ceil(PANEL), |items| {
+                    let out_ptr = &out_ptr;
+                    for p in items {
+                        // SAFETY: panels are only built when `vnni::available()`; this
+                        // item alone writes the panel's columns of every row of `out`,
+                        // which outlives the pool call.
+                        unsafe { vnni::panel(qs, &self.d, p, &acts, self.n, out_ptr.0) };
+                    }
+                });
+                return;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Layout::Panels(_) => unreachable!("panels are only built on x86-64 with AVX-VNNI"),
+        };
+        quantize_rows(x, self.k, &mut aq, &mut ad, None);
         let acts = Acts { qs: &aq, d: &ad, k: self.k };
 
         // Work items: (row tile, group of output columns); a group is wide enough that
         // a worker's item amortizes the pool's hand-off, narrow enough to balance.
         let row_tiles = m.div_ceil(TILE_M);
         let groups = self.n.div_ceil(GROUP_N);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         let kernel = Kernel::detect();
         crate::pool::model_pool().run(row_tiles * groups, |items| {
             let out_ptr = &out_ptr;
@@ -228,51 +383,26 @@ impl Q8Matrix {
                 let c1 = (c0 + GROUP_N).min(self.n);
                 // SAFETY: every (row, column) of `out` belongs to exactly one item, so
                 // no two workers write the same element; `out` outlives the pool call.
-                unsafe { self.group(kernel, &acts, r0, rows, c0, c1, out_ptr.0) };
+                unsafe { self.group(qs, kernel, &acts, r0, rows, c0, c1, out_ptr.0) };
             }
         });
     }
 
-    /// The many-row product on CPUs with AVX-VNNI: each work item repacks a panel
-    /// of [`PANEL`] weight rows so that one 32-byte register holds the same four
-    /// inputs of eight outputs, and `vpdpbusd` then accumulates eight outputs'
-    /// integer dot products at once from one broadcast activation word (no sign
-    /// juggling, no horizontal sums). Activations are made unsigned (+128) for the
-    /// instruction, and `128 · Σw` per block, computed while repacking, is taken off
-    /// again: the integer products are exactly those of the other kernels.
-    #[cfg(target_arch = "x86_64")]
-    fn matmul_vnni(&self, au: &[u8], ad: &[f32], m: usize, out: &mut [f32]) {
-        let panels = self.n.div_ceil(PANEL);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        crate::pool::model_pool().run(panels, |items| {
-            let out_ptr = &out_ptr;
-            let mut panel = vnni::Panel::new(self.k);
-            for p in items {
-                let c0 = p * PANEL;
-                panel.fill(self, c0);
-                let cols = (self.n - c0).min(PANEL);
-                // SAFETY: `available()` checked AVX2, FMA and AVX-VNNI; this item alone
-                // writes columns `c0..c0 + cols` of every row of `out`, which outlives
-                // the pool call.
-                unsafe { vnni::rows(&panel, au, ad, self.k, m, self.n, c0, cols, out_ptr.0) };
-            }
-        });
-    }
-
-    /// Rows `r0..r0 + rows` of the output, columns `c0..c1`.
+    /// Rows `r0..r0 + rows` of the output, columns `c0..c1`, for the row layout's
+    /// values `qs`.
     ///
     /// # Safety
     /// `out` must point to an `(m, n)` buffer that no other thread writes in this
     /// range of rows and columns.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group(&self, kernel: Kernel, acts: &Acts<'_>, r0: usize, rows: usize, c0: usize, c1: usize, out: *mut f32) {
+    unsafe fn group(&self, qs: &[i8], kernel: Kernel, acts: &Acts<'_>, r0: usize, rows: usize, c0: usize, c1: usize, out: *mut f32) {
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Avx2 && rows == 1 {
             // SAFETY: AVX2 and FMA are present (`Kernel::Avx2`); the caller owns
             // row `r0`, columns `c0..c1` of `out`.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.add(r0 * self.n + c0), c1 - c0) };
             // SAFETY: as above.
-            unsafe { avx2::one_row(self, acts, r0, c0, dst) };
+            unsafe { avx2::one_row(self, qs, acts, r0, c0, dst) };
             return;
         }
         let mut c = c0;
@@ -282,8 +412,8 @@ impl Q8Matrix {
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2 and FMA.
-                Kernel::Avx2 => unsafe { avx2::tile(self, acts, r0, rows, c, cols, &mut tile) },
-                Kernel::Scalar => scalar_tile(self, acts, r0, rows, c, cols, &mut tile),
+                Kernel::Avx2 => unsafe { avx2::tile(self, qs, acts, r0, rows, c, cols, &mut tile) },
+                Kernel::Scalar => scalar_tile(self, qs, acts, r0, rows, c, cols, &mut tile),
             }
             for (r, row) in tile.iter().enumerate().take(rows) {
                 for (j, &v) in row.iter().enumerate().take(cols) {
@@ -310,10 +440,9 @@ const TILE_N: usize = 2;
 /// Output columns per work item.
 const GROUP_N: usize = 64;
 
-/// Rows of a product from which the repacked AVX-VNNI kernel is used (below it, a
-/// turn's short prefills and decoding keep the tile kernels).
-const VNNI_MIN_ROWS: usize = 8;
-/// Outputs per repacked panel: one `i32` lane each of a 256-bit register.
+/// Rows of a product from which activations are quantized on the pool.
+const POOLED_QUANTIZE_ROWS: usize = 8;
+/// Outputs per panel: one `i32` lane each of a 256-bit register.
 const PANEL: usize = 8;
 
 /// A raw output pointer the pool's workers share (they write disjoint elements).
@@ -359,46 +488,56 @@ fn quantize_into(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
 }
 
 /// [`quantize_into`] for `m = x.len() / k` rows, on the model's pool when there are
-/// many (a long prefill's activations are megabytes). With `unsigned`, each stored
-/// value is the `i8` plus 128 (read as `u8`), as the VNNI kernel wants them.
-fn quantize_rows(x: &[f32], k: usize, qs: &mut [i8], d: &mut [f32], unsigned: bool) {
+/// many (a long prefill's activations are megabytes). With `sums`, each block's sum
+/// of quantized values too (the panel kernel's offset correction).
+fn quantize_rows(x: &[f32], k: usize, qs: &mut [i8], d: &mut [f32], sums: Option<&mut [i32]>) {
     let m = x.len() / k;
     let kb = k / BLOCK;
-    let rows = |range: std::ops::Range<usize>, qs: &mut [i8], d: &mut [f32]| {
+    let rows = |range: std::ops::Range<usize>, qs: &mut [i8], d: &mut [f32], sums: Option<&mut [i32]>| {
         quantize_into(&x[range.start * k..range.end * k], qs, d);
-        if unsigned {
-            for q in qs.iter_mut() {
-                *q = (*q as u8 ^ 0x80) as i8;
+        if let Some(sums) = sums {
+            for (sum, block) in sums.iter_mut().zip(qs.chunks_exact(BLOCK)) {
+                *sum = block.iter().map(|&q| i32::from(q)).sum();
             }
         }
     };
-    if m < VNNI_MIN_ROWS {
-        rows(0..m, qs, d);
+    if m < POOLED_QUANTIZE_ROWS {
+        rows(0..m, qs, d, sums);
         return;
     }
     let (qs_ptr, d_ptr) = (SendPtr(qs.as_mut_ptr()), SendPtr(d.as_mut_ptr()));
+    let sums_ptr = sums.map(|s| SendPtr(s.as_mut_ptr()));
     crate::pool::model_pool().run(m, |range| {
-        let (qs_ptr, d_ptr) = (&qs_ptr, &d_ptr);
-        // SAFETY: ranges are disjoint, so each worker has rows `range` of `qs` and
-        // `d` to itself; both outlive the pool call.
-        let (qs, d) = unsafe {
+        let (qs_ptr, d_ptr, sums_ptr) = (&qs_ptr, &d_ptr, &sums_ptr);
+        // SAFETY: ranges are disjoint, so each worker has rows `range` of `qs`, `d`
+        // and `sums` to itself; all outlive the pool call.
+        let (qs, d, sums) = unsafe {
             (
                 std::slice::from_raw_parts_mut(qs_ptr.0.add(range.start * k), range.len() * k),
                 std::slice::from_raw_parts_mut(d_ptr.0.add(range.start * kb), range.len() * kb),
+                sums_ptr.as_ref().map(|s| std::slice::from_raw_parts_mut(s.0.add(range.start * kb), range.len() * kb)),
             )
         };
-        rows(range, qs, d);
+        rows(range, qs, d, sums);
     });
 }
 
+/// Appends whole GGUF Q8_0 blocks (f16 scale, then 32 `i8`).
+fn push_blocks(m: &mut Builder, bytes: &[u8]) {
+    for block in bytes.chunks_exact(GGUF_BLOCK_BYTES) {
+        m.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32(), block[2..].iter().map(|&b| b as i8));
+    }
+}
+
 /// The portable tile: same arithmetic as the SIMD one.
-fn scalar_tile(w: &Q8Matrix, a: &Acts<'_>, r0: usize, rows: usize, c0: usize, cols: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
+#[allow(clippy::too_many_arguments)]
+fn scalar_tile(w: &Q8Matrix, qs: &[i8], a: &Acts<'_>, r0: usize, rows: usize, c0: usize, cols: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
     let kb = w.k / BLOCK;
     for r in 0..rows {
         for j in 0..cols {
             let mut sum = 0f32;
             for b in 0..kb {
-                let wq = &w.qs[(c0 + j) * w.k + b * BLOCK..][..BLOCK];
+                let wq = &qs[(c0 + j) * w.k + b * BLOCK..][..BLOCK];
                 let aq = &a.qs[(r0 + r) * a.k + b * BLOCK..][..BLOCK];
                 let dot: i32 = wq.iter().zip(aq).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
                 sum += dot as f32 * (w.d[(c0 + j) * kb + b] * a.d[(r0 + r) * kb + b]);
@@ -443,7 +582,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA; the row and columns must be in range.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn one_row(w: &Q8Matrix, a: &Acts<'_>, r: usize, c0: usize, dst: &mut [f32]) {
+    pub(super) unsafe fn one_row(w: &Q8Matrix, qs: &[i8], a: &Acts<'_>, r: usize, c0: usize, dst: &mut [f32]) {
         let kb = w.k / BLOCK;
         let ones = _mm256_set1_epi16(1);
         let a_row = a.qs[r * a.k..(r + 1) * a.k].as_ptr();
@@ -460,7 +599,7 @@ mod avx2 {
                 for (c, acc) in acc.iter_mut().enumerate().take(cols) {
                     let col = c0 + j + c;
                     // SAFETY: `col < n`, `off + 32 <= k`.
-                    let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(col * w.k + off).cast()) };
+                    let wv = unsafe { _mm256_loadu_si256(qs.as_ptr().add(col * w.k + off).cast()) };
                     let pairs = _mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(wv, av));
                     let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
                     *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(w.d[col * kb + b] * a_d[b]), *acc);
@@ -478,25 +617,26 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA; the rows and columns must be in range.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(w: &Q8Matrix, a: &Acts<'_>, r0: usize, rows: usize, c0: usize, cols: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(w: &Q8Matrix, qs: &[i8], a: &Acts<'_>, r0: usize, rows: usize, c0: usize, cols: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
         match (rows, cols) {
-            (4, 2) => unsafe { tile_mn::<4, 2>(w, a, r0, c0, tile) },
-            (3, 2) => unsafe { tile_mn::<3, 2>(w, a, r0, c0, tile) },
-            (2, 2) => unsafe { tile_mn::<2, 2>(w, a, r0, c0, tile) },
-            (1, 2) => unsafe { tile_mn::<1, 2>(w, a, r0, c0, tile) },
-            (4, 1) => unsafe { tile_mn::<4, 1>(w, a, r0, c0, tile) },
-            (3, 1) => unsafe { tile_mn::<3, 1>(w, a, r0, c0, tile) },
-            (2, 1) => unsafe { tile_mn::<2, 1>(w, a, r0, c0, tile) },
-            _ => unsafe { tile_mn::<1, 1>(w, a, r0, c0, tile) },
+            (4, 2) => unsafe { tile_mn::<4, 2>(w, qs, a, r0, c0, tile) },
+            (3, 2) => unsafe { tile_mn::<3, 2>(w, qs, a, r0, c0, tile) },
+            (2, 2) => unsafe { tile_mn::<2, 2>(w, qs, a, r0, c0, tile) },
+            (1, 2) => unsafe { tile_mn::<1, 2>(w, qs, a, r0, c0, tile) },
+            (4, 1) => unsafe { tile_mn::<4, 1>(w, qs, a, r0, c0, tile) },
+            (3, 1) => unsafe { tile_mn::<3, 1>(w, qs, a, r0, c0, tile) },
+            (2, 1) => unsafe { tile_mn::<2, 1>(w, qs, a, r0, c0, tile) },
+            _ => unsafe { tile_mn::<1, 1>(w, qs, a, r0, c0, tile) },
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_mn<const M: usize, const N: usize>(w: &Q8Matrix, a: &Acts<'_>, r0: usize, c0: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
+    unsafe fn tile_mn<const M: usize, const N: usize>(w: &Q8Matrix, qs: &[i8], a: &Acts<'_>, r0: usize, c0: usize, tile: &mut [[f32; TILE_N]; TILE_M]) {
         let kb = w.k / BLOCK;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); N]; M];
-        let w_rows: [*const i8; N] = std::array::from_fn(|j| w.qs[(c0 + j) * w.k..].as_ptr());
+        let w_rows: [*const i8; N] = std::array::from_fn(|j| qs[(c0 + j) * w.k..].as_ptr());
         let w_d: [&[f32]; N] = std::array::from_fn(|j| &w.d[(c0 + j) * kb..(c0 + j + 1) * kb]);
         let a_rows: [*const i8; M] = std::array::from_fn(|r| a.qs[(r0 + r) * a.k..].as_ptr());
         let a_d: [&[f32]; M] = std::array::from_fn(|r| &a.d[(r0 + r) * kb..(r0 + r + 1) * kb]);
@@ -524,13 +664,13 @@ mod avx2 {
     }
 }
 
-/// The repacked AVX-VNNI kernel of [`Q8Matrix::matmul_vnni`].
+/// The AVX-VNNI kernel over [`Layout::Panels`].
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{BLOCK, PANEL, Q8Matrix};
+    use super::{BLOCK, PANEL, PANEL_BLOCK_BYTES};
 
     /// Whether this CPU has AVX-VNNI (and the AVX2 and FMA around it).
     pub(super) fn available() -> bool {
@@ -540,102 +680,85 @@ mod vnni {
         })
     }
 
-    /// [`PANEL`] weight rows interleaved: for block `b` and 4-byte group `g`, 32 bytes
-    /// holding that group of each of the eight rows; then per block the rows'
-    /// scales and `128 · Σw`.
-    pub(super) struct Panel {
-        qs: Vec<u8>,
-        d: Vec<f32>,
-        corr: Vec<i32>,
+    /// `m` activation rows quantized to Q8_0 (signed), with each block's sum.
+    pub(super) struct Acts<'a> {
+        pub qs: &'a [i8],
+        pub d: &'a [f32],
+        pub sums: &'a [i32],
+        pub k: usize,
+        pub m: usize,
     }
 
-    impl Panel {
-        pub(super) fn new(k: usize) -> Self {
-            let kb = k / BLOCK;
-            Self { qs: vec![0; kb * BLOCK * PANEL], d: vec![0.0; kb * PANEL], corr: vec![0; kb * PANEL] }
-        }
-
-        /// Repacks weight rows `c0..c0 + PANEL` (rows past the matrix are zero).
-        pub(super) fn fill(&mut self, w: &Q8Matrix, c0: usize) {
-            let kb = w.k / BLOCK;
-            for col in 0..PANEL {
-                let c = c0 + col;
-                for b in 0..kb {
-                    let (row, d): (&[i8], f32) = match c < w.n {
-                        true => (&w.qs[c * w.k + b * BLOCK..c * w.k + (b + 1) * BLOCK], w.d[c * kb + b]),
-                        false => (&[0; BLOCK], 0.0),
-                    };
-                    self.d[b * PANEL + col] = d;
-                    self.corr[b * PANEL + col] = 128 * row.iter().map(|&q| i32::from(q)).sum::<i32>();
-                    for g in 0..BLOCK / 4 {
-                        let at = (b * (BLOCK / 4) + g) * 32 + col * 4;
-                        for (dst, &q) in self.qs[at..at + 4].iter_mut().zip(&row[g * 4..g * 4 + 4]) {
-                            *dst = q as u8;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every row of the output for the panel's `cols` outputs from `c0`, four rows
-    /// at a time.
+    /// Every row of the output for panel `p`'s outputs, four activation rows at a time.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and AVX-VNNI; `au` holds `m` rows of `k` unsigned
-    /// activations and `ad` their block scales; `out` is `(m, n)` and no other
-    /// thread writes its columns `c0..c0 + cols`.
-    #[allow(clippy::too_many_arguments)]
+    /// The CPU must have AVX2, FMA and AVX-VNNI; `qs` and `d` are a panel layout of
+    /// `k = a.k` columns holding panel `p`; `out` is `(a.m, n)` and no other thread
+    /// writes its columns of panel `p`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn rows(p: &Panel, au: &[u8], ad: &[f32], k: usize, m: usize, n: usize, c0: usize, cols: usize, out: *mut f32) {
+    pub(super) unsafe fn panel(qs: &[u8], d: &[f32], p: usize, a: &Acts<'_>, n: usize, out: *mut f32) {
         let mut r0 = 0;
-        while r0 < m {
+        while r0 < a.m {
             // SAFETY: as for this function; each call covers rows r0.. of the tile.
             unsafe {
-                match m - r0 {
-                    1 => tile::<1>(p, au, ad, k, r0, n, c0, cols, out),
-                    2 => tile::<2>(p, au, ad, k, r0, n, c0, cols, out),
-                    3 => tile::<3>(p, au, ad, k, r0, n, c0, cols, out),
-                    _ => tile::<4>(p, au, ad, k, r0, n, c0, cols, out),
+                match a.m - r0 {
+                    1 => tile::<1>(qs, d, p, a, r0, n, out),
+                    2 => tile::<2>(qs, d, p, a, r0, n, out),
+                    3 => tile::<3>(qs, d, p, a, r0, n, out),
+                    _ => tile::<4>(qs, d, p, a, r0, n, out),
                 }
             }
             r0 += 4;
         }
     }
 
+    /// Rows `r0..r0 + M` of the output for panel `p`. Per block, each group of four
+    /// values is one `vpdpbusd` of the eight rows' offset bytes with the activation
+    /// word broadcast; two accumulators per row halve the chain of dependent
+    /// instructions (the decode step has no other rows to overlap with).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    unsafe fn tile<const M: usize>(p: &Panel, au: &[u8], ad: &[f32], k: usize, r0: usize, n: usize, c0: usize, cols: usize, out: *mut f32) {
-        let kb = k / BLOCK;
+    unsafe fn tile<const M: usize>(qs: &[u8], d: &[f32], p: usize, a: &Acts<'_>, r0: usize, n: usize, out: *mut f32) {
+        let (k, kb) = (a.k, a.k / BLOCK);
         let mut acc = [_mm256_setzero_ps(); M];
-        let rows: [&[u8]; M] = std::array::from_fn(|r| &au[(r0 + r) * k..(r0 + r + 1) * k]);
+        let rows: [*const i8; M] = std::array::from_fn(|r| a.qs[(r0 + r) * k..(r0 + r + 1) * k].as_ptr());
+        let panel = &qs[p * kb * PANEL_BLOCK_BYTES..(p + 1) * kb * PANEL_BLOCK_BYTES];
+        let scales = &d[p * kb * PANEL..(p + 1) * kb * PANEL];
         for b in 0..kb {
-            let mut isum = [_mm256_setzero_si256(); M];
-            for g in 0..BLOCK / 4 {
-                // SAFETY: the panel holds kb * 8 groups of 32 bytes.
-                let wv = unsafe { _mm256_loadu_si256(p.qs.as_ptr().add((b * (BLOCK / 4) + g) * 32).cast()) };
-                let at = b * BLOCK + g * 4;
+            let mut even = [_mm256_setzero_si256(); M];
+            let mut odd = [_mm256_setzero_si256(); M];
+            let block = panel[b * PANEL_BLOCK_BYTES..(b + 1) * PANEL_BLOCK_BYTES].as_ptr();
+            for g in (0..BLOCK / 4).step_by(2) {
+                // SAFETY: a panel block holds 8 groups of 32 bytes.
+                let (w0, w1) = unsafe { (_mm256_loadu_si256(block.add(g * 32).cast()), _mm256_loadu_si256(block.add((g + 1) * 32).cast())) };
                 for r in 0..M {
-                    // SAFETY: `at + 4 <= k`, the row's length.
-                    let word = unsafe { rows[r].as_ptr().add(at).cast::<i32>().read_unaligned() };
-                    isum[r] = _mm256_dpbusd_avx_epi32(isum[r], _mm256_set1_epi32(word), wv);
+                    // SAFETY: `b * 32 + g * 4 + 8 <= k`, inside row `r0 + r`.
+                    let (x0, x1) = unsafe {
+                        let at = rows[r].add(b * BLOCK + g * 4).cast::<i32>();
+                        (at.read_unaligned(), at.add(1).read_unaligned())
+                    };
+                    even[r] = _mm256_dpbusd_avx_epi32(even[r], w0, _mm256_set1_epi32(x0));
+                    odd[r] = _mm256_dpbusd_avx_epi32(odd[r], w1, _mm256_set1_epi32(x1));
                 }
             }
-            // SAFETY: kb * 8 scales and corrections.
-            let dw = unsafe { _mm256_loadu_ps(p.d.as_ptr().add(b * PANEL)) };
-            let corr = unsafe { _mm256_loadu_si256(p.corr.as_ptr().add(b * PANEL).cast()) };
+            // SAFETY: eight scales per block.
+            let dw = unsafe { _mm256_loadu_ps(scales.as_ptr().add(b * PANEL)) };
             for r in 0..M {
-                let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r], corr));
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(ad[(r0 + r) * kb + b]));
-                acc[r] = _mm256_fmadd_ps(dot, scale, acc[r]);
+                let row = (r0 + r) * kb + b;
+                // The stored bytes are q + 128: take 128 · Σa off every output.
+                let offset = _mm256_set1_epi32(128 * a.sums[row]);
+                let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(even[r], odd[r]), offset));
+                acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[row])), acc[r]);
             }
         }
+        let c0 = p * PANEL;
+        let cols = (n - c0).min(PANEL);
         for r in 0..M {
             let mut lanes = [0f32; PANEL];
             // SAFETY: `lanes` has 8 floats.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
             for (col, &v) in lanes.iter().enumerate().take(cols) {
-                // SAFETY: in bounds and owned by the caller's item (see `rows`).
+                // SAFETY: in bounds and owned by the caller's item (see `panel`).
                 unsafe { *out.add((r0 + r) * n + c0 + col) = v };
             }
         }
@@ -667,7 +790,8 @@ mod tests {
             for j in 0..w.n {
                 let mut sum = 0f64;
                 for i in 0..w.k {
-                    let wv = f64::from(w.qs[j * w.k + i]) * f64::from(w.d[j * kb + i / BLOCK]);
+                    let (values, d) = w.block(j, i / BLOCK);
+                    let wv = f64::from(values[i % BLOCK]) * f64::from(d);
                     let av = f64::from(aq[r * w.k + i]) * f64::from(ad[r * kb + i / BLOCK]);
                     sum += wv * av;
                 }
@@ -681,7 +805,9 @@ mod tests {
     fn every_tile_shape_computes_the_q8_product() {
         // Odd row and column counts exercise every tile variant and the group edges.
         for &(m, n, k) in &[(1, 1, 32), (1, 67, 64), (3, 5, 96), (5, 130, 128), (17, 71, 896), (4, 2, 32), (8, 8, 32), (9, 13, 64), (30, 20, 4864)] {
-            let w = Q8Matrix::quantize(n, k, &values(n * k, 1)).expect("matrix");
+            let stored = Q8Matrix::quantize(n, k, &values(n * k, 1)).expect("matrix");
+            let w = stored.to_rows();
+            let Layout::Rows(qs) = &w.layout else { unreachable!("to_rows") };
             let x = values(m * k, 2);
             let want = reference(&w, &x, m);
             for kernel in [Kernel::detect(), Kernel::Scalar] {
@@ -694,16 +820,58 @@ mod tests {
                 for r0 in (0..m).step_by(TILE_M) {
                     let rows = (m - r0).min(TILE_M);
                     // SAFETY: one thread writes all of `got`.
-                    unsafe { w.group(kernel, &acts, r0, rows, 0, n, got.as_mut_ptr()) };
+                    unsafe { w.group(qs, kernel, &acts, r0, rows, 0, n, got.as_mut_ptr()) };
                 }
                 for (i, (g, r)) in got.iter().zip(&want).enumerate() {
                     assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{kernel:?} {m}x{n}x{k} at {i}: {g} vs {r}");
                 }
             }
-            let mut pooled = vec![0f32; m * n];
-            w.matmul(&x, m, &mut pooled);
-            for (g, r) in pooled.iter().zip(&want) {
-                assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()));
+            // Both layouts through the pool: the tile kernels, and the panel
+            // kernel where this CPU has one.
+            for w in [&w, &stored] {
+                let mut pooled = vec![0f32; m * n];
+                w.matmul(&x, m, &mut pooled);
+                for (i, (g, r)) in pooled.iter().zip(&want).enumerate() {
+                    assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "pooled {m}x{n}x{k} at {i}: {g} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// Panels hold the same values as rows (edges: a last panel of fewer than eight
+    /// rows), and the panel kernel computes the row kernels' products.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn panels_hold_and_multiply_the_rows_values() {
+        if !vnni::available() {
+            return;
+        }
+        for &(m, n, k) in &[(1, 13, 64), (1, 896, 896), (2, 9, 32), (5, 17, 128), (11, 8, 4864)] {
+            let wf = values(n * k, 5);
+            let rows = {
+                let w = Q8Matrix::quantize(n, k, &wf).expect("matrix");
+                w.to_rows()
+            };
+            let mut b = Builder::new(n, k, true);
+            for row in 0..n {
+                for blk in 0..k / BLOCK {
+                    let (v, d) = rows.block(row, blk);
+                    b.push(d, v);
+                }
+            }
+            let panels = b.finish();
+            assert!(matches!(panels.layout, Layout::Panels(_)));
+            for row in 0..n {
+                for blk in 0..k / BLOCK {
+                    assert_eq!(panels.block(row, blk), rows.block(row, blk), "row {row} block {blk}");
+                }
+            }
+            let x = values(m * k, 6);
+            let (mut a, mut c) = (vec![0f32; m * n], vec![0f32; m * n]);
+            panels.matmul(&x, m, &mut a);
+            rows.matmul(&x, m, &mut c);
+            for (i, (p, q)) in a.iter().zip(&c).enumerate() {
+                assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{m}x{n}x{k} at {i}: {p} vs {q}");
             }
         }
     }
@@ -718,7 +886,8 @@ mod tests {
         bytes.extend((-16..16).map(|v: i8| v as u8));
         let w = Q8Matrix::from_gguf_bytes(1, 64, &bytes).expect("matrix");
         let read = Q8Matrix::read_gguf(&mut &bytes[..], 1, 64).expect("read");
-        assert_eq!((read.qs.as_slice(), read.d.as_slice()), (w.qs.as_slice(), w.d.as_slice()));
+        assert_eq!((read.block(0, 0), read.block(0, 1)), (w.block(0, 0), w.block(0, 1)));
+        assert_eq!(w.block(0, 1), (std::array::from_fn(|i| i as i8 - 16), -2.0));
         assert!(Q8Matrix::read_gguf(&mut &bytes[..40], 1, 64).is_err(), "a short file");
         let dense: Vec<f32> = w.dequantize(&Device::Cpu).expect("dense").flatten_all().expect("flat").to_vec1().expect("vec");
         assert_eq!(dense[3], 1.5);
