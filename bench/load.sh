@@ -7,6 +7,7 @@
 #
 #   bench/load.sh                       # 100 500 1000 2000 calls, 60 s each
 #   CALLS="100 500" DURATION=30 RAMP=10 TRANSPORT=mixed IDLE_CALLS=500 bench/load.sh
+#   PARLEY=/path/to/other/parley bench/load.sh   # another build's server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/parley/target}"
@@ -20,7 +21,7 @@ mkdir -p "$OUT"
 
 cargo build --release --quiet --bin parley
 cargo build --release --quiet -p parley-load
-PARLEY="$CARGO_TARGET_DIR/release/parley"
+PARLEY="${PARLEY:-$CARGO_TARGET_DIR/release/parley}"
 LOAD="$CARGO_TARGET_DIR/release/parley-load"
 
 # A caller's turn: about 1.5 s of speech.

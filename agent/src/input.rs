@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use parley_audio::codec::AudioDecoder;
 use parley_audio::format::AudioFormat;
-use parley_audio::resample::StreamResampler;
+use parley_audio::resample::{Quality, StreamResampler};
 use parley_audio::vad::{TurnDetector, TurnEvent, TurnSettings};
 use parley_audio::AudioError;
 
@@ -68,7 +68,7 @@ impl InputAudio {
         let prefix_padding_ms = vad.as_ref().map_or(0, |v| u64::from(v.prefix_padding_ms));
         Ok(Self {
             decoder: format.decoder()?,
-            resampler: StreamResampler::new(format.sample_rate(), ASR_RATE)?,
+            resampler: StreamResampler::with_quality(format.sample_rate(), ASR_RATE, Quality::Analysis)?,
             detector: vad.map(TurnDetector::new),
             prefix_padding_ms,
             max_buffer_ms: u64::from(max_buffer_ms),
@@ -86,7 +86,7 @@ impl InputAudio {
     /// with a fresh decoder; the same format keeps its decoder's state).
     pub fn reconfigure(&mut self, format: AudioFormat, vad: Option<TurnSettings>, max_buffer_ms: u32) -> Result<(), AudioError> {
         if format != self.decoder.format() {
-            let resampler = StreamResampler::new(format.sample_rate(), ASR_RATE)?;
+            let resampler = StreamResampler::with_quality(format.sample_rate(), ASR_RATE, Quality::Analysis)?;
             self.decoder = format.decoder()?;
             self.resampler = resampler;
         }
