@@ -45,6 +45,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+pub mod attention;
 pub mod chat;
 pub mod cpu;
 pub mod engine;
