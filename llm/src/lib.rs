@@ -60,6 +60,21 @@ pub mod remote;
 pub mod tokenizer;
 pub mod toolcall;
 
+/// Deterministic pseudo-random inputs for the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    /// `n` values in `[-1, 1)` from a 64-bit LCG seeded with `seed`.
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+}
+
 pub use engine::{CandleEngine, CandleOptions, CandleSession, LlmDevice};
 pub use kv_budget::KvCacheStats;
 

@@ -194,14 +194,10 @@ impl Q8Matrix {
 
     /// Reads `n` rows of `k` values from GGUF Q8_0 blocks.
     pub fn from_gguf_bytes(n: usize, k: usize, bytes: &[u8]) -> Result<Self, Q8Error> {
-        Self::from_gguf_bytes_in(n, k, bytes, panels_by_default())
-    }
-
-    fn from_gguf_bytes_in(n: usize, k: usize, bytes: &[u8], panels: bool) -> Result<Self, Q8Error> {
         if k == 0 || !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * GGUF_BLOCK_BYTES {
             return Err(Q8Error::Shape(format!("{n}x{k} from {} bytes", bytes.len())));
         }
-        let mut m = Builder::new(n, k, panels);
+        let mut m = Builder::new(n, k, panels_by_default());
         push_blocks(&mut m, bytes);
         Ok(m.finish())
     }
@@ -242,11 +238,12 @@ impl Q8Matrix {
         Ok(m.finish())
     }
 
-    /// The same matrix in the row layout (tests compare the two layouts' kernels).
+    /// The same matrix in the row layout, or in panels (tests compare the two
+    /// layouts and their kernels).
     #[cfg(test)]
-    fn to_rows(&self) -> Self {
+    fn relayout(&self, panels: bool) -> Self {
         let kb = self.k / BLOCK;
-        let mut m = Builder::new(self.n, self.k, false);
+        let mut m = Builder::new(self.n, self.k, panels);
         for row in 0..self.n {
             for b in 0..kb {
                 let (values, d) = self.block(row, b);
@@ -769,15 +766,7 @@ mod vnni {
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values::values;
 
     /// The reference: both operands dequantized, products in f64.
     fn reference(w: &Q8Matrix, x: &[f32], m: usize) -> Vec<f32> {
@@ -806,8 +795,8 @@ mod tests {
         // Odd row and column counts exercise every tile variant and the group edges.
         for &(m, n, k) in &[(1, 1, 32), (1, 67, 64), (3, 5, 96), (5, 130, 128), (17, 71, 896), (4, 2, 32), (8, 8, 32), (9, 13, 64), (30, 20, 4864)] {
             let stored = Q8Matrix::quantize(n, k, &values(n * k, 1)).expect("matrix");
-            let w = stored.to_rows();
-            let Layout::Rows(qs) = &w.layout else { unreachable!("to_rows") };
+            let w = stored.relayout(false);
+            let Layout::Rows(qs) = &w.layout else { unreachable!("relayout(false)") };
             let x = values(m * k, 2);
             let want = reference(&w, &x, m);
             for kernel in [Kernel::detect(), Kernel::Scalar] {
@@ -847,19 +836,8 @@ mod tests {
             return;
         }
         for &(m, n, k) in &[(1, 13, 64), (1, 896, 896), (2, 9, 32), (5, 17, 128), (11, 8, 4864)] {
-            let wf = values(n * k, 5);
-            let rows = {
-                let w = Q8Matrix::quantize(n, k, &wf).expect("matrix");
-                w.to_rows()
-            };
-            let mut b = Builder::new(n, k, true);
-            for row in 0..n {
-                for blk in 0..k / BLOCK {
-                    let (v, d) = rows.block(row, blk);
-                    b.push(d, v);
-                }
-            }
-            let panels = b.finish();
+            let rows = Q8Matrix::quantize(n, k, &values(n * k, 5)).expect("matrix").relayout(false);
+            let panels = rows.relayout(true);
             assert!(matches!(panels.layout, Layout::Panels(_)));
             for row in 0..n {
                 for blk in 0..k / BLOCK {
