@@ -435,6 +435,7 @@ impl CallState {
                     self.interrupt().await;
                 }
             }
+            CallInput::Say(options) => self.say_now(options).await,
             CallInput::EndWith(goodbye) => self.end_with(goodbye).await,
             CallInput::ToolOutput { call_id, output } => {
                 if !self.conversation.has_call(&call_id) {
@@ -1006,6 +1007,22 @@ impl CallState {
             let options = ResponseOptions { instructions: None, interruptible: false, say: Some(goodbye) };
             self.start_response(TurnTimer::default(), None, options).await;
         }
+    }
+
+    /// [`CallInput::Say`]: stops the reply in progress and speaks `options` in its
+    /// place. A turn waiting for an answer is put aside meanwhile (ending the reply
+    /// would start its answer, and the words would then be refused as a second
+    /// response) and answered once the words are done.
+    async fn say_now(&mut self, options: ResponseOptions) {
+        let waiting = self.pending_response.take();
+        if self.response.is_some() {
+            self.interrupt().await;
+        }
+        self.pending_response = waiting.or(self.pending_response.take());
+        if self.ending {
+            return;
+        }
+        self.start_response(TurnTimer::default(), None, options).await;
     }
 
     /// Stops the response in progress and keeps only what the caller heard.

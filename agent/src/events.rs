@@ -22,6 +22,11 @@ pub enum CallInput {
     Truncate { item_id: String, audio_end_ms: u64 },
     /// The client stops the reply in progress (`response.cancel`).
     CancelResponse,
+    /// The server has the agent say these words now (a transfer's line, its failure):
+    /// the reply in progress stops (kept as far as it was heard) and the words replace
+    /// it in one step, so no reply the caller's turns were waiting for can start in
+    /// between and refuse them. A turn waiting for an answer is answered after them.
+    Say(crate::settings::ResponseOptions),
     /// New session settings (`session.update`), already merged and validated.
     Update(Box<SessionSettings>),
     /// The client's result for a client tool call (`function_call_output`).

@@ -648,6 +648,39 @@ async fn speech_during_a_part_that_may_not_be_interrupted_is_answered_after_it()
     call.close().await;
 }
 
+/// The server's line ([`CallInput::Say`], e.g. a SIP transfer's) replaces the reply
+/// in progress even while a turn of the caller's waits for an answer: ending that
+/// reply must not start the waiting answer in the line's place (which then refused
+/// the line as a second response). The waiting turn is answered after the line.
+#[tokio::test]
+async fn the_servers_line_replaces_the_reply_while_a_turn_waits() {
+    let (call, mut rx) = start(SessionSettings::default()).await;
+    let long = "This part may not be interrupted, and it goes on for a good while. ".repeat(4);
+    let options = parley_agent::ResponseOptions { interruptible: false, say: Some(long), ..Default::default() };
+    let mut events = reply_playing(&call, &mut rx, Some(options), 10).await;
+    let mut audio = fixture_speech();
+    audio.extend(silence(800));
+    stream_real_time(&call, &mut rx, &pcm24k(&audio), &mut events).await;
+    // The caller's turn is committed and waits for the line in progress.
+    if !events.iter().any(|e| matches!(e, AgentEvent::UserTranscript { .. })) {
+        events.extend(until(&mut rx, |e| matches!(e, AgentEvent::UserTranscript { .. })).await);
+    }
+    assert!(!events.iter().any(is_done), "the first reply was still playing");
+    let line = "Please hold, I am putting you through to a person.";
+    call.send(CallInput::Say(parley_agent::ResponseOptions { interruptible: false, say: Some(line.into()), ..Default::default() })).await.expect("send");
+    let first = until(&mut rx, is_done).await;
+    assert!(matches!(first.last(), Some(AgentEvent::ResponseDone { status: ResponseStatus::Cancelled, .. })), "{:?}", first.last());
+    let said = until(&mut rx, is_done).await;
+    assert!(!said.iter().any(|e| matches!(e, AgentEvent::Error { .. })), "{said:?}");
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = said.last() else { panic!() };
+    assert_eq!((*status, transcript.as_str()), (ResponseStatus::Completed, line));
+    // Then the waiting turn gets its answer.
+    let answer = until(&mut rx, is_done).await;
+    let Some(AgentEvent::ResponseDone { status, transcript, .. }) = answer.last() else { panic!() };
+    assert_eq!((*status, transcript.as_str()), (ResponseStatus::Completed, REPLY));
+    call.close().await;
+}
+
 #[tokio::test]
 async fn truncate_cuts_a_reply_to_what_the_client_played() {
     let settings = SessionSettings { turn_detection: None, ..SessionSettings::default() };

@@ -242,9 +242,8 @@ pub async fn run(app: Arc<App>, config: Arc<CallConfig>, mut call: IncomingCall)
                             transfer = start_refer(&call, tc, summary, &parley_call_id, &refer_tx);
                         } else {
                             // A reply the caller started meanwhile gives way to the line.
-                            let _ = inject.send(CallInput::CancelResponse);
                             let options = ResponseOptions { instructions: None, interruptible: false, say: Some(tc.say.clone()) };
-                            let _ = inject.send(CallInput::CreateResponseWith(options));
+                            let _ = inject.send(CallInput::Say(options));
                             transfer = Transfer::Announcing { summary, until: Instant::now() + ANNOUNCE_LIMIT };
                         }
                     }
@@ -361,8 +360,7 @@ fn transfer_failed(app: &App, inject: &mpsc::UnboundedSender<CallInput>, why: &s
     info!(why, "transfer failed; the call goes on");
     app.metrics.sip_transfers_failed.inc();
     let options = ResponseOptions { instructions: None, interruptible: true, say: Some(transfer::FAILED_SAY.to_string()) };
-    let _ = inject.send(CallInput::CancelResponse);
-    let _ = inject.send(CallInput::CreateResponseWith(options));
+    let _ = inject.send(CallInput::Say(options));
     Transfer::Idle
 }
 
