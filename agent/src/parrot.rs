@@ -137,7 +137,21 @@ fn starts(line: &[String], said: &[String], partial: bool) -> bool {
         return false;
     }
     let whole = if partial { said.len() - 1 } else { said.len() };
-    line[..whole] == said[..whole] && (!partial || line[whole].starts_with(&said[whole]))
+    line[..whole] == said[..whole] && (!partial || starts_word(&line[whole], &said[whole]))
+}
+
+/// Whether a word cut short (`part`, as [`words`] maps it) may become `word`. The
+/// cut "you" of "you're" was read as the whole "you" and mapped to "i", so the
+/// earlier answer "Thank you, Robert, you're verified. …", read out again, was
+/// taken for a new reply and spoken (eval, 1.5B model): a cut word is also compared
+/// as written.
+fn starts_word(word: &str, part: &str) -> bool {
+    let written = match part {
+        "i" => "you",
+        "my" => "your",
+        other => other,
+    };
+    word.starts_with(part) || word.starts_with(written) || (word == "i" && "you".starts_with(written)) || (word == "my" && "your".starts_with(written))
 }
 
 /// The text's words, lowercase (letters, digits, apostrophes; "your" and "you" as
@@ -242,5 +256,14 @@ mod tests {
         assert!(!p.may_repeat("   "));
         // Past the end of every line.
         assert!(!p.may_repeat("Yes, please go ahead with that refill. And"));
+        // A word cut short where "you" could go on to "you're".
+        let p = Parrot::for_messages(&[
+            ChatMessage::new(Role::Assistant, "Thank you, Robert, you're verified. Order O R D zero zero six is ready."),
+            ChatMessage::new(Role::User, "Can you refill my atorvastatin?"),
+        ]);
+        assert!(p.may_repeat("Thank you, Robert, you"));
+        assert!(p.may_repeat("Thank yo"));
+        assert!(p.may_repeat("Thank you, Robert, you're verified. Order O R D zero zero six is re"));
+        assert!(!p.may_repeat("Thank you, Robert, yes"));
     }
 }

@@ -10,8 +10,15 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 
 /// The families with a file of their own, matched in the engine's name (lower case),
-/// and the file's text.
-const FAMILIES: &[(&str, &str)] = &[("qwen2", include_str!("../../../prompts/pharmacy/qwen2.5.toml"))];
+/// and the file's text; the first that matches is taken, so a model with a file of
+/// its own comes before its family.
+const FAMILIES: &[(&str, &str)] = &[
+    ("qwen2.5-coder-1.5b", include_str!("../../../prompts/pharmacy/qwen2.5-1.5b.toml")),
+    ("qwen2", include_str!("../../../prompts/pharmacy/qwen2.5.toml")),
+];
+
+/// The family of the server's default model (an empty engine name).
+const DEFAULT_FAMILY: &str = "qwen2";
 
 /// For every other model.
 const DEFAULT: &str = include_str!("../../../prompts/pharmacy/default.toml");
@@ -90,7 +97,7 @@ pub(super) fn for_model(model: &str) -> &'static PromptPack {
         packs.insert("default", parse("default", DEFAULT));
         packs
     });
-    let (family, _) = if model.is_empty() { (FAMILIES[0].0, "") } else { family_text(model) };
+    let (family, _) = if model.is_empty() { (DEFAULT_FAMILY, "") } else { family_text(model) };
     static EMPTY: OnceLock<PromptPack> = OnceLock::new();
     packs.get(family).unwrap_or_else(|| EMPTY.get_or_init(PromptPack::default))
 }
