@@ -962,10 +962,13 @@ impl CallState {
         let instructions = request.instructions.as_deref().unwrap_or(&self.settings.instructions);
         let (instructions, options) = self.reply_setup(instructions);
         self.tool_scope.next_response();
+        let messages = self.conversation.to_messages(&instructions);
+        let last_said = messages.iter().rev().find(|m| m.role == parley_llm::Role::User).map(|m| m.content.as_str());
+        self.tool_scope.set_caller_answer(last_said.and_then(crate::turn_rules::confirmation_answer));
         let job = ResponseJob {
             response_id: response_id.clone(),
             item_id: item_id.clone(),
-            messages: self.conversation.to_messages(&instructions),
+            messages,
             options,
             output_format: self.settings.output_format,
             encoder: self.encoder.clone(),

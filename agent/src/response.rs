@@ -297,8 +297,8 @@ async fn think(
     // yes to a tool's confirmation question makes the confirmed call.
     let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
     let mut asked_gate = false;
-    if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_new_id(&options, &messages) {
-        debug!("the caller named a record not looked up yet; the first step is a look-up");
+    if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_record(&options, &messages) {
+        debug!("the caller named a record; the first step is a look-up");
         options.tool_choice = parley_llm::ToolChoice::Required;
     }
     while round < policy.max_rounds.max(1) {
@@ -532,7 +532,9 @@ async fn think(
 
 /// The call a caller's plain yes confirms: the previous response's call whose result
 /// asked for confirmation (`"status": "needs_confirmation"`, from a tool that takes
-/// a boolean `confirm`), made again with `confirm: true`. A yes is what
+/// a boolean `confirm`), made again with `confirm: true`; or, when no result asked,
+/// the call a result offered (`"offer": {"name", "arguments"}`, e.g. a refill after
+/// a prescription look-up), made with `confirm: true`. A yes is what
 /// [`crate::turn_rules::confirmation_answer`] reads as one; anything else (a no, a
 /// new question) is the model's to answer. The small model often answered "Yes,
 /// please go ahead." with words and no call, or called a look-up (eval).
@@ -544,21 +546,32 @@ fn confirmed_call(messages: &[ChatMessage], tools: &[parley_llm::ToolSpec]) -> O
     // The results of the response before the caller's answer.
     let before = &messages[..last_user];
     let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
-    let asked = before[start..].iter().rev().filter(|m| m.role == parley_llm::Role::Tool).find(|m| {
-        serde_json::from_str::<serde_json::Value>(&m.content)
-            .is_ok_and(|v| v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"))
-    })?;
-    let call_id = asked.tool_call_id.as_deref()?;
-    let call = before[start..].iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
-    let takes_confirm = tools.iter().any(|t| {
-        t.name == call.name && t.parameters.pointer("/properties/confirm/type").and_then(serde_json::Value::as_str) == Some("boolean")
-    });
-    let mut arguments = call.arguments.as_object()?.clone();
-    if !takes_confirm {
+    let results: Vec<(&ChatMessage, serde_json::Value)> = before[start..]
+        .iter()
+        .rev()
+        .filter(|m| m.role == parley_llm::Role::Tool)
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok().map(|v| (m, v)))
+        .collect();
+    let takes_confirm = |name: &str| {
+        tools.iter().any(|t| t.name == name && t.parameters.pointer("/properties/confirm/type").and_then(serde_json::Value::as_str) == Some("boolean"))
+    };
+    let asked = results.iter().find(|(_, v)| v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"));
+    let (name, mut arguments) = match asked {
+        Some((m, _)) => {
+            let call_id = m.tool_call_id.as_deref()?;
+            let call = before[start..].iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
+            (call.name.clone(), call.arguments.as_object()?.clone())
+        }
+        None => {
+            let offer = results.iter().find_map(|(_, v)| v.get("offer"))?;
+            (offer.get("name")?.as_str()?.to_string(), offer.get("arguments")?.as_object()?.clone())
+        }
+    };
+    if !takes_confirm(&name) {
         return None;
     }
     arguments.insert("confirm".into(), serde_json::Value::Bool(true));
-    Some(ToolCall { id: parley_llm::toolcall::new_call_id(), name: call.name.clone(), arguments: serde_json::Value::Object(arguments) })
+    Some(ToolCall { id: parley_llm::toolcall::new_call_id(), name, arguments: serde_json::Value::Object(arguments) })
 }
 
 /// Said when no language model can answer (every replica down).
@@ -1329,6 +1342,36 @@ mod tests {
         later.extend([ChatMessage::new(Role::Assistant, "It's noon."), ChatMessage::new(Role::User, "Yes.")]);
         assert!(confirmed_call(&later, &tools).is_none());
         // A tool without a boolean `confirm` is not called again.
+        assert!(confirmed_call(&conversation("Yes."), &[]).is_none());
+    }
+
+    #[test]
+    fn a_plain_yes_to_an_offer_makes_the_offered_call() {
+        use parley_llm::Role;
+        let refill = parley_llm::ToolSpec {
+            name: "request_refill".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"rx_id": {"type": "string"}, "confirm": {"type": "boolean"}}}),
+        };
+        let looked_up = ToolCall { id: "c1".into(), name: "get_prescription".into(), arguments: serde_json::json!({"rx_id": "RX1002"}) };
+        let conversation = |answer: &str| {
+            vec![
+                ChatMessage::new(Role::User, "Please refill my lisinopril, RX1002."),
+                ChatMessage::tool_calls("", vec![looked_up.clone()]),
+                ChatMessage::tool_result(
+                    "c1",
+                    r#"{"rx_id": "RX1002", "say": "It has two refills left. Would you like me to request a refill?", "offer": {"name": "request_refill", "arguments": {"rx_id": "RX1002"}}}"#,
+                ),
+                ChatMessage::new(Role::Assistant, "It has two refills left. Would you like me to request a refill?"),
+                ChatMessage::new(Role::User, answer),
+            ]
+        };
+        let tools = [refill];
+        let call = confirmed_call(&conversation("Yes, please."), &tools).expect("a yes takes the offer");
+        assert_eq!((call.name.as_str(), call.arguments), ("request_refill", serde_json::json!({"rx_id": "RX1002", "confirm": true})));
+        assert!(confirmed_call(&conversation("No thanks."), &tools).is_none());
+        assert!(confirmed_call(&conversation("Who prescribed it?"), &tools).is_none());
+        // An offer of a tool this call does not have (or without `confirm`) is not made.
         assert!(confirmed_call(&conversation("Yes."), &[]).is_none());
     }
 

@@ -133,26 +133,20 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
 }
 
 /// True when the caller's last message names an id (of a known-id parameter of a
-/// tool callable now) that no earlier call or result holds: a record the call has
-/// not looked up yet, so the answer must come from a look-up, not from memory (the
-/// 0.5B model answered "Can you also tell me about order ORD002?" with the earlier
-/// order's facts under the new id; eval).
-pub fn names_new_id(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
+/// tool callable now): the answer about that record must come from a look-up in
+/// this turn, not from memory. For a record not looked up yet, the 0.5B model
+/// answered "Can you also tell me about order ORD002?" with the earlier order's
+/// facts under the new id; for one looked up turns before, the 1.5B model answered
+/// "Could you refill RX1003 for me, please?" with a question of its own and no call
+/// (eval). A record can also have changed since (a refill placed).
+pub fn names_record(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
     let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else { return false };
-    let earlier: Vec<String> = messages[..last_user]
-        .iter()
-        .filter(|m| m.role != Role::User)
-        .flat_map(|m| conversation_texts(std::slice::from_ref(m)))
-        .collect();
     let said = conversation_texts(&messages[last_user..=last_user]);
     callable(options, messages).iter().filter(|t| !is_gate(t)).any(|tool| {
         let Some(properties) = options.tools.iter().find(|t| t.name == tool.name).and_then(|t| t.parameters.get("properties")?.as_object()) else {
             return false;
         };
-        properties.values().filter_map(known_pattern).any(|pattern| {
-            let seen = find_ids(&pattern, &earlier);
-            find_ids(&pattern, &said).iter().any(|id| !seen.contains(id))
-        })
+        properties.values().filter_map(known_pattern).any(|pattern| !find_ids(&pattern, &said).is_empty())
     })
 }
 
@@ -532,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn an_id_not_looked_up_yet_asks_for_a_look_up() {
+    fn a_record_named_by_the_caller_asks_for_a_look_up() {
         let options = GenerateOptions { tools: vec![order_tool()], ..GenerateOptions::default() };
         let user = |t: &str| ChatMessage::new(Role::User, t);
         let looked_up = [
@@ -542,11 +536,14 @@ mod tests {
         ];
         let mut messages = looked_up.to_vec();
         messages.push(user("And what about order O R D zero zero two?"));
-        assert!(names_new_id(&options, &messages));
+        assert!(names_record(&options, &messages), "a new record");
         let mut messages = looked_up.to_vec();
         messages.push(user("When can I pick up ORD001?"));
-        assert!(!names_new_id(&options, &messages), "looked up already");
-        assert!(!names_new_id(&options, &[user("How are you?")]));
+        assert!(names_record(&options, &messages), "one looked up before: looked up again");
+        let mut messages = looked_up.to_vec();
+        messages.push(user("When can I pick it up?"));
+        assert!(!names_record(&options, &messages), "no id named");
+        assert!(!names_record(&options, &[user("How are you?")]));
     }
 
     #[test]

@@ -27,7 +27,10 @@
 //!   the date of birth are never read out.
 //! - **Refills only when confirmed.** `request_refill` first asks for confirmation;
 //!   it places the refill only when called with `confirm: true` in a later response
-//!   than the one that asked, i.e. after the caller answered.
+//!   than the one that asked, i.e. after the caller answered. A look-up of a
+//!   prescription with refills left offers one ("Would you like me to request a
+//!   refill?", an `offer` in its result); a plain yes in the very next turn is the
+//!   confirmation.
 //! - **Words made for speech.** Results give facts in spoken form and a `say`
 //!   sentence (see `say`); failures are sentences the caller may hear.
 //!
@@ -185,6 +188,7 @@ impl Operation {
             },
             Operation::GetPrescription => match db::prescription(conn, &id)?.filter(|rx| rx.member_id == member_id) {
                 None => failed(say::no_such_prescription(&id)),
+                Some(rx) if rx.refills_remaining > 0 => Ok((Ok(say::refills(&rx)), Change::Offered(rx.rx_id))),
                 Some(rx) => ok(say::refills(&rx)),
             },
             Operation::RequestRefill => refill(conn, &id, member_id, request, seen),
@@ -210,6 +214,10 @@ struct Seen {
     locked: bool,
     /// The response that offered this request's refill for confirmation, if any.
     proposed_at: Option<u64>,
+    /// The response whose look-up offered this prescription's refill, if any.
+    offered_at: Option<u64>,
+    /// The caller's turn before this response was a plain yes.
+    said_yes: bool,
     /// The response in progress.
     response: u64,
 }
@@ -222,6 +230,8 @@ enum Change {
     FailedCheck,
     /// A refill was offered for confirmation in this response.
     Proposed(String),
+    /// A look-up offered the prescription's refill in this response.
+    Offered(String),
     /// A refill was placed (or found placed): the offer is used up.
     Settled(String),
 }
@@ -269,8 +279,11 @@ fn refill(
     if rx.refills_remaining <= 0 {
         return Ok((Err(ToolError::Declined(say::no_refills(&rx))), Change::None));
     }
-    // Confirmed means: offered in an earlier response, and now called with confirm.
-    let confirmed = request.confirm && seen.proposed_at.is_some_and(|at| at < seen.response);
+    // Confirmed means: asked in an earlier response, and now called with confirm; or
+    // offered by the look-up just before, and answered with a plain yes.
+    let asked = seen.proposed_at.is_some_and(|at| at < seen.response);
+    let offered = seen.said_yes && seen.offered_at.is_some_and(|at| at + 1 == seen.response);
+    let confirmed = request.confirm && (asked || offered);
     if !confirmed {
         return Ok((Ok(say::refill_needs_confirmation(&rx)), Change::Proposed(rx.rx_id)));
     }
@@ -321,6 +334,8 @@ impl Tool for PharmacyTool {
                 verified: identity.verified.clone(),
                 locked: identity.locked(),
                 proposed_at: request.id.as_ref().and_then(|id| identity.proposed_refills.get(id).copied()),
+                offered_at: request.id.as_ref().and_then(|id| identity.offered_refills.get(id).copied()),
+                said_yes: scope.caller_said_yes(),
                 response,
             });
             tracing::debug!(tool = operation.name(), verified = seen.verified.is_some(), "pharmacy tool");
@@ -333,6 +348,7 @@ impl Tool for PharmacyTool {
                 Change::Verified(member) => {
                     if identity.verified.as_ref() != Some(&member) {
                         identity.proposed_refills.clear();
+                        identity.offered_refills.clear();
                     }
                     identity.verified = Some(member);
                 }
@@ -341,8 +357,12 @@ impl Tool for PharmacyTool {
                 Change::Proposed(rx) => {
                     identity.proposed_refills.insert(rx, response);
                 }
+                Change::Offered(rx) => {
+                    identity.offered_refills.insert(rx, response);
+                }
                 Change::Settled(rx) => {
                     identity.proposed_refills.remove(&rx);
+                    identity.offered_refills.remove(&rx);
                 }
             });
             result

@@ -4,7 +4,7 @@
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// One call's tool memory: a value of each type a tool keeps, created on first use,
@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub struct CallScope {
     values: Arc<Mutex<HashMap<TypeId, Box<dyn Any + Send>>>>,
     response: Arc<AtomicU64>,
+    /// How the caller's last turn answered a yes/no question: 0 not an answer,
+    /// 1 a plain yes, 2 a no.
+    answer: Arc<AtomicU8>,
 }
 
 impl std::fmt::Debug for CallScope {
@@ -45,6 +48,23 @@ impl CallScope {
     /// The number of the response in progress (0 before the first).
     pub fn response(&self) -> u64 {
         self.response.load(Ordering::SeqCst)
+    }
+
+    /// Called by the call as a response starts: how the caller's turn before it
+    /// answered a yes/no question ([`crate::turn_rules::confirmation_answer`]), so a
+    /// tool can act on an offer only when the caller plainly said yes to it.
+    pub fn set_caller_answer(&self, answer: Option<bool>) {
+        let code = match answer {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.answer.store(code, Ordering::SeqCst);
+    }
+
+    /// True when the caller's turn before this response was a plain yes.
+    pub fn caller_said_yes(&self) -> bool {
+        self.answer.load(Ordering::SeqCst) == 1
     }
 }
 

@@ -23,6 +23,10 @@ pub(super) struct Identity {
     /// A refill is placed only when confirmed in a later response, i.e. after the
     /// caller answered.
     pub proposed_refills: HashMap<String, u64>,
+    /// Refills offered after a look-up ("Would you like me to request a refill?"):
+    /// prescription → the response that offered. A plain yes in the next turn
+    /// places it; anything else leaves it to the usual confirmation.
+    pub offered_refills: HashMap<String, u64>,
 }
 
 impl Identity {

@@ -143,21 +143,28 @@ pub(super) fn order_list(member_id: &str, orders: &[Order]) -> Value {
     json!({ "member_id": member_id, "orders": list, "say": say })
 }
 
-/// `get_prescription`.
+/// `get_prescription`. With refills left it offers one: callers who look a
+/// prescription up are often after a refill, and the 1.5B model, asked for one,
+/// looked the prescription up instead of requesting it (eval). The `offer` names the
+/// call a plain yes makes (see `confirmed_call` in the agent's response loop).
 pub(super) fn refills(rx: &Prescription) -> Value {
-    let say = if rx.refills_remaining <= 0 {
-        format!("{} {} would need to authorize more.", prescription_sentence(rx), rx.prescriber)
-    } else {
-        prescription_sentence(rx)
-    };
-    json!({
+    let mut result = json!({
         "rx_id": rx.rx_id,
         "medication": medication(&rx.medication, &rx.strength),
         "refills_remaining": quantity(rx.refills_remaining),
         "prescriber": rx.prescriber,
-        "say": say,
-    })
+    });
+    if rx.refills_remaining <= 0 {
+        result["say"] = json!(format!("{} {} would need to authorize more.", prescription_sentence(rx), rx.prescriber));
+    } else {
+        result["say"] = json!(format!("{} {REFILL_OFFER}", prescription_sentence(rx)));
+        result["offer"] = json!({ "name": "request_refill", "arguments": { "rx_id": rx.rx_id } });
+    }
+    result
 }
+
+/// The question a look-up ends with when a refill could be requested.
+pub(super) const REFILL_OFFER: &str = "Would you like me to request a refill?";
 
 /// `verify_member` when the check passed: who it is, and what they have (the ids
 /// the next look-up takes, each with a sentence saying what it is).

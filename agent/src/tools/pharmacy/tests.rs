@@ -226,6 +226,41 @@ async fn a_refill_is_placed_only_when_confirmed_in_a_later_turn() {
 }
 
 #[tokio::test]
+async fn a_looked_up_prescription_offers_a_refill_and_only_a_plain_yes_next_takes_it() {
+    let desk = desk().verified("1002", "1971-11-02").await;
+    let rx = desk.call("get_prescription", json!({"rx_id": "RX1002"})).await.expect("look-up");
+    assert!(rx["say"].as_str().expect("say").ends_with("Would you like me to request a refill?"), "{rx}");
+    assert_eq!(rx["offer"], json!({"name": "request_refill", "arguments": {"rx_id": "RX1002"}}));
+    // Not a plain yes ("please request one" is the model's to handle): the usual question.
+    desk.next_turn();
+    desk.scope.set_caller_answer(None);
+    let asked = desk.call("request_refill", json!({"rx_id": "RX1002", "confirm": true})).await.expect("question");
+    assert_eq!(asked["status"], "needs_confirmation");
+    assert_eq!(count(&desk.db, "SELECT COUNT(*) FROM refill_requests").await, 0);
+
+    // A fresh look-up, then a plain yes in the next turn: placed.
+    let desk = desk.new_call().verified("1002", "1971-11-02").await;
+    desk.call("get_prescription", json!({"rx_id": "RX1002"})).await.expect("look-up");
+    desk.next_turn();
+    desk.scope.set_caller_answer(Some(true));
+    let placed = desk.call("request_refill", json!({"rx_id": "RX1002", "confirm": true})).await.expect("placed");
+    assert_eq!(placed["status"], "requested");
+
+    // A yes two turns after the offer is not an answer to it.
+    let desk = desk.new_call().verified("1003", "1990-07-25").await;
+    desk.call("get_prescription", json!({"rx_id": "RX1003"})).await.expect("look-up");
+    desk.next_turn();
+    desk.next_turn();
+    desk.scope.set_caller_answer(Some(true));
+    let late = desk.call("request_refill", json!({"rx_id": "RX1003", "confirm": true})).await.expect("question");
+    assert_eq!(late["status"], "needs_confirmation");
+    // No refills left: nothing is offered.
+    let desk = desk.new_call().verified("1001", "1984-03-12").await;
+    let none = desk.call("get_prescription", json!({"rx_id": "RX1001"})).await.expect("look-up");
+    assert_eq!(none["offer"], Value::Null);
+}
+
+#[tokio::test]
 async fn a_refill_without_refills_is_refused_before_any_question() {
     let desk = desk().verified("1001", "1984-03-12").await;
     let message = failed(desk.call("request_refill", json!({"rx_id": "RX1001"})).await);
