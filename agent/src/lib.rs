@@ -20,6 +20,7 @@
 //! # }
 //! ```
 
+mod before_check;
 mod call;
 mod conversation;
 pub mod echo;

@@ -4,7 +4,9 @@
 //! "Please refill my prescription." read back to them). Such a reply is held while it
 //! still could be a repeat, and dropped if it was one, so the agent can try again.
 
-use parley_llm::{ChatMessage, Role, ToolSpec};
+use parley_llm::{ChatMessage, GenerateOptions, Role, ToolSpec};
+
+use crate::before_check::BeforeCheck;
 
 /// Fewest words a repeat must have to be dropped: "Yes." or "Thank you." said back
 /// may be a fine reply.
@@ -24,6 +26,8 @@ pub struct Parrot {
     /// sentence this response's own look-ups return again is taken off
     /// ([`Self::fresh_result`]): reading it is then the answer.
     results: std::sync::Mutex<Vec<Vec<String>>>,
+    /// Times and dates not to say before the identity check ([`BeforeCheck`]).
+    check: BeforeCheck,
 }
 
 /// Fewest words a reply must have to be taken for an earlier result read again:
@@ -59,7 +63,7 @@ impl Parrot {
         // left on it?", eval).
         let replies = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| words(&m.content).0);
         let results = says.chain(replies).filter(|w| w.len() >= MIN_RESULT_WORDS).collect();
-        Self { lines, tool_texts: Vec::new(), results: std::sync::Mutex::new(results) }
+        Self { lines, tool_texts: Vec::new(), results: std::sync::Mutex::new(results), check: BeforeCheck::default() }
     }
 
     /// A tool result of this response: its `say` is a fresh answer, not an old one.
@@ -99,6 +103,23 @@ impl Parrot {
         }
         self.tool_texts.retain(|t| t.len() >= MIN_COPIED_WORDS);
         self
+    }
+
+    /// Also withholds, until the identity check passes, the times and dates the
+    /// caller did not say (see [`BeforeCheck`]).
+    pub fn with_check(mut self, options: &GenerateOptions, messages: &[ChatMessage]) -> Self {
+        self.check = BeforeCheck::for_messages(options, messages);
+        self
+    }
+
+    /// The identity check passed in this response.
+    pub fn check_passed(&self) {
+        self.check.opened();
+    }
+
+    /// True when `text` names a time or date that may not be said yet.
+    pub fn withholds(&self, text: &str) -> bool {
+        self.check.withholds(text)
     }
 
     /// True when `text` (at least [`MIN_COPIED_WORDS`] words) is word for word a run

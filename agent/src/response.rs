@@ -185,7 +185,7 @@ pub async fn run(
         });
         return speak(job, engines, events, playback, cancel, think, text_rx, parrot, first_token_at).await;
     }
-    let parrot = Arc::new(Parrot::for_messages(&job.messages).with_tools(&job.options.tools));
+    let parrot = Arc::new(Parrot::for_messages(&job.messages).with_tools(&job.options.tools).with_check(&job.options, &job.messages));
 
     let think = tokio::spawn(
         think(
@@ -298,8 +298,10 @@ async fn think(
     let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
     let mut asked_gate = false;
     if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_record(&options, &messages) {
-        debug!("the caller named a record; the first step is a look-up");
-        options.tool_choice = parley_llm::ToolChoice::Required;
+        debug!("the caller named a record; the first step is a look-up of it");
+        let named = parley_llm::GenerateOptions { tool_choice: parley_llm::ToolChoice::RequiredNamed, ..options.clone() };
+        let callable = !parley_llm::known_ids::callable(&named, &messages).is_empty();
+        options.tool_choice = if callable { parley_llm::ToolChoice::RequiredNamed } else { parley_llm::ToolChoice::Required };
     }
     while round < policy.max_rounds.max(1) {
         round += 1;
@@ -320,7 +322,13 @@ async fn think(
             Err(e) => return Err(e.to_string()),
         };
         let repeated = parrot.repeats(&said);
-        spoke |= is_speech(&said) && !repeated;
+        // Withheld (a time or date before the identity check): not said, and the
+        // check says what it needs instead (below).
+        let withheld = parrot.withholds(&said);
+        if withheld {
+            debug!("the reply named a time or date before the identity check; withheld");
+        }
+        spoke |= is_speech(&said) && !repeated && !withheld;
         if stats.tool_calls.is_empty() && !retried && (!is_speech(&said) || repeated) {
             // After a tool result the small model sometimes echoes JSON instead of
             // speaking, or it reads the caller's line back (the guards keep either
@@ -462,6 +470,7 @@ async fn think(
                         parrot.fresh_result(&output);
                         if opens_gate(&options.tools, call, &output) {
                             gate_opened = true;
+                            parrot.check_passed();
                             // Said at once: the caller hears the check passed while
                             // the look-up runs.
                             if let Some(say) = spoken_sentence(&output) {
@@ -908,6 +917,13 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
                     debug!(phrase, "dropped a phrase read back from a tool's description");
                 }
                 !copied
+            })
+            .filter(|phrase| {
+                let withheld = parrot.withholds(phrase);
+                if withheld {
+                    debug!("withheld a phrase naming a time or date before the identity check");
+                }
+                !withheld
             })
             .collect();
         if piece.is_none() && wrote_words && !sent_any && out.is_empty() && !cancel.is_cancelled() {

@@ -686,7 +686,7 @@ impl LlmSession for CandleSession {
         let holds_calls = messages.iter().any(|m| m.role == crate::Role::Tool || !m.tool_calls.is_empty());
         let mut constraint = match &shared.grammar {
             Some(grammar) if !options.tools.is_empty() || holds_calls => {
-                let must_call = matches!(options.tool_choice, crate::ToolChoice::Required | crate::ToolChoice::Function(_));
+                let must_call = matches!(options.tool_choice, crate::ToolChoice::Required | crate::ToolChoice::RequiredNamed | crate::ToolChoice::Function(_));
                 // Right after a tool result the model should speak, not start a call
                 // with a brace (it would be echoing the result).
                 let after_tool = messages.iter().rev().find(|m| m.role != crate::Role::System).is_some_and(|m| m.role == crate::Role::Tool);

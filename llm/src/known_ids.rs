@@ -60,6 +60,12 @@ pub fn is_gate(tool: &ToolSpec) -> bool {
 /// whose required ids have none are dropped. Tools without annotations are kept as
 /// they are (minus our annotations).
 pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
+    narrow_to(tools, messages, messages)
+}
+
+/// [`narrow`], with the known ids taken from `ids_from` only (the gates and the
+/// heard values still from all of `messages`).
+fn narrow_to(tools: &[ToolSpec], messages: &[ChatMessage], ids_from: &[ChatMessage]) -> Vec<ToolSpec> {
     let mut heard: Option<Vec<String>> = None;
     let mut succeeded: Option<Vec<String>> = None;
     let mut out = Vec::with_capacity(tools.len());
@@ -86,7 +92,7 @@ pub fn narrow(tools: &[ToolSpec], messages: &[ChatMessage]) -> Vec<ToolSpec> {
                     dates_said(messages.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()))
                 } else {
                     let Some(pattern) = known_pattern(&properties[&name]) else { continue };
-                    let texts = heard.get_or_insert_with(|| conversation_texts(messages));
+                    let texts = heard.get_or_insert_with(|| conversation_texts(ids_from));
                     find_ids(&pattern, texts)
                 };
                 if values.is_empty() {
@@ -164,6 +170,12 @@ pub fn gate_ask(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<T
     })
 }
 
+/// True when a gate is offered and has not passed in `messages`: the caller has not
+/// passed the check yet, so nothing from the records can have been told.
+pub fn gate_pending(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
+    open_gates(options, messages).next().is_some()
+}
+
 /// The gates offered that have not passed.
 fn open_gates<'a>(options: &'a GenerateOptions, messages: &[ChatMessage]) -> impl Iterator<Item = &'a ToolSpec> {
     let passed = succeeded_tools(messages);
@@ -228,6 +240,13 @@ pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<Tool
     match &options.tool_choice {
         ToolChoice::None => Vec::new(),
         ToolChoice::Auto | ToolChoice::Required => narrow(&options.tools, messages),
+        ToolChoice::RequiredNamed => {
+            let said: &[ChatMessage] = match messages.iter().rposition(|m| m.role == Role::User) {
+                Some(i) => &messages[i..=i],
+                None => &[],
+            };
+            narrow_to(&options.tools, messages, said)
+        }
         ToolChoice::Function(name) => {
             let named: Vec<ToolSpec> = options.tools.iter().filter(|t| &t.name == name).cloned().collect();
             narrow(&named, messages)
@@ -544,6 +563,30 @@ mod tests {
         messages.push(user("When can I pick it up?"));
         assert!(!names_record(&options, &messages), "no id named");
         assert!(!names_record(&options, &[user("How are you?")]));
+    }
+
+    #[test]
+    fn a_call_required_about_a_named_record_takes_only_its_ids() {
+        let rx_tool = ToolSpec {
+            name: "get_prescription".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {"rx_id": {"type": "string", "pattern": "^RX\\d{4}$", KNOWN: true}}, "required": ["rx_id"]}),
+        };
+        let options = GenerateOptions { tools: vec![order_tool(), rx_tool], tool_choice: ToolChoice::RequiredNamed, ..GenerateOptions::default() };
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        let messages = [
+            user("Is order ORD001 ready? And RX1004?"),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "get_order_details".into(), arguments: json!({"order_id": "ORD001"}) }]),
+            ChatMessage::tool_result("c1", r#"{"order_id": "ORD001", "rx_id": "RX1004"}"#),
+            user("Which medication is in order ORD006?"),
+        ];
+        let tools = callable(&options, &messages);
+        assert_eq!(tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_order_details"], "no prescription was named");
+        assert_eq!(tools[0].parameters["properties"]["order_id"]["enum"], json!(["ORD006"]));
+        // Required alone keeps every record the call has seen.
+        let any = GenerateOptions { tool_choice: ToolChoice::Required, ..options.clone() };
+        assert_eq!(callable(&any, &messages).len(), 2);
+        assert!(callable(&options, &[]).is_empty());
     }
 
     #[test]

@@ -194,6 +194,13 @@ pub enum ToolChoice {
     Required,
     /// Call this tool before anything else.
     Function(String),
+    /// Call, before anything else, a tool about a record the caller's last words
+    /// name: the known-id parameters ([`known_ids::KNOWN`]) take only the ids said
+    /// there, and tools whose required ids were not said there are not callable.
+    /// "Which medication is in order ORD006?" then cannot become a look-up of a
+    /// prescription seen earlier (the 1.5B model did that when any call was
+    /// required; eval).
+    RequiredNamed,
 }
 
 impl Default for GenerateOptions {

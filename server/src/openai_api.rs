@@ -295,7 +295,7 @@ fn validate(request: ChatRequest) -> Result<Job, ApiError> {
         });
     }
     let forced = match &options.tool_choice {
-        ToolChoice::Required => Some(!options.tools.is_empty()),
+        ToolChoice::Required | ToolChoice::RequiredNamed => Some(!options.tools.is_empty()),
         ToolChoice::Function(name) => Some(options.tools.iter().any(|t| &t.name == name)),
         _ => None,
     };

@@ -227,7 +227,8 @@ struct Seen {
 enum Change {
     None,
     Verified(String),
-    FailedCheck,
+    /// A check that did not match, with the pair tried (member, date).
+    FailedCheck(String),
     /// A refill was offered for confirmation in this response.
     Proposed(String),
     /// A look-up offered the prescription's refill in this response.
@@ -257,7 +258,7 @@ fn verify(conn: &rusqlite::Connection, request: &Request, seen: &Seen) -> Result
     let member = db::member(conn, &member_id)?;
     let matches = member.as_ref().is_some_and(|m| crate::tools::spoken::ymd(&m.date_of_birth) == Some(given));
     match member.filter(|_| matches) {
-        None => Ok((Err(ToolError::Declined(say::NO_MATCH.into())), Change::FailedCheck)),
+        None => Ok((Err(ToolError::Declined(say::NO_MATCH.into())), Change::FailedCheck(format!("{member_id} {given:?}")))),
         Some(member) => {
             let orders = db::orders_of(conn, &member.member_id)?;
             let prescriptions = db::prescriptions_of(conn, &member.member_id)?;
@@ -352,7 +353,14 @@ impl Tool for PharmacyTool {
                     }
                     identity.verified = Some(member);
                 }
-                Change::FailedCheck => identity.failures += 1,
+                // The same wrong pair again is no new guess (the agent asks the check
+                // again when the caller goes on without correcting it).
+                Change::FailedCheck(pair) => {
+                    if !identity.failed_pairs.contains(&pair) {
+                        identity.failures += 1;
+                        identity.failed_pairs.push(pair);
+                    }
+                }
                 // The latest offer counts: a confirmation must follow the last question.
                 Change::Proposed(rx) => {
                     identity.proposed_refills.insert(rx, response);

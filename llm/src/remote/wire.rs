@@ -56,7 +56,7 @@ pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOpt
         body["tool_choice"] = match &options.tool_choice {
             ToolChoice::Auto => json!("auto"),
             ToolChoice::None => json!("none"),
-            ToolChoice::Required => json!("required"),
+            ToolChoice::Required | ToolChoice::RequiredNamed => json!("required"),
             ToolChoice::Function(name) if tools.iter().any(|t| &t.name == name) => json!({"type": "function", "function": {"name": name}}),
             // The named tool cannot be called yet (its id is not known): let it choose.
             ToolChoice::Function(_) => json!("auto"),

@@ -220,7 +220,7 @@ fn tool_choice_json(s: &SessionSettings) -> Value {
     match &s.generate.tool_choice {
         _ if !s.tools_enabled => json!("none"),
         ToolChoice::Auto | ToolChoice::None => json!("auto"),
-        ToolChoice::Required => json!("required"),
+        ToolChoice::Required | ToolChoice::RequiredNamed => json!("required"),
         ToolChoice::Function(name) => json!({"type": "function", "name": name}),
     }
 }

@@ -17,8 +17,10 @@ pub(super) const MAX_FAILURES: u32 = 3;
 pub(super) struct Identity {
     /// The member proved in this call.
     pub verified: Option<String>,
-    /// Checks that did not match.
+    /// Checks that did not match, each pair of member and date counted once.
     pub failures: u32,
+    /// The pairs (member, date) of the checks that did not match.
+    pub failed_pairs: Vec<String>,
     /// Refills offered for confirmation: prescription → the response that asked.
     /// A refill is placed only when confirmed in a later response, i.e. after the
     /// caller answered.

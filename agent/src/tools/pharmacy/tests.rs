@@ -122,6 +122,11 @@ async fn a_wrong_birth_date_is_refused_and_three_failures_lock_the_call() {
     let desk = desk();
     let wrong = desk.call("verify_member", json!({"member_id": "1002", "date_of_birth": "1971-11-03"})).await;
     assert_eq!(failed(wrong), say::NO_MATCH);
+    // The same pair again (however written) is refused, but is no new guess.
+    for _ in 0..3 {
+        let again = desk.call("verify_member", json!({"member_id": "1002", "date_of_birth": "November 3rd, 1971"})).await;
+        assert_eq!(failed(again), say::NO_MATCH);
+    }
     // Unknown members get the same answer: the desk does not confirm who is a member.
     let unknown = desk.call("verify_member", json!({"member_id": "9999", "date_of_birth": "1971-11-02"})).await;
     assert_eq!(failed(unknown), say::NO_MATCH);
