@@ -43,9 +43,11 @@ impl BeforeCheck {
     }
 }
 
-/// Times ("3 PM", "ten a.m.", "2:30", "noon"), dates ("December 6th", "Dec. sixth")
-/// and days ("Monday", "tomorrow") in `text`, lower case, punctuation and spacing
-/// evened out.
+/// Times ("3 PM", "ten a.m.", "2:30", "noon"), dates ("December 6th", "Dec. sixth",
+/// with the year when one follows) and days ("Monday", "tomorrow") in `text`, lower
+/// case, punctuation and spacing evened out. A date keeps its year so that a birth
+/// date the caller gave ("November 2nd, 1971") may be read back whole, but not made
+/// a pickup day ("picked up on November 2nd": the 1.5B model, eval).
 fn mentions(text: &str) -> Vec<String> {
     let lower = text.to_lowercase();
     pattern()
@@ -64,7 +66,7 @@ fn pattern() -> &'static Regex {
         let minutes = r"[:.]?\d{2}|\s(?:o\s?five|ten|fifteen|twenty|thirty|forty(?:[- ]five)?|fifty)";
         let time = format!(r"(?:{hour})(?:{minutes})?\s?(?:[ap]\.?\s?m\b\.?|o'clock)|\d{{1,2}}:\d{{2}}|\bnoon\b|\bmidnight\b");
         let days = r"monday|tuesday|wednesday|thursday|friday|saturday|sunday|tomorrow";
-        Regex::new(&format!(r"\b(?:(?:{month})\.?\s+(?:{day})\b|(?:{time})|(?:{days})\b)")).expect("the time and date pattern is valid")
+        Regex::new(&format!(r"\b(?:(?:{month})\.?\s+(?:{day})\b(?:,?\s+\d{{4}}\b)?|(?:{time})|(?:{days})\b)")).expect("the time and date pattern is valid")
     })
 }
 
@@ -84,7 +86,7 @@ mod tests {
     #[test]
     fn times_dates_and_days_are_found_in_words_and_digits() {
         for (text, want) in [
-            ("The order can be picked up on November 2nd, 1971 at 3 PM.", vec!["november 2nd", "3 pm"]),
+            ("The order can be picked up on November 2nd, 1971 at 3 PM.", vec!["november 2nd 1971", "3 pm"]),
             ("It will be ready on December sixth at ten a.m.", vec!["december sixth", "ten a m"]),
             ("Come by at 2:30 tomorrow.", vec!["2:30", "tomorrow"]),
             ("Pickup is Monday at two thirty p.m.", vec!["monday", "two thirty p m"]),
@@ -104,6 +106,7 @@ mod tests {
         let check = BeforeCheck::for_messages(&options, &messages);
         assert!(check.withholds("The order can be picked up on November 2nd, 1971 at 3 PM."));
         assert!(check.withholds("It will be ready on Monday."));
+        assert!(check.withholds("The order can be picked up on November 2nd, Sorry."), "a birth date is not a pickup day");
         assert!(!check.withholds("You said November 2nd, 1971. What is your member ID?"));
         assert!(!check.withholds("Before I can help, I need your member ID and date of birth."));
         // Once the check passes, the look-up's times are the answer.

@@ -828,6 +828,8 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
     // phrase was dropped here (text for the model, a description read back) the
     // caller must not get silence (eval: two silent replies).
     let (mut wrote_words, mut sent_any) = (false, false);
+    // A phrase was withheld ([`Parrot::withholds`]) and its sentence goes on.
+    let mut in_withheld = false;
     loop {
         let piece = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -919,13 +921,19 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
                 !copied
             })
             .filter(|phrase| {
-                let withheld = parrot.withholds(phrase);
+                // The rest of a withheld sentence goes too: "November 2nd," withheld
+                // must not leave "1971." to be said alone (eval).
+                let withheld = in_withheld || parrot.withholds(phrase);
                 if withheld {
                     debug!("withheld a phrase naming a time or date before the identity check");
                 }
+                in_withheld = withheld && !ends_sentence(phrase);
                 !withheld
             })
             .collect();
+        if ended {
+            in_withheld = false;
+        }
         if piece.is_none() && wrote_words && !sent_any && out.is_empty() && !cancel.is_cancelled() {
             debug!("every phrase of the reply was dropped; asking the caller to say it again");
             out.push(SAY_AGAIN.to_string());
@@ -940,6 +948,11 @@ async fn chunk_phrases(mut text: mpsc::Receiver<TextPiece>, phrases: mpsc::Sende
             return;
         }
     }
+}
+
+/// True when `phrase` ends a sentence.
+fn ends_sentence(phrase: &str) -> bool {
+    phrase.trim_end().ends_with(['.', '?', '!'])
 }
 
 /// Synthesizes each phrase, converts it to the caller's format and queues frames.
@@ -1326,6 +1339,25 @@ mod tests {
         ])
         .await;
         assert_eq!(out, [phrase("Let me check."), phrase("Your order O R D zero zero one is at the pharmacy. The pickup is Monday.")]);
+    }
+
+    #[tokio::test]
+    async fn a_sentence_withheld_before_the_identity_check_goes_whole() {
+        use parley_llm::Role;
+        let gate = parley_llm::ToolSpec {
+            name: "verify_member".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"member_id": {"type": "string"}}, "x-parley-gate": true}),
+        };
+        let options = parley_llm::GenerateOptions { tools: vec![gate], ..parley_llm::GenerateOptions::default() };
+        let messages = [ChatMessage::new(Role::User, "Member 10024, born November 2nd, 1971. What time can I pick it up?")];
+        let parrot = Parrot::for_messages(&messages).with_check(&options, &messages);
+        let out = phrases_guarded(
+            vec![text("The order can be picked up on November 2nd, "), text("in the afternoon. "), text("What is your member ID?"), TextPiece::SegmentEnd],
+            parrot,
+        )
+        .await;
+        assert_eq!(out, [phrase("What is your member ID?")]);
     }
 
     #[test]
