@@ -1,11 +1,13 @@
-//! Times and dates the model says to a caller who has not passed the identity
-//! check. Before the check nothing about a member's records may be told, and the
-//! model has no record to read a pickup time or a date from, so any it says is made
-//! up: the 1.5B model told a caller whose check had failed "The order can be picked
-//! up on November 2nd, 1971 at 3 PM." (eval). While a gate tool
-//! ([`parley_llm::known_ids::GATE`]) is offered and has not passed, a phrase that
-//! names a time, a date or a weekday the caller did not say is withheld, and the
-//! reply falls back to what the check needs.
+//! Times, dates and record states the model says to a caller who has not passed the
+//! identity check. Before the check nothing about a member's records may be told,
+//! and the model has no record to read a pickup time or a status from, so any it
+//! says is made up: the 1.5B model told a caller whose check had failed "The order
+//! can be picked up on November 2nd, 1971 at 3 PM." (eval), and the 0.5B model
+//! answered "Hi. Is my order ready?" with "Yes, my order is ready." (e2e). While a
+//! gate tool ([`parley_llm::known_ids::GATE`]) is offered and has not passed, a
+//! phrase that names a time, a date or a weekday the caller did not say, or states
+//! an order's status or a prescription's refills, is withheld, and the reply falls
+//! back to what the check needs.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,10 +39,28 @@ impl BeforeCheck {
     }
 
     /// True when `text` may not be said yet: the check is pending and the text names
-    /// a time or date the caller did not say.
+    /// a time or date the caller did not say, or states a record's status.
     pub fn withholds(&self, text: &str) -> bool {
-        self.pending.load(Ordering::SeqCst) && mentions(text).iter().any(|m| !self.heard.contains(m))
+        self.pending.load(Ordering::SeqCst) && (mentions(text).iter().any(|m| !self.heard.contains(m)) || states_a_record(text))
     }
+}
+
+/// True when `text` states an order's status ("it's ready", "has been shipped") or
+/// a prescription's refills ("two refills left"). Questions ("Is it ready?") and
+/// what the agent offers to find out ("I can check whether it is ready") are not
+/// statements.
+fn states_a_record(text: &str) -> bool {
+    static PATTERN: OnceLock<Regex> = OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| {
+        let count = r"no|any|\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten";
+        Regex::new(&format!(
+            r"(?:\b(?:is|are|was|were|be|been)|'s|'re)\s+(?:now\s+|already\s+|still\s+|all\s+)?(?:ready|shipped|processing|being processed|picked up|on (?:its|the) way|in stock)\b|\b(?:{count})\s+(?:more\s+)?refills?\s+(?:left|remaining)\b"
+        ))
+        .expect("the record-state pattern is valid")
+    });
+    let lower = text.to_lowercase().replace('\u{2019}', "'");
+    let asks = lower.trim_end().ends_with('?') || [" if ", " whether ", "check ", "look up", "find out"].iter().any(|w| lower.contains(w));
+    !asks && pattern.is_match(&lower)
 }
 
 /// Times ("3 PM", "ten a.m.", "2:30", "noon"), dates ("December 6th", "Dec. sixth",
@@ -100,18 +120,36 @@ mod tests {
     }
 
     #[test]
+    fn statements_of_a_records_state_are_told_from_questions() {
+        for text in ["Yes, my order is ready.", "Your order has been shipped.", "It's ready for pickup.", "You have two refills left.", "There are no refills remaining."] {
+            assert!(states_a_record(text), "{text}");
+        }
+        for text in [
+            "Is your order ready?",
+            "I can check whether your order is ready. What is your member ID?",
+            "To see if it has been shipped, I need your date of birth.",
+            "Before I can help, I need your member ID and date of birth.",
+            "I'm ready to help.",
+        ] {
+            assert!(!states_a_record(text), "{text}");
+        }
+    }
+
+    #[test]
     fn before_the_check_only_what_the_caller_said_may_be_said_back() {
         let options = GenerateOptions { tools: vec![gate()], ..GenerateOptions::default() };
         let messages = [ChatMessage::new(Role::User, "Member 10024, November 2nd, 1971. What time can I pick it up?")];
         let check = BeforeCheck::for_messages(&options, &messages);
         assert!(check.withholds("The order can be picked up on November 2nd, 1971 at 3 PM."));
         assert!(check.withholds("It will be ready on Monday."));
+        assert!(check.withholds("Yes, your order is ready."));
         assert!(check.withholds("The order can be picked up on November 2nd, Sorry."), "a birth date is not a pickup day");
         assert!(!check.withholds("You said November 2nd, 1971. What is your member ID?"));
         assert!(!check.withholds("Before I can help, I need your member ID and date of birth."));
         // Once the check passes, the look-up's times are the answer.
         check.opened();
         assert!(!check.withholds("You can pick it up on December second at two thirty p.m."));
+        assert!(!check.withholds("Your order is ready."));
         // No gate offered: nothing to withhold.
         let free = BeforeCheck::for_messages(&GenerateOptions::default(), &messages);
         assert!(!free.withholds("The store opens at 9 a.m."));

@@ -145,15 +145,44 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
 /// facts under the new id; for one looked up turns before, the 1.5B model answered
 /// "Could you refill RX1003 for me, please?" with a question of its own and no call
 /// (eval). A record can also have changed since (a refill placed).
+///
+/// The caller's own identity (a gate's parameters: a member id) is not a record:
+/// "order of RD-002", as tiny.en heard "order O R D zero zero two", has only a
+/// member-id-shaped "002" in it, and a look-up required from that listed member
+/// 002's orders (e2e).
 pub fn names_record(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
     let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else { return false };
     let said = conversation_texts(&messages[last_user..=last_user]);
+    let identity = gate_parameters(&options.tools);
     callable(options, messages).iter().filter(|t| !is_gate(t)).any(|tool| {
         let Some(properties) = options.tools.iter().find(|t| t.name == tool.name).and_then(|t| t.parameters.get("properties")?.as_object()) else {
             return false;
         };
-        properties.values().filter_map(known_pattern).any(|pattern| !find_ids(&pattern, &said).is_empty())
+        properties
+            .iter()
+            .filter(|(name, _)| !identity.contains(name))
+            .filter_map(|(_, schema)| known_pattern(schema))
+            .any(|pattern| !find_ids(&pattern, &said).is_empty())
     })
+}
+
+/// The names of the gates' parameters: who the caller is, not what they ask about.
+fn gate_parameters(tools: &[ToolSpec]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|t| is_gate(t))
+        .filter_map(|t| t.parameters.get("properties")?.as_object())
+        .flat_map(|p| p.keys().cloned())
+        .collect()
+}
+
+/// True when `tool` takes a known id other than the caller's identity
+/// ([`gate_parameters`]): an order or a prescription.
+fn takes_a_record(tool: &ToolSpec, identity: &[String]) -> bool {
+    tool.parameters
+        .get("properties")
+        .and_then(Value::as_object)
+        .is_some_and(|p| p.iter().any(|(name, schema)| !identity.contains(name) && known_pattern(schema).is_some()))
 }
 
 /// The call of a gate that has not passed, with whatever values the conversation
@@ -245,7 +274,11 @@ pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<Tool
                 Some(i) => &messages[i..=i],
                 None => &[],
             };
+            let identity = gate_parameters(&options.tools);
             narrow_to(&options.tools, messages, said)
+                .into_iter()
+                .filter(|t| options.tools.iter().find(|o| o.name == t.name).is_some_and(|o| takes_a_record(o, &identity)))
+                .collect()
         }
         ToolChoice::Function(name) => {
             let named: Vec<ToolSpec> = options.tools.iter().filter(|t| &t.name == name).cloned().collect();
@@ -563,6 +596,28 @@ mod tests {
         messages.push(user("When can I pick it up?"));
         assert!(!names_record(&options, &messages), "no id named");
         assert!(!names_record(&options, &[user("How are you?")]));
+    }
+
+    #[test]
+    fn the_callers_own_member_id_is_not_a_record() {
+        let list_orders = ToolSpec {
+            name: "list_orders".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {"member_id": {"type": "string", "pattern": "^[0-9]{3,10}$", KNOWN: true}}}),
+        };
+        let options = GenerateOptions { tools: vec![verify_tool(), list_orders, order_tool()], ..GenerateOptions::default() };
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        let mut messages = vec![
+            user("Member 1002, born November 2, 1971."),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "verify_member".into(), arguments: json!({"member_id": "1002", "date_of_birth": "November 2, 1971"}) }]),
+            ChatMessage::tool_result("c1", r#"{"verified": true, "member_id": "1002"}"#),
+            user("What is the status of order of RD-002?"),
+        ];
+        assert!(!names_record(&options, &messages), "only a member-id-shaped number was said");
+        messages.push(user("And order ORD002, member 1002?"));
+        assert!(names_record(&options, &messages));
+        let named = GenerateOptions { tool_choice: ToolChoice::RequiredNamed, ..options.clone() };
+        assert_eq!(callable(&named, &messages).iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_order_details"]);
     }
 
     #[test]

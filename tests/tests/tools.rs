@@ -167,9 +167,9 @@ async fn client_tools_follow_the_realtime_function_call_sequence() {
 }
 
 /// Issue 9's spoken call: a caller proves who they are, asks an order's status and
-/// pickup time, and asks for a refill, which may only be confirmed after they say
-/// yes. Every turn is speech (espeak-ng) heard through the real ASR; the tool events
-/// come in order, and nothing is disclosed before the identity check.
+/// pickup time, and asks for a refill, which may be requested only after they say yes.
+/// Every turn is speech (espeak-ng) heard through the real ASR; the tool events come
+/// in order, and nothing is disclosed before the identity check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_and_pickup() {
     let server = tokio::task::spawn_blocking(|| server_with_config("")).await.expect("join");
@@ -183,7 +183,8 @@ async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_and_pickup()
         turn("My member ID is one zero zero two, and my date of birth is November second, nineteen seventy one."),
         turn("What is the status of order O R D zero zero two?"),
         turn("When can I pick it up?"),
-        turn("Please refill my prescription R X one zero zero two."),
+        // espeak-ng's "refill my" reaches tiny.en as "reveal my"; "a refill of" as "a refill on".
+        turn("I would like a refill of my prescription."),
         turn("Yes, please go ahead."),
     ];
     let mut said = Vec::new();
@@ -199,24 +200,27 @@ async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_and_pickup()
         let now = c.spoken();
         said.push(now[before..].to_string());
         calls_after.push(c.tool_calls());
-        eprintln!("caller: {text}\n  calls: {:?}\n  agent: {}", c.tool_calls(), now[before..].trim());
+        eprintln!("caller: {text}\n  heard: {}\n  calls: {:?}\n  agent: {}", c.heard(), c.tool_calls(), now[before..].trim());
     }
     let names = |i: usize| calls_after[i].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     // 1: nothing disclosed before the check (member 1002's orders are Lisinopril).
-    assert!(!said[0].contains("lisinopril") && !said[0].contains("ready for"), "disclosed before the check: {}", said[0]);
+    // Nor made up: the 0.5B model once answered "Yes, my order is ready."
+    assert!(!said[0].contains("lisinopril") && !said[0].contains("is ready") && !said[0].contains("ready for"), "disclosed before the check: {}", said[0]);
     // 2: the check, with the spoken member id.
-    let verify = calls_after[1].iter().find(|(n, _)| n == "verify_member").unwrap_or_else(|| panic!("no verify_member: {:?}", names(1)));
+    // (Turn 1's check may have been called with nothing, for what it asks the caller.)
+    let verify = calls_after[1].iter().rfind(|(n, _)| n == "verify_member").unwrap_or_else(|| panic!("no verify_member: {:?}", names(1)));
     assert_eq!(verify.1["member_id"], "1002", "{verify:?}");
     // 3: the status of ORD002 is ready (from a look-up, or from the check's result,
     // which lists the member's orders).
     assert!(said[2].contains("ready"), "status: {}", said[2]);
     // 4: the pickup time, December 2nd at 2:30 p.m.
     assert!(said[3].contains("december") && (said[3].contains("two thirty") || said[3].contains("2:30")), "pickup: {}", said[3]);
-    // 5-6: a refill, if the agent gets to one, is of RX1002 and confirmed only on
-    // the yes; neither turn is left silent. Whether it gets to one is not asserted:
-    // here tiny.en hears "prescription R X one zero zero two" as "prescribed sherrx
-    // 1 0 0 2", and the 0.5B model then asks again instead of calling
-    // request_refill (`parley eval` measures refills from text).
+    // 5-6: a refill, if the agent gets to one, is of RX1002 (member 1002's only
+    // prescription) and confirmed only on the yes; neither turn is left silent.
+    // Whether it gets to one is not asserted yet: asked with no prescription id,
+    // the 0.5B model answers from the check's result ("you can request a refill
+    // of prescription R X one zero zero two …") instead of calling request_refill
+    // (issue 9; `parley eval` measures refills asked with an id).
     let refills: Vec<&(String, Value)> = calls_after[5].iter().filter(|(n, _)| n == "request_refill").collect();
     assert!(refills.iter().all(|(_, a)| a["rx_id"] == "RX1002"), "{refills:?}");
     if let Some(confirmed_at) = calls_after.iter().position(|calls| calls.iter().any(|(n, a)| n == "request_refill" && a["confirm"] == true)) {
