@@ -146,24 +146,46 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
 /// "Could you refill RX1003 for me, please?" with a question of its own and no call
 /// (eval). A record can also have changed since (a refill placed).
 ///
-/// The caller's own identity (a gate's parameters: a member id) is not a record:
-/// "order of RD-002", as tiny.en heard "order O R D zero zero two", has only a
-/// member-id-shaped "002" in it, and a look-up required from that listed member
-/// 002's orders (e2e).
+/// A member-id-shaped number that is the tail of a record id the call already
+/// knows is that record, not a member: tiny.en heard "order O R D zero zero two" as
+/// "order of RD-002", and a look-up required from "002" listed member 002's orders
+/// (e2e). "My husband is member 1002" still names a record (his orders: refused).
 pub fn names_record(options: &GenerateOptions, messages: &[ChatMessage]) -> bool {
     let Some(last_user) = messages.iter().rposition(|m| m.role == Role::User) else { return false };
     let said = conversation_texts(&messages[last_user..=last_user]);
     let identity = gate_parameters(&options.tools);
+    let mut records: Option<Vec<String>> = None;
     callable(options, messages).iter().filter(|t| !is_gate(t)).any(|tool| {
         let Some(properties) = options.tools.iter().find(|t| t.name == tool.name).and_then(|t| t.parameters.get("properties")?.as_object()) else {
             return false;
         };
-        properties
-            .iter()
-            .filter(|(name, _)| !identity.contains(name))
-            .filter_map(|(_, schema)| known_pattern(schema))
-            .any(|pattern| !find_ids(&pattern, &said).is_empty())
+        properties.iter().filter_map(|(name, schema)| Some((name, known_pattern(schema)?))).any(|(name, pattern)| {
+            let found = find_ids(&pattern, &said);
+            if !identity.contains(name) {
+                return !found.is_empty();
+            }
+            let records = records.get_or_insert_with(|| record_ids(options, messages, &identity));
+            found.iter().any(|id| !records.iter().any(|r| r.len() > id.len() && r.ends_with(id.as_str())))
+        })
     })
+}
+
+/// The ids of records (not of the caller: [`gate_parameters`]) the call has seen.
+fn record_ids(options: &GenerateOptions, messages: &[ChatMessage], identity: &[String]) -> Vec<String> {
+    let texts = conversation_texts(messages);
+    let mut ids = Vec::new();
+    for tool in &options.tools {
+        let Some(properties) = tool.parameters.get("properties").and_then(Value::as_object) else { continue };
+        for (name, schema) in properties {
+            if identity.contains(name) {
+                continue;
+            }
+            if let Some(pattern) = known_pattern(schema) {
+                ids.extend(find_ids(&pattern, &texts));
+            }
+        }
+    }
+    ids
 }
 
 /// The names of the gates' parameters: who the caller is, not what they ask about.
@@ -174,15 +196,6 @@ fn gate_parameters(tools: &[ToolSpec]) -> Vec<String> {
         .filter_map(|t| t.parameters.get("properties")?.as_object())
         .flat_map(|p| p.keys().cloned())
         .collect()
-}
-
-/// True when `tool` takes a known id other than the caller's identity
-/// ([`gate_parameters`]): an order or a prescription.
-fn takes_a_record(tool: &ToolSpec, identity: &[String]) -> bool {
-    tool.parameters
-        .get("properties")
-        .and_then(Value::as_object)
-        .is_some_and(|p| p.iter().any(|(name, schema)| !identity.contains(name) && known_pattern(schema).is_some()))
 }
 
 /// The call of a gate that has not passed, with whatever values the conversation
@@ -274,11 +287,7 @@ pub fn callable(options: &GenerateOptions, messages: &[ChatMessage]) -> Vec<Tool
                 Some(i) => &messages[i..=i],
                 None => &[],
             };
-            let identity = gate_parameters(&options.tools);
             narrow_to(&options.tools, messages, said)
-                .into_iter()
-                .filter(|t| options.tools.iter().find(|o| o.name == t.name).is_some_and(|o| takes_a_record(o, &identity)))
-                .collect()
         }
         ToolChoice::Function(name) => {
             let named: Vec<ToolSpec> = options.tools.iter().filter(|t| &t.name == name).cloned().collect();
@@ -599,7 +608,7 @@ mod tests {
     }
 
     #[test]
-    fn the_callers_own_member_id_is_not_a_record() {
+    fn the_tail_of_a_known_record_id_is_not_a_member_id() {
         let list_orders = ToolSpec {
             name: "list_orders".into(),
             description: String::new(),
@@ -613,11 +622,12 @@ mod tests {
             ChatMessage::tool_result("c1", r#"{"verified": true, "member_id": "1002"}"#),
             user("What is the status of order of RD-002?"),
         ];
-        assert!(!names_record(&options, &messages), "only a member-id-shaped number was said");
-        messages.push(user("And order ORD002, member 1002?"));
-        assert!(names_record(&options, &messages));
-        let named = GenerateOptions { tool_choice: ToolChoice::RequiredNamed, ..options.clone() };
-        assert_eq!(callable(&named, &messages).iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_order_details"]);
+        assert!(names_record(&options, &messages), "002 could be a member");
+        // Once ORD002 is known (the check listed it), "002" is that order's tail.
+        messages.insert(3, ChatMessage::tool_result("c1", r#"{"orders": [{"order_id": "ORD002"}]}"#));
+        assert!(!names_record(&options, &messages), "only the tail of a known order id was said");
+        messages.push(user("My husband is member 1005. What are his orders?"));
+        assert!(names_record(&options, &messages), "another member's number names his records");
     }
 
     #[test]
