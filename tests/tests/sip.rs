@@ -315,6 +315,7 @@ fn check_stream(rtp: &[Rtp], pt: u8, ptime_ms: u32, allow_pauses: bool) -> Resul
     ensure!(rtp.iter().all(|r| r.pt == pt), "payload types {:?}, expected {pt}", rtp.iter().map(|r| r.pt).collect::<std::collections::BTreeSet<_>>());
     let step = ptime_ms * 8;
     let mut jitter = Vec::new();
+    let mut skips = 0usize;
     for w in rtp.windows(2) {
         ensure!(w[1].seq == w[0].seq.wrapping_add(1), "sequence gap: {} then {}", w[0].seq, w[1].seq);
         ensure!(w[1].payload.len() == step as usize, "a packet of {} bytes, expected {step}", w[1].payload.len());
@@ -326,9 +327,19 @@ fn check_stream(rtp: &[Rtp], pt: u8, ptime_ms: u32, allow_pauses: bool) -> Resul
             ensure!((i64::from(ts_gap) - expected).abs() < 8000 / 5, "after a pause of {gap:.2} s the timestamp moved {ts_gap}");
             continue;
         }
+        if ts_gap > step && ts_gap % step == 0 {
+            // The sender thread stalled past a tick (two cores shared with the
+            // call's own speech recognition and model): the tick went out as
+            // timestamp, not as a late burst. Rare, and it must say how much time passed.
+            let ticks = ts_gap / step;
+            ensure!((gap * 1000.0 - f64::from(ticks * ptime_ms)).abs() < f64::from(ptime_ms), "a skip of {ticks} ticks after {gap:.3} s");
+            skips += 1;
+            continue;
+        }
         ensure!(ts_gap == step, "timestamp step {ts_gap}, expected {step}");
         jitter.push((gap * 1000.0 - f64::from(ptime_ms)).abs());
     }
+    ensure!(skips <= 1 + rtp.len() / 200, "{skips} skipped ticks in {} packets: not one steady stream", rtp.len());
     jitter.sort_by(|a, b| a.total_cmp(b));
     Ok(jitter[(jitter.len() * 99 / 100).min(jitter.len() - 1)])
 }
