@@ -295,7 +295,9 @@ async fn think(
     let mut round = 0;
     // Who the caller is gets checked first, with what they said (a gate); a plain
     // yes to a tool's confirmation question makes the confirmed call.
-    let mut first_call = parley_llm::known_ids::gate_call(&options, &messages).or_else(|| confirmed_call(&messages, &options.tools));
+    let mut first_call = parley_llm::known_ids::gate_call(&options, &messages)
+        .or_else(|| confirmed_call(&messages, &options.tools))
+        .or_else(|| asked_call(&options, &messages));
     let mut asked_gate = false;
     if first_call.is_none() && options.tool_choice == parley_llm::ToolChoice::Auto && parley_llm::known_ids::names_record(&options, &messages) {
         debug!("the caller named a record; the first step is a look-up of it");
@@ -581,6 +583,29 @@ fn confirmed_call(messages: &[ChatMessage], tools: &[parley_llm::ToolSpec]) -> O
     }
     arguments.insert("confirm".into(), serde_json::Value::Bool(true));
     Some(ToolCall { id: parley_llm::toolcall::new_call_id(), name, arguments: serde_json::Value::Object(arguments) })
+}
+
+/// The call the caller asks for without naming its record
+/// ([`parley_llm::known_ids::asked_call`]), unless their words answer the previous
+/// response's question or offer (a yes goes to [`confirmed_call`]; "OK, please
+/// request a refill for it" is the model's, which takes it as the yes it is) or
+/// say no ("No, don't refill it").
+fn asked_call(options: &parley_llm::GenerateOptions, messages: &[ChatMessage]) -> Option<ToolCall> {
+    let last_user = messages.iter().rposition(|m| m.role == parley_llm::Role::User)?;
+    if crate::turn_rules::confirmation_answer(&messages[last_user].content) == Some(false) {
+        return None;
+    }
+    let before = &messages[..last_user];
+    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
+    let asked_or_offered = before[start..]
+        .iter()
+        .filter(|m| m.role == parley_llm::Role::Tool)
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok())
+        .any(|v| v.get("offer").is_some() || v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"));
+    if asked_or_offered {
+        return None;
+    }
+    parley_llm::known_ids::asked_call(options, messages)
 }
 
 /// Said when no language model can answer (every replica down).
@@ -1358,6 +1383,31 @@ mod tests {
         )
         .await;
         assert_eq!(out, [phrase("What is your member ID?")]);
+    }
+
+    #[test]
+    fn a_refill_asked_for_without_an_id_is_made_unless_it_answers_an_offer_or_says_no() {
+        use parley_llm::Role;
+        let refill = parley_llm::ToolSpec {
+            name: "request_refill".into(),
+            description: String::new(),
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {"rx_id": {"type": "string", "pattern": "^RX[0-9]{3,8}$", "x-parley-known": true}, "confirm": {"type": "boolean"}},
+                "required": ["rx_id"],
+                "x-parley-asked": "\\b(?:refill|renew)\\b"
+            }),
+        };
+        let options = parley_llm::GenerateOptions { tools: vec![refill], ..parley_llm::GenerateOptions::default() };
+        let conversation = |result: &str, answer: &str| {
+            vec![ChatMessage::new(Role::User, "How many refills are left?"), ChatMessage::tool_result("c1", result), ChatMessage::new(Role::User, answer)]
+        };
+        let plain = r#"{"rx_id": "RX1002", "say": "It has two refills left."}"#;
+        let call = asked_call(&options, &conversation(plain, "I would like a refill of my prescription.")).expect("the refill");
+        assert_eq!(call.arguments, serde_json::json!({"rx_id": "RX1002"}));
+        assert!(asked_call(&options, &conversation(plain, "No, don't refill it.")).is_none());
+        let offered = r#"{"rx_id": "RX1002", "offer": {"name": "request_refill", "arguments": {"rx_id": "RX1002"}}}"#;
+        assert!(asked_call(&options, &conversation(offered, "OK, please request a refill for it.")).is_none());
     }
 
     #[test]

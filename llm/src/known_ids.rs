@@ -50,6 +50,11 @@ pub const GATE: &str = "x-parley-gate";
 /// (`"date"`), kept as they said them.
 pub const HEARD: &str = "x-parley-heard";
 
+/// The annotation (on a tool's parameters) with a pattern of the caller's words that
+/// ask for this tool's action ("refill"): asked for with no id, and with one record
+/// the call knows, the call is made on that record ([`asked_call`]).
+pub const ASKED: &str = "x-parley-asked";
+
 /// True when `tool` is a gate ([`GATE`]).
 pub fn is_gate(tool: &ToolSpec) -> bool {
     tool.parameters.get(GATE) == Some(&Value::Bool(true))
@@ -135,6 +140,47 @@ pub fn gate_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<
     open_gates(options, messages).filter(|gate| !called_since_caller(messages, &gate.name)).find_map(|gate| {
         let said = gate_arguments(gate, messages)?;
         (said.new_value && !said.missing_known).then(|| ToolCall { id: crate::toolcall::new_call_id(), name: gate.name.clone(), arguments: Value::Object(said.arguments) })
+    })
+}
+
+/// The call the caller's last message asks for ([`ASKED`]) without naming its
+/// record, when the call knows just one record it could be about: "I would like a
+/// refill of my prescription." from a member with one prescription is
+/// `request_refill` of that one. With `tool_choice` auto, a tool callable now
+/// ([`callable`]) whose every required parameter is a known id with exactly one
+/// value, none of them said in that message (then the model has the id and
+/// [`names_record`] asks for the look-up), and not called since. The 0.5B model
+/// answered such a request from the check's result ("you can request a refill of
+/// prescription R X one zero zero two …") and made no call (e2e).
+pub fn asked_call(options: &GenerateOptions, messages: &[ChatMessage]) -> Option<ToolCall> {
+    if options.tool_choice != ToolChoice::Auto {
+        return None;
+    }
+    let last_user = messages.iter().rposition(|m| m.role == Role::User)?;
+    let said = &messages[last_user].content;
+    let now = callable(options, messages);
+    options.tools.iter().find_map(|tool| {
+        let pattern = tool.parameters.get(ASKED)?.as_str()?;
+        let asks = RegexBuilder::new(pattern).case_insensitive(true).build().ok()?.is_match(said);
+        if !asks || called_since_caller(messages, &tool.name) {
+            return None;
+        }
+        let narrowed = now.iter().find(|t| t.name == tool.name)?;
+        let properties = tool.parameters.get("properties")?.as_object()?;
+        let required: Vec<&str> = tool.parameters.get("required")?.as_array()?.iter().filter_map(Value::as_str).collect();
+        let said_texts = conversation_texts(&messages[last_user..=last_user]);
+        let mut arguments = Map::new();
+        for name in required {
+            let pattern = known_pattern(properties.get(name)?)?;
+            if !find_ids(&pattern, &said_texts).is_empty() {
+                return None;
+            }
+            match narrowed.parameters["properties"][name]["enum"].as_array()?.as_slice() {
+                [only] => arguments.insert(name.to_string(), only.clone()),
+                _ => return None,
+            };
+        }
+        Some(ToolCall { id: crate::toolcall::new_call_id(), name: tool.name.clone(), arguments: Value::Object(arguments) })
     })
 }
 
@@ -628,6 +674,40 @@ mod tests {
         assert!(!names_record(&options, &messages), "only the tail of a known order id was said");
         messages.push(user("My husband is member 1005. What are his orders?"));
         assert!(names_record(&options, &messages), "another member's number names his records");
+    }
+
+    #[test]
+    fn an_action_asked_for_without_an_id_is_made_on_the_one_record_known() {
+        let refill = ToolSpec {
+            name: "request_refill".into(),
+            description: String::new(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"rx_id": {"type": "string", "pattern": "^RX[0-9]{3,8}$", KNOWN: true}, "confirm": {"type": "boolean"}},
+                "required": ["rx_id"],
+                ASKED: "\\b(?:refill|renew)\\b"
+            }),
+        };
+        let options = GenerateOptions { tools: vec![refill], ..GenerateOptions::default() };
+        let user = |t: &str| ChatMessage::new(Role::User, t);
+        let known = |ids: &str| vec![user("Member 1002, born November 2, 1971."), ChatMessage::tool_result("c1", format!(r#"{{"prescriptions": [{ids}]}}"#))];
+        let mut one = known(r#""RX1002""#);
+        one.push(user("I would like a refill of my prescription."));
+        let call = asked_call(&options, &one).expect("a refill of the one prescription");
+        assert_eq!((call.name.as_str(), &call.arguments), ("request_refill", &json!({"rx_id": "RX1002"})));
+        // Two prescriptions: the model asks which.
+        let mut two = known(r#""RX1004", "RX1005""#);
+        two.push(user("Can you refill my prescription?"));
+        assert!(asked_call(&options, &two).is_none());
+        // A question about refills is not a request; an id said is the model's to use.
+        for words in ["How many refills do I have left?", "Please refill RX1002."] {
+            let mut asked = known(r#""RX1002""#);
+            asked.push(user(words));
+            assert!(asked_call(&options, &asked).is_none(), "{words}");
+        }
+        // Made once: not again after the call in this turn.
+        one.push(ChatMessage::tool_calls("", vec![call]));
+        assert!(asked_call(&options, &one).is_none());
     }
 
     #[test]

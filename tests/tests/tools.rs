@@ -167,11 +167,11 @@ async fn client_tools_follow_the_realtime_function_call_sequence() {
 }
 
 /// Issue 9's spoken call: a caller proves who they are, asks an order's status and
-/// pickup time, and asks for a refill, which may be requested only after they say yes.
+/// pickup time, and asks for a refill, which is requested only after they say yes.
 /// Every turn is speech (espeak-ng) heard through the real ASR; the tool events come
 /// in order, and nothing is disclosed before the identity check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_and_pickup() {
+async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_pickup_and_refill() {
     let server = tokio::task::spawn_blocking(|| server_with_config("")).await.expect("join");
     let mut c = Client::connect(&server).await.expect("connect");
     let turn = |text: &'static str| {
@@ -215,17 +215,14 @@ async fn a_spoken_pharmacy_call_checks_identity_then_answers_status_and_pickup()
     assert!(said[2].contains("ready"), "status: {}", said[2]);
     // 4: the pickup time, December 2nd at 2:30 p.m.
     assert!(said[3].contains("december") && (said[3].contains("two thirty") || said[3].contains("2:30")), "pickup: {}", said[3]);
-    // 5-6: a refill, if the agent gets to one, is of RX1002 (member 1002's only
-    // prescription) and confirmed only on the yes; neither turn is left silent.
-    // Whether it gets to one is not asserted yet: asked with no prescription id,
-    // the 0.5B model answers from the check's result ("you can request a refill
-    // of prescription R X one zero zero two …") instead of calling request_refill
-    // (issue 9; `parley eval` measures refills asked with an id).
+    // 5-6: the refill. Member 1002 has one prescription (RX1002, Lisinopril, two
+    // refills left): asked for with no id, it is that one; the tool asks the
+    // caller to confirm, and the refill is requested on the yes.
     let refills: Vec<&(String, Value)> = calls_after[5].iter().filter(|(n, _)| n == "request_refill").collect();
     assert!(refills.iter().all(|(_, a)| a["rx_id"] == "RX1002"), "{refills:?}");
-    if let Some(confirmed_at) = calls_after.iter().position(|calls| calls.iter().any(|(n, a)| n == "request_refill" && a["confirm"] == true)) {
-        assert_eq!(confirmed_at, 5, "the refill was confirmed before the caller said yes");
-    }
+    let confirmed_at = calls_after.iter().position(|calls| calls.iter().any(|(n, a)| n == "request_refill" && a["confirm"] == true));
+    assert_eq!(confirmed_at, Some(5), "the refill was not requested on the caller's yes: {:?}", names(5));
+    assert!(["request", "submit", "placed"].iter().any(|w| said[5].contains(w)), "refill: {}", said[5]);
     assert!(said[4].chars().any(char::is_alphabetic) && said[5].chars().any(char::is_alphabetic), "a silent turn: {said:?}");
     // The tool events came in the Realtime order for each call: arguments done,
     // then the output item, then its result in the conversation.

@@ -136,6 +136,12 @@ impl Operation {
             _ => {}
         }
         let mut schema = json!({ "type": "object", "properties": properties, "required": required });
+        if self == Operation::RequestRefill {
+            // "I'd like a refill of my prescription" from a member with one
+            // prescription is a request for that one (`x-parley-asked`); "refills
+            // left" is not a request ("refills" is another word).
+            schema[parley_llm::known_ids::ASKED] = json!(r"\b(?:refill|renew)\b");
+        }
         if self == Operation::VerifyMember {
             // Once it passes, it is not offered again, and the agent goes on to what
             // the caller asked (`x-parley-gate`).
