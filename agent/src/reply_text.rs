@@ -8,7 +8,7 @@ use crate::tools::spoken;
 /// Words that only text written for the model uses; a phrase containing one is not
 /// for the caller's ears.
 const MODEL_DIRECTED: &[&str] =
-    &["the caller", "caller's", "tool result", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_prescription"];
+    &["the caller", "caller's", "tool result", "will return a json", "returns a json", "verify_member", "request_refill", "list_orders", "get_order_details", "get_pickup_time", "get_prescription"];
 
 /// Fewest words a copy of our instructions must have to be taken for one: "Do not
 /// show" alone could be the caller's own business.
@@ -76,13 +76,24 @@ pub fn speakable(phrase: &str) -> Option<String> {
         return None;
     }
     let lower = phrase.to_lowercase();
-    if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) || copies_instructions(phrase) {
+    if MODEL_DIRECTED.iter().any(|w| lower.contains(w)) || names_a_field(phrase) || copies_instructions(phrase) {
         tracing::debug!(phrase = %crate::redact::Redacted(phrase), "dropped a phrase addressed to the model");
         return None;
     }
     let mended = spoken::mend_spacing(phrase);
     let words: Vec<String> = mended.split(' ').map(spell_code).collect();
     Some(words.join(" "))
+}
+
+/// True when `phrase` names a snake_case field (`order_id`): data, not words for a
+/// person. The 1.5B model answered "What's in order ORD005?" with 'To get the
+/// details of order ORD005, order_id: "ORD005" This will return a JSON object
+/// containing …' (eval).
+fn names_a_field(phrase: &str) -> bool {
+    phrase.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| {
+        let mut parts = w.split('_');
+        w.contains('_') && parts.all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+    })
 }
 
 /// `ORD001`, `RX1002,` or `ORD-001.` spelled out ("O R D zero zero one,"); other
@@ -121,6 +132,14 @@ mod tests {
         assert_eq!(speakable("at the pharmacy.The medication").as_deref(), Some("at the pharmacy. The medication"));
         assert_eq!(speakable("It costs 3.50 at 10:00 AM, see Dr. Reyes.").as_deref(), Some("It costs 3.50 at 10:00 AM, see Dr. Reyes."));
         assert_eq!(speakable("I said OK, A1, COVID19 and (ORD-004).").as_deref(), Some("I said OK, A1, COVID19 and (O R D zero zero four)."));
+    }
+
+    #[test]
+    fn field_names_and_what_a_tool_returns_are_not_spoken() {
+        assert_eq!(speakable(r#"To get the details of order ORD005, order_id: "ORD005""#), None);
+        assert_eq!(speakable("This will return a JSON object containing the status."), None);
+        assert!(speakable("I need your member ID and date of birth first.").is_some());
+        assert!(speakable("Your order is ready; pickup is at 10:00.").is_some());
     }
 
     #[test]
