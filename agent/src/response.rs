@@ -554,23 +554,15 @@ fn confirmed_call(messages: &[ChatMessage], tools: &[parley_llm::ToolSpec]) -> O
     if crate::turn_rules::confirmation_answer(&messages[last_user].content) != Some(true) {
         return None;
     }
-    // The results of the response before the caller's answer.
-    let before = &messages[..last_user];
-    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
-    let results: Vec<(&ChatMessage, serde_json::Value)> = before[start..]
-        .iter()
-        .rev()
-        .filter(|m| m.role == parley_llm::Role::Tool)
-        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok().map(|v| (m, v)))
-        .collect();
+    let (previous, results) = previous_response(messages, last_user);
     let takes_confirm = |name: &str| {
         tools.iter().any(|t| t.name == name && t.parameters.pointer("/properties/confirm/type").and_then(serde_json::Value::as_str) == Some("boolean"))
     };
-    let asked = results.iter().find(|(_, v)| v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"));
+    let asked = results.iter().find(|(_, v)| asks_confirmation(v));
     let (name, mut arguments) = match asked {
         Some((m, _)) => {
             let call_id = m.tool_call_id.as_deref()?;
-            let call = before[start..].iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
+            let call = previous.iter().flat_map(|m| &m.tool_calls).find(|c| c.id == call_id)?;
             (call.name.clone(), call.arguments.as_object()?.clone())
         }
         None => {
@@ -595,17 +587,32 @@ fn asked_call(options: &parley_llm::GenerateOptions, messages: &[ChatMessage]) -
     if crate::turn_rules::confirmation_answer(&messages[last_user].content) == Some(false) {
         return None;
     }
-    let before = &messages[..last_user];
-    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
-    let asked_or_offered = before[start..]
-        .iter()
-        .filter(|m| m.role == parley_llm::Role::Tool)
-        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok())
-        .any(|v| v.get("offer").is_some() || v.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation"));
-    if asked_or_offered {
+    let (_, results) = previous_response(messages, last_user);
+    if results.iter().any(|(_, v)| v.get("offer").is_some() || asks_confirmation(v)) {
         return None;
     }
     parley_llm::known_ids::asked_call(options, messages)
+}
+
+/// The response before the caller's message at `last_user`: its messages, and its
+/// tool results that parse as JSON, last first.
+fn previous_response(messages: &[ChatMessage], last_user: usize) -> (&[ChatMessage], Vec<(&ChatMessage, serde_json::Value)>) {
+    let before = &messages[..last_user];
+    let start = before.iter().rposition(|m| m.role == parley_llm::Role::User).map_or(0, |i| i + 1);
+    let previous = &before[start..];
+    let results = previous
+        .iter()
+        .rev()
+        .filter(|m| m.role == parley_llm::Role::Tool)
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.content).ok().map(|v| (m, v)))
+        .collect();
+    (previous, results)
+}
+
+/// True when a tool's result asks the caller to confirm (`"status":
+/// "needs_confirmation"`).
+fn asks_confirmation(result: &serde_json::Value) -> bool {
+    result.get("status").and_then(serde_json::Value::as_str) == Some("needs_confirmation")
 }
 
 /// Said when no language model can answer (every replica down).
