@@ -43,8 +43,14 @@ pub fn request_body(model: &str, messages: &[ChatMessage], options: &GenerateOpt
     if !options.tools.is_empty() && options.tool_choice != ToolChoice::None {
         // The tools as they may be called now: ids narrowed to the known ones
         // (servers that constrain tool calls with the schema, such as llama.cpp's
-        // with --jinja, then cannot invent one).
-        let tools = crate::known_ids::narrow(&options.tools, messages);
+        // with --jinja, then cannot invent one). A look-up required about the
+        // records the caller just named takes only those ids, as the embedded
+        // engine's grammar does ([`crate::known_ids::callable`]); other choices see
+        // every tool, so that a named function still has its neighbours.
+        let tools = match options.tool_choice {
+            ToolChoice::RequiredNamed => crate::known_ids::callable(options, messages),
+            _ => crate::known_ids::narrow(&options.tools, messages),
+        };
         // Servers refuse an empty list: with no tool callable now, none is offered.
         if tools.is_empty() {
             return body;
@@ -410,5 +416,30 @@ mod tests {
         assert!(body["messages"][0].get("tool_calls").is_none());
         let plain = request_body("qwen", &messages[..2], &GenerateOptions { repeat_penalty: 1.0, ..GenerateOptions::default() }, true);
         assert!(plain.get("tools").is_none() && plain.get("repetition_penalty").is_none());
+    }
+
+    /// A replica gets the same narrowing as the embedded engine: a look-up required
+    /// about the record the caller just named may take that id only, not one the
+    /// call saw earlier.
+    #[test]
+    fn a_required_look_up_of_a_named_record_offers_only_its_id() {
+        let order_tool = ToolSpec {
+            name: "get_order_details".into(),
+            description: "One order".into(),
+            parameters: json!({"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^ORD[0-9]{3,}$", "x-parley-known": true}}, "required": ["order_id"]}),
+        };
+        let messages = vec![
+            ChatMessage::new(Role::User, "Is order ORD001 ready?"),
+            ChatMessage::tool_calls("", vec![ToolCall { id: "c1".into(), name: "get_order_details".into(), arguments: json!({"order_id": "ORD001"}) }]),
+            ChatMessage::tool_result("c1", r#"{"order_id": "ORD001", "status": "ready"}"#),
+            ChatMessage::new(Role::User, "Which medication is in order ORD006?"),
+        ];
+        let named = GenerateOptions { tools: vec![order_tool], tool_choice: ToolChoice::RequiredNamed, ..GenerateOptions::default() };
+        let body = request_body("qwen", &messages, &named, false);
+        assert_eq!(body["tool_choice"], "required");
+        assert_eq!(body["tools"][0]["function"]["parameters"]["properties"]["order_id"]["enum"], json!(["ORD006"]), "{body}");
+        let any = GenerateOptions { tool_choice: ToolChoice::Required, ..named };
+        let ids = &request_body("qwen", &messages, &any, false)["tools"][0]["function"]["parameters"]["properties"]["order_id"]["enum"];
+        assert_eq!(ids.as_array().map(Vec::len), Some(2), "required alone: every id seen: {ids}");
     }
 }
