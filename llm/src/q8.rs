@@ -60,9 +60,14 @@ pub struct Q8Matrix {
 
 /// How a [`Q8Matrix`] holds its values (chosen at load for the CPU: see the module doc).
 enum Layout {
-    /// `n * k` values, row-major; scales row-major (`n * k / 32`). For the tile
-    /// kernels (CPUs without AVX-VNNI).
-    Rows(Vec<i8>),
+    /// Groups of [`ROWS`] rows (the last padded with zero rows), block by block: for
+    /// group `p` and block `b`, [`ROWS_BLOCK_BYTES`] bytes at `(p · kb + b) · 144` hold
+    /// the block's 32 values of each of the four rows in turn, then their four
+    /// scales (f32, little-endian). `d` is empty. For the AVX2 kernels (CPUs without
+    /// AVX-VNNI): a decode step's work item (four outputs) reads one contiguous
+    /// stream, where rows and scales stored apart made it eight, and its time went to
+    /// waiting on them (`perf annotate`: the loads' users were the hot instructions).
+    Rows(Vec<u8>),
     /// Panels of [`PANEL`] rows (the last padded with zero rows): for panel `p`,
     /// block `b` and 4-value group `g`, 32 bytes at `((p · kb + b) · 8 + g) · 32` hold
     /// that group of each of the eight rows in turn, each value stored as `q + 128`;
@@ -71,7 +76,7 @@ enum Layout {
     /// Q5_0 as stored in the file, for the AVX2 kernels on CPUs without AVX-VNNI: per
     /// block, [`Q5_BLOCK_BYTES`] bytes (the 32 fifth bits as a little-endian `u32`,
     /// then 16 bytes of nibbles: low nibble value `i`, high nibble value `i + 16`),
-    /// row-major; scales row-major as for [`Layout::Rows`]. The kernels unpack a block
+    /// row-major; scales row-major in `d`. The kernels unpack a block
     /// to 32 `i8` in registers, so a decode step reads 20 bytes of values per block
     /// where the Q8_0 rows read 32 (see [`Q8Matrix::from_qtensor`]).
     Q5Rows(Vec<u8>),
@@ -81,6 +86,12 @@ enum Layout {
 const Q5_BLOCK_BYTES: usize = 20;
 /// Bytes of one GGUF Q5_0 block: an f16 scale, the fifth bits, the nibbles.
 const GGUF_Q5_BLOCK_BYTES: usize = 2 + Q5_BLOCK_BYTES;
+
+/// Rows per group of [`Layout::Rows`]: the outputs one decode work item computes.
+const ROWS: usize = 4;
+/// Bytes of one block of one group of [`Layout::Rows`]: four rows' 32 values, then
+/// their four f32 scales.
+const ROWS_BLOCK_BYTES: usize = ROWS * (BLOCK + 4);
 
 /// Bytes of one block of one panel: [`PANEL`] rows of 32 values.
 const PANEL_BLOCK_BYTES: usize = PANEL * BLOCK;
@@ -111,8 +122,8 @@ fn panels_by_default() -> bool {
 }
 
 /// Builds a matrix block by block in row-major order, packing each completed group
-/// of [`PANEL`] rows into a panel when the layout wants it (so a large matrix never
-/// sits in memory twice).
+/// of rows ([`ROWS`] or [`PANEL`]) into its layout (so a large matrix never sits in
+/// memory twice).
 struct Builder {
     m: Q8Matrix,
     /// Rows waiting for their panel: values and scales, row-major.
@@ -122,44 +133,57 @@ struct Builder {
 impl Builder {
     fn new(n: usize, k: usize, panels: bool) -> Self {
         let blocks = n * k / BLOCK;
-        let layout = match panels {
-            false => Layout::Rows(Vec::with_capacity(n * k)),
-            true => Layout::Panels(Vec::with_capacity(n.div_ceil(PANEL) * PANEL * k)),
+        let (layout, group, d) = match panels {
+            false => (Layout::Rows(Vec::with_capacity(n.div_ceil(ROWS) * k / BLOCK * ROWS_BLOCK_BYTES)), ROWS, Vec::new()),
+            true => (Layout::Panels(Vec::with_capacity(n.div_ceil(PANEL) * PANEL * k)), PANEL, Vec::with_capacity(blocks.div_ceil(PANEL) * PANEL)),
         };
-        let pending = match panels {
-            false => (Vec::new(), Vec::new()),
-            true => (Vec::with_capacity(PANEL * k), Vec::with_capacity(PANEL * k / BLOCK)),
-        };
-        Self { m: Q8Matrix { n, k, layout, d: Vec::with_capacity(blocks.div_ceil(PANEL) * PANEL) }, pending }
+        let pending = (Vec::with_capacity(group * k), Vec::with_capacity(group * k / BLOCK));
+        Self { m: Q8Matrix { n, k, layout, d }, pending }
+    }
+
+    /// Rows packed together by the layout.
+    fn group(&self) -> usize {
+        match self.m.layout {
+            Layout::Panels(_) => PANEL,
+            Layout::Rows(_) | Layout::Q5Rows(_) => ROWS,
+        }
     }
 
     /// Appends the next block (row-major order over the matrix).
     fn push(&mut self, d: f32, values: impl IntoIterator<Item = i8>) {
-        match &mut self.m.layout {
-            Layout::Rows(qs) => {
-                qs.extend(values);
-                self.m.d.push(d);
-            }
-            Layout::Q5Rows(_) => unreachable!("Q5_0 matrices are built from their blocks, not values"),
-            Layout::Panels(_) => {
-                self.pending.0.extend(values);
-                self.pending.1.push(d);
-                if self.pending.1.len() == PANEL * self.m.k / BLOCK {
-                    self.flush();
-                }
-            }
+        assert!(!matches!(self.m.layout, Layout::Q5Rows(_)), "Q5_0 matrices are built from their blocks, not values");
+        self.pending.0.extend(values);
+        self.pending.1.push(d);
+        if self.pending.1.len() == self.group() * self.m.k / BLOCK {
+            self.flush();
         }
     }
 
-    /// Packs the pending rows (fewer than [`PANEL`] only at the end) into a panel.
+    /// Packs the pending rows (fewer than a group only at the end) into the layout.
     fn flush(&mut self) {
-        let Layout::Panels(qs) = &mut self.m.layout else { return };
         let (k, kb) = (self.m.k, self.m.k / BLOCK);
         let (values, scales) = &mut self.pending;
         let rows = scales.len() / kb;
         if rows == 0 {
             return;
         }
+        if let Layout::Rows(qs) = &mut self.m.layout {
+            for b in 0..kb {
+                for row in 0..ROWS {
+                    match row < rows {
+                        true => qs.extend(values[row * k + b * BLOCK..][..BLOCK].iter().map(|&q| q as u8)),
+                        false => qs.extend([0u8; BLOCK]),
+                    }
+                }
+                for row in 0..ROWS {
+                    qs.extend(if row < rows { scales[row * kb + b] } else { 0.0 }.to_le_bytes());
+                }
+            }
+            values.clear();
+            scales.clear();
+            return;
+        }
+        let Layout::Panels(qs) = &mut self.m.layout else { return };
         for b in 0..kb {
             for g in 0..BLOCK / 4 {
                 for row in 0..PANEL {
@@ -207,9 +231,9 @@ impl Q8Matrix {
     /// the 0.5B model's layer matrices are Q5_0 in its file, so that holds about
     /// 90 MB less, but on a CPU whose decoding is bound by arithmetic rather than
     /// memory the unpacking costs more than the bytes it saves: on a 2-core AMD EPYC
-    /// (Zen 1, AVX2), `bench/llm_vs_llamacpp.sh` decoded at 0.82–0.88× llama.cpp
-    /// with Q5_0 kept against 0.85–0.91× converted, and prefilled at 0.83–0.86×
-    /// against 0.90–0.95×. Hence off by default (`[llm] keep_q5_0`).
+    /// (Zen 1, AVX2), `bench/llm_vs_llamacpp.sh` decoded at 0.80–0.88× llama.cpp
+    /// with Q5_0 kept against 0.87–0.92× converted, and prefilled at 0.92–0.96×
+    /// against 1.01–1.08×. Hence off by default (`[llm] keep_q5_0`).
     pub fn from_qtensor(q: QTensor, keep_q5_0: bool) -> Result<Self, Q8Error> {
         let (n, k) = q
             .shape()
@@ -322,9 +346,10 @@ impl Q8Matrix {
         let kb = self.k / BLOCK;
         match &self.layout {
             Layout::Rows(qs) => {
-                let mut out = [0i8; BLOCK];
-                out.copy_from_slice(&qs[row * self.k + b * BLOCK..][..BLOCK]);
-                (out, self.d[row * kb + b])
+                let at = ((row / ROWS) * kb + b) * ROWS_BLOCK_BYTES;
+                let values = std::array::from_fn(|i| qs[at + (row % ROWS) * BLOCK + i] as i8);
+                let scale = at + ROWS * BLOCK + (row % ROWS) * 4;
+                (values, f32::from_le_bytes([qs[scale], qs[scale + 1], qs[scale + 2], qs[scale + 3]]))
             }
             Layout::Panels(qs) => {
                 let (p, col) = (row / PANEL, row % PANEL);
@@ -356,8 +381,7 @@ impl Q8Matrix {
     /// Bytes held (for the startup log's weight summary).
     pub fn size_in_bytes(&self) -> usize {
         let values = match &self.layout {
-            Layout::Rows(qs) => qs.len(),
-            Layout::Panels(qs) | Layout::Q5Rows(qs) => qs.len(),
+            Layout::Rows(qs) | Layout::Panels(qs) | Layout::Q5Rows(qs) => qs.len(),
         };
         values + self.d.len() * 4
     }
@@ -411,9 +435,7 @@ impl Q8Matrix {
         let mut ad = vec![0f32; m * kb];
         let out_ptr = SendPtr(out.as_mut_ptr());
         let (qs, q5): (&[u8], bool) = match &self.layout {
-            // SAFETY: `i8` and `u8` have the same size and alignment; the kernels read
-            // the bytes back as `i8`.
-            Layout::Rows(qs) => (unsafe { std::slice::from_raw_parts(qs.as_ptr().cast::<u8>(), qs.len()) }, false),
+            Layout::Rows(qs) => (qs.as_slice(), false),
             Layout::Q5Rows(qs) => (qs.as_slice(), true),
             #[cfg(target_arch = "x86_64")]
             Layout::Panels(qs) => {
@@ -660,7 +682,7 @@ fn scalar_tile(w: &Q8Matrix, a: &Acts<'_>, r0: usize, rows: usize, c0: usize, co
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q8Matrix, TILE_M, TILE_N};
+    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q8Matrix, ROWS, ROWS_BLOCK_BYTES, TILE_M, TILE_N};
 
     /// One block of [`super::quantize_into`]: the same scale and integers as the
     /// scalar code, bit for bit. Rounding is half away from zero, as `f32::round`:
@@ -709,28 +731,60 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Where row `col`'s bytes start in the row layouts' bytes: Q8_0 rows hold `k`
-    /// bytes, Q5_0 rows `k / 32` packed blocks.
-    #[inline]
-    fn row_start<const Q5: bool>(qs: &[u8], k: usize, col: usize) -> *const u8 {
-        match Q5 {
-            true => qs[col * (k / BLOCK) * Q5_BLOCK_BYTES..].as_ptr(),
-            false => qs[col * k..].as_ptr(),
-        }
+    /// One weight row of a row layout as the kernels read it: block `b`'s values
+    /// at `values + b · VALUE_STRIDE`, its f32 scale at `scales + b · SCALE_STRIDE`
+    /// (bytes). [`Layout::Rows`]: both inside the row's group of four
+    /// ([`ROWS_BLOCK_BYTES`] apart). [`Layout::Q5Rows`]: packed blocks 20 bytes apart,
+    /// scales in the matrix's `d`.
+    #[derive(Clone, Copy)]
+    struct Row<const Q5: bool> {
+        values: *const u8,
+        scales: *const u8,
     }
 
-    /// Block `b` of a row starting at `row`, as 32 signed values in one register.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2; the row must hold block `b`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load_block<const Q5: bool>(row: *const u8, b: usize) -> __m256i {
-        match Q5 {
-            // SAFETY: the row holds 32 values from `b * 32`.
-            false => unsafe { _mm256_loadu_si256(row.add(b * BLOCK).cast()) },
-            // SAFETY: the row holds the 20 packed bytes of block `b`.
-            true => unsafe { unpack_q5(row.add(b * Q5_BLOCK_BYTES)) },
+    impl<const Q5: bool> Row<Q5> {
+        const VALUE_STRIDE: usize = if Q5 { Q5_BLOCK_BYTES } else { ROWS_BLOCK_BYTES };
+        const SCALE_STRIDE: usize = if Q5 { 4 } else { ROWS_BLOCK_BYTES };
+
+        /// Row `col` of `w`, whose layout's bytes are `qs`.
+        #[inline]
+        fn of(w: &Q8Matrix, qs: &[u8], col: usize) -> Self {
+            let kb = w.k / BLOCK;
+            match Q5 {
+                true => Self { values: qs[col * kb * Q5_BLOCK_BYTES..].as_ptr(), scales: w.d[col * kb..].as_ptr().cast() },
+                false => {
+                    let group = (col / ROWS) * kb * ROWS_BLOCK_BYTES;
+                    let (values, scales) = (group + (col % ROWS) * BLOCK, group + ROWS * BLOCK + (col % ROWS) * 4);
+                    Self { values: qs[values..].as_ptr(), scales: qs[scales..].as_ptr() }
+                }
+            }
+        }
+
+        /// Block `b`'s scale.
+        ///
+        /// # Safety
+        /// The row must hold block `b`.
+        #[inline]
+        unsafe fn scale(self, b: usize) -> f32 {
+            // SAFETY: the caller's; the scale may sit at any byte offset.
+            unsafe { self.scales.add(b * Self::SCALE_STRIDE).cast::<f32>().read_unaligned() }
+        }
+
+        /// Block `b` as 32 signed values in one register.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2; the row must hold block `b`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn block(self, b: usize) -> __m256i {
+            // SAFETY: the caller's: 32 values, or the 20 packed bytes of a Q5_0 block.
+            unsafe {
+                let at = self.values.add(b * Self::VALUE_STRIDE);
+                match Q5 {
+                    false => _mm256_loadu_si256(at.cast()),
+                    true => unpack_q5(at),
+                }
+            }
         }
     }
 
@@ -776,19 +830,18 @@ mod avx2 {
         while j < dst.len() {
             let cols = (dst.len() - j).min(4);
             let mut acc = [_mm256_setzero_ps(); 4];
-            let w_rows: [*const u8; 4] = std::array::from_fn(|c| row_start::<Q5>(qs, w.k, c0 + j + c.min(cols - 1)));
+            let w_rows: [Row<Q5>; 4] = std::array::from_fn(|c| Row::of(w, qs, c0 + j + c.min(cols - 1)));
             for b in 0..kb {
                 let off = b * BLOCK;
                 // SAFETY: `off + 32 <= k` within row `r`.
                 let av = unsafe { _mm256_loadu_si256(a_row.add(off).cast()) };
                 let a_abs = _mm256_sign_epi8(av, av);
                 for (c, acc) in acc.iter_mut().enumerate().take(cols) {
-                    let col = c0 + j + c;
-                    // SAFETY: `col < n`, block `b` of its row.
-                    let wv = unsafe { load_block::<Q5>(w_rows[c], b) };
+                    // SAFETY: column `c0 + j + c < n`: its row holds block `b`.
+                    let (wv, wd) = unsafe { (w_rows[c].block(b), w_rows[c].scale(b)) };
                     let pairs = _mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(wv, av));
                     let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(w.d[col * kb + b] * a_d[b]), *acc);
+                    *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(wd * a_d[b]), *acc);
                 }
             }
             for (c, acc) in acc.iter().enumerate().take(cols) {
@@ -823,8 +876,7 @@ mod avx2 {
         let kb = w.k / BLOCK;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); N]; M];
-        let w_rows: [*const u8; N] = std::array::from_fn(|j| row_start::<Q5>(qs, w.k, c0 + j));
-        let w_d: [&[f32]; N] = std::array::from_fn(|j| &w.d[(c0 + j) * kb..(c0 + j + 1) * kb]);
+        let w_rows: [Row<Q5>; N] = std::array::from_fn(|j| Row::of(w, qs, c0 + j));
         let a_rows: [*const i8; M] = std::array::from_fn(|r| a.qs[(r0 + r) * a.k..].as_ptr());
         let a_d: [&[f32]; M] = std::array::from_fn(|r| &a.d[(r0 + r) * kb..(r0 + r + 1) * kb]);
         // Registers: the 8 accumulators, the N weight blocks, one activation block and
@@ -835,7 +887,9 @@ mod avx2 {
         for b in 0..kb {
             let off = b * BLOCK;
             // SAFETY: every weight row holds block `b`.
-            let wv: [__m256i; N] = std::array::from_fn(|j| unsafe { load_block::<Q5>(w_rows[j], b) });
+            let wv: [__m256i; N] = std::array::from_fn(|j| unsafe { w_rows[j].block(b) });
+            // SAFETY: as above.
+            let wd: [f32; N] = std::array::from_fn(|j| unsafe { w_rows[j].scale(b) });
             for r in 0..M {
                 // SAFETY: `off + 32 <= k` and every row pointer starts a row of `k` values.
                 let av = unsafe { _mm256_loadu_si256(a_rows[r].add(off).cast()) };
@@ -844,7 +898,7 @@ mod avx2 {
                 for j in 0..N {
                     let pairs = _mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(wv[j], av));
                     let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    acc[r][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(ad * w_d[j][b]), acc[r][j]);
+                    acc[r][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(ad * wd[j]), acc[r][j]);
                 }
             }
         }
@@ -989,7 +1043,7 @@ mod tests {
     fn on_one_thread(w: &Q8Matrix, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let (n, k) = (w.n, w.k);
         let (qs, q5): (Vec<u8>, bool) = match &w.layout {
-            Layout::Rows(qs) => (qs.iter().map(|&q| q as u8).collect(), false),
+            Layout::Rows(qs) => (qs.clone(), false),
             Layout::Q5Rows(qs) => (qs.clone(), true),
             Layout::Panels(_) => unreachable!("a row layout"),
         };
