@@ -7,7 +7,9 @@
 //! converts both f16 scales and reduces horizontally per element. A 17-token turn
 //! prefill ran at 55–72 tok/s, barely faster than decoding the tokens one by one
 //! (about 50 tok/s; profile: `BlockQ8_0::vec_dot` about half of all cycles). Here the weights are
-//! stored as plain `i8` rows with their block scales already widened to f32, and the
+//! stored as plain `i8` blocks with their scales already widened to f32, four rows'
+//! blocks and scales side by side ([`Layout::Rows`]: one stream of memory per decode
+//! work item; decode went 20 → 25.5 tok/s on a 2-core EPYC), and the
 //! kernel computes a tile of up to 4 activation rows × 2 weight rows per pass over
 //! the blocks, so each loaded block serves several products and the horizontal sums
 //! happen once per tile. Measured with `llm_speed` (0.5B model, 2 cores, this kernel
@@ -73,17 +75,22 @@ enum Layout {
     /// that group of each of the eight rows in turn, each value stored as `q + 128`;
     /// scales at `(p · kb + b) · 8 + row`. For the AVX-VNNI kernel.
     Panels(Vec<u8>),
-    /// Q5_0 as stored in the file, for the AVX2 kernels on CPUs without AVX-VNNI: per
-    /// block, [`Q5_BLOCK_BYTES`] bytes (the 32 fifth bits as a little-endian `u32`,
-    /// then 16 bytes of nibbles: low nibble value `i`, high nibble value `i + 16`),
-    /// row-major; scales row-major in `d`. The kernels unpack a block
+    /// Q5_0 as stored in the file, for the AVX2 kernels on CPUs without AVX-VNNI, in
+    /// groups of [`ROWS`] rows as [`Layout::Rows`]: for group `p` and block `b`,
+    /// [`Q5_ROWS_BLOCK_BYTES`] bytes at `(p · kb + b) · 96` hold each row's packed
+    /// block of [`Q5_BLOCK_BYTES`] (the 32 fifth bits as a little-endian `u32`, then 16
+    /// bytes of nibbles: low nibble value `i`, high nibble value `i + 16`), then the
+    /// four f32 scales. `d` is empty. The kernels unpack a block
     /// to 32 `i8` in registers, so a decode step reads 20 bytes of values per block
     /// where the Q8_0 rows read 32 (see [`Q8Matrix::from_qtensor`]).
     Q5Rows(Vec<u8>),
 }
 
-/// Bytes of one block of [`Layout::Q5Rows`] (its scale lives in `d`).
+/// Bytes of one packed Q5_0 block of [`Layout::Q5Rows`], without its scale.
 const Q5_BLOCK_BYTES: usize = 20;
+/// Bytes of one block of one group of [`Layout::Q5Rows`]: four packed blocks, then
+/// their four f32 scales.
+const Q5_ROWS_BLOCK_BYTES: usize = ROWS * (Q5_BLOCK_BYTES + 4);
 /// Bytes of one GGUF Q5_0 block: an f16 scale, the fifth bits, the nibbles.
 const GGUF_Q5_BLOCK_BYTES: usize = 2 + Q5_BLOCK_BYTES;
 
@@ -231,9 +238,9 @@ impl Q8Matrix {
     /// the 0.5B model's layer matrices are Q5_0 in its file, so that holds about
     /// 90 MB less, but on a CPU whose decoding is bound by arithmetic rather than
     /// memory the unpacking costs more than the bytes it saves: on a 2-core AMD EPYC
-    /// (Zen 1, AVX2), `bench/llm_vs_llamacpp.sh` decoded at 0.80–0.88× llama.cpp
-    /// with Q5_0 kept against 0.87–0.92× converted, and prefilled at 0.92–0.96×
-    /// against 1.01–1.08×. Hence off by default (`[llm] keep_q5_0`).
+    /// (Zen 1, AVX2), `llm_speed --keep-q5` alternated with the default decoded at
+    /// 24–25 tok/s against 27–28 and prefilled at 50–51 against 55–59, in 642 MB
+    /// against 727. Hence off by default (`[llm] keep_q5_0`).
     pub fn from_qtensor(q: QTensor, keep_q5_0: bool) -> Result<Self, Q8Error> {
         let (n, k) = q
             .shape()
@@ -262,14 +269,27 @@ impl Q8Matrix {
             }
             return Ok(m.finish());
         }
-        let blocks = n * k / BLOCK;
-        let mut values = Vec::with_capacity(blocks * Q5_BLOCK_BYTES);
-        let mut d = Vec::with_capacity(blocks);
-        for block in bytes.chunks_exact(GGUF_Q5_BLOCK_BYTES) {
-            d.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            values.extend_from_slice(&block[2..]);
+        let kb = k / BLOCK;
+        let mut values = Vec::with_capacity(n.div_ceil(ROWS) * kb * Q5_ROWS_BLOCK_BYTES);
+        for p in 0..n.div_ceil(ROWS) {
+            for b in 0..kb {
+                let block = |row: usize| {
+                    let r = p * ROWS + row;
+                    (r < n).then(|| &bytes[(r * kb + b) * GGUF_Q5_BLOCK_BYTES..][..GGUF_Q5_BLOCK_BYTES])
+                };
+                for row in 0..ROWS {
+                    match block(row) {
+                        Some(block) => values.extend_from_slice(&block[2..]),
+                        None => values.extend([0u8; Q5_BLOCK_BYTES]),
+                    }
+                }
+                for row in 0..ROWS {
+                    let d = block(row).map_or(0.0, |block| half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+                    values.extend(d.to_le_bytes());
+                }
+            }
         }
-        Ok(Self { n, k, layout: Layout::Q5Rows(values), d })
+        Ok(Self { n, k, layout: Layout::Q5Rows(values), d: Vec::new() })
     }
 
     /// The format the values are held in, for the startup log's weight summary.
@@ -361,9 +381,11 @@ impl Q8Matrix {
                 (values, self.d[(p * kb + b) * PANEL + col])
             }
             Layout::Q5Rows(qs) => {
-                let at = (row * kb + b) * Q5_BLOCK_BYTES;
-                let packed: &[u8; Q5_BLOCK_BYTES] = qs[at..at + Q5_BLOCK_BYTES].try_into().expect("a block's 20 bytes");
-                (unpack_q5(packed), self.d[row * kb + b])
+                let at = ((row / ROWS) * kb + b) * Q5_ROWS_BLOCK_BYTES;
+                let packed = at + (row % ROWS) * Q5_BLOCK_BYTES;
+                let packed: &[u8; Q5_BLOCK_BYTES] = qs[packed..packed + Q5_BLOCK_BYTES].try_into().expect("a block's 20 bytes");
+                let scale = at + ROWS * Q5_BLOCK_BYTES + (row % ROWS) * 4;
+                (unpack_q5(packed), f32::from_le_bytes([qs[scale], qs[scale + 1], qs[scale + 2], qs[scale + 3]]))
             }
         }
     }
@@ -682,7 +704,7 @@ fn scalar_tile(w: &Q8Matrix, a: &Acts<'_>, r0: usize, rows: usize, c0: usize, co
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q8Matrix, ROWS, ROWS_BLOCK_BYTES, TILE_M, TILE_N};
+    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q5_ROWS_BLOCK_BYTES, Q8Matrix, ROWS, ROWS_BLOCK_BYTES, TILE_M, TILE_N};
 
     /// One block of [`super::quantize_into`]: the same scale and integers as the
     /// scalar code, bit for bit. Rounding is half away from zero, as `f32::round`:
@@ -732,10 +754,9 @@ mod avx2 {
     }
 
     /// One weight row of a row layout as the kernels read it: block `b`'s values
-    /// at `values + b · VALUE_STRIDE`, its f32 scale at `scales + b · SCALE_STRIDE`
-    /// (bytes). [`Layout::Rows`]: both inside the row's group of four
-    /// ([`ROWS_BLOCK_BYTES`] apart). [`Layout::Q5Rows`]: packed blocks 20 bytes apart,
-    /// scales in the matrix's `d`.
+    /// at `values + b · STRIDE`, its f32 scale at `scales + b · STRIDE` (bytes), both
+    /// inside the row's group of four ([`ROWS_BLOCK_BYTES`] or, for Q5_0,
+    /// [`Q5_ROWS_BLOCK_BYTES`] a block).
     #[derive(Clone, Copy)]
     struct Row<const Q5: bool> {
         values: *const u8,
@@ -743,21 +764,15 @@ mod avx2 {
     }
 
     impl<const Q5: bool> Row<Q5> {
-        const VALUE_STRIDE: usize = if Q5 { Q5_BLOCK_BYTES } else { ROWS_BLOCK_BYTES };
-        const SCALE_STRIDE: usize = if Q5 { 4 } else { ROWS_BLOCK_BYTES };
+        const STRIDE: usize = if Q5 { Q5_ROWS_BLOCK_BYTES } else { ROWS_BLOCK_BYTES };
+        const VALUES: usize = if Q5 { Q5_BLOCK_BYTES } else { BLOCK };
 
         /// Row `col` of `w`, whose layout's bytes are `qs`.
         #[inline]
         fn of(w: &Q8Matrix, qs: &[u8], col: usize) -> Self {
-            let kb = w.k / BLOCK;
-            match Q5 {
-                true => Self { values: qs[col * kb * Q5_BLOCK_BYTES..].as_ptr(), scales: w.d[col * kb..].as_ptr().cast() },
-                false => {
-                    let group = (col / ROWS) * kb * ROWS_BLOCK_BYTES;
-                    let (values, scales) = (group + (col % ROWS) * BLOCK, group + ROWS * BLOCK + (col % ROWS) * 4);
-                    Self { values: qs[values..].as_ptr(), scales: qs[scales..].as_ptr() }
-                }
-            }
+            let group = (col / ROWS) * (w.k / BLOCK) * Self::STRIDE;
+            let (values, scales) = (group + (col % ROWS) * Self::VALUES, group + ROWS * Self::VALUES + (col % ROWS) * 4);
+            Self { values: qs[values..].as_ptr(), scales: qs[scales..].as_ptr() }
         }
 
         /// Block `b`'s scale.
@@ -767,7 +782,7 @@ mod avx2 {
         #[inline]
         unsafe fn scale(self, b: usize) -> f32 {
             // SAFETY: the caller's; the scale may sit at any byte offset.
-            unsafe { self.scales.add(b * Self::SCALE_STRIDE).cast::<f32>().read_unaligned() }
+            unsafe { self.scales.add(b * Self::STRIDE).cast::<f32>().read_unaligned() }
         }
 
         /// Block `b` as 32 signed values in one register.
@@ -779,7 +794,7 @@ mod avx2 {
         unsafe fn block(self, b: usize) -> __m256i {
             // SAFETY: the caller's: 32 values, or the 20 packed bytes of a Q5_0 block.
             unsafe {
-                let at = self.values.add(b * Self::VALUE_STRIDE);
+                let at = self.values.add(b * Self::STRIDE);
                 match Q5 {
                     false => _mm256_loadu_si256(at.cast()),
                     true => unpack_q5(at),
@@ -1082,7 +1097,7 @@ mod tests {
             let q8 = Q8Matrix::from_gguf_q5_0_bytes(n, k, &bytes, false).expect("as Q8_0").relayout(false);
             assert!(matches!(q5.layout, Layout::Q5Rows(_)));
             assert_eq!((q5.stored_format(), q8.stored_format()), ("Q5_0", "Q8_0"));
-            assert_eq!(q5.size_in_bytes(), n * k / BLOCK * (Q5_BLOCK_BYTES + 4));
+            assert_eq!(q5.size_in_bytes(), n.div_ceil(ROWS) * k / BLOCK * Q5_ROWS_BLOCK_BYTES);
             let ours: Vec<f32> = q5.dequantize(&Device::Cpu).expect("dense").flatten_all().expect("flat").to_vec1().expect("vec");
             assert_eq!(ours, theirs, "{n}x{k}: the values candle reads");
             for row in 0..n {
