@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p parley-llm --example llm_speed -- [--gguf FILE] \
 //!     [--prompt-tokens N]... [--decode N] [--dequantize] [--candle-q8] [--dense-min N] [--ids-out FILE]
-//!     [--greedy-check N] [--threads N] [--concurrent N] [--row-layout]
+//!     [--greedy-check N] [--threads N] [--concurrent N] [--row-layout] [--keep-q5]
 //! ```
 //! For each `--prompt-tokens N`: a fresh cache prefills N tokens of a fixed English
 //! text (chat-formatted), then decodes `--decode` tokens greedily, never stopping at an
@@ -13,6 +13,8 @@
 //!
 //! `--row-layout`: Q8_0 matrices in rows with the tile kernels, not in AVX-VNNI
 //! panels (for comparison; CPUs without AVX-VNNI always use rows).
+//! `--keep-q5`: Q5_0 matrices kept as stored where the AVX2 kernels unpack them,
+//! instead of converted to Q8_0 (`[llm] keep_q5_0`).
 //! `--dense-min N`: prefills of at least N tokens use dequantized weights (0: never).
 //! `--greedy-check N` instead compares greedy continuations of N prompts between the
 //! quantized path (the default) and f32 dequantized weights (the old default), and
@@ -93,6 +95,7 @@ fn main() -> BoxResult<()> {
     let mut decode = 128usize;
     let mut dequantize = false;
     let mut q8_kernel = true;
+    let mut keep_q5_0 = false;
     let mut ids_out = None;
     let mut greedy_check = 0usize;
     let mut dense_min = parley_llm::qwen2::DEFAULT_DENSE_PREFILL_MIN_TOKENS;
@@ -108,6 +111,7 @@ fn main() -> BoxResult<()> {
             "--dequantize" => dequantize = true,
             "--candle-q8" => q8_kernel = false,
             "--row-layout" => parley_llm::q8::use_row_layout(true),
+            "--keep-q5" => keep_q5_0 = true,
             "--ids-out" => ids_out = Some(PathBuf::from(value()?)),
             "--greedy-check" => greedy_check = value()?.parse()?,
             "--dense-min" => dense_min = value()?.parse()?,
@@ -136,6 +140,7 @@ fn main() -> BoxResult<()> {
         dequantize,
         dense_prefill_min_tokens: dense_min,
         q8_kernel,
+        keep_q5_0,
         ..Qwen2LoadOptions::default()
     };
     let t = Instant::now();

@@ -61,6 +61,10 @@ pub struct Qwen2LoadOptions {
     /// Multiply by Q8_0 matrices with Parley's own tiled kernel ([`crate::q8`])
     /// rather than candle's per-element `vec_dot` (off only to compare the two).
     pub q8_kernel: bool,
+    /// Keep Q5_0 matrices as stored on CPUs whose kernels unpack them, instead of
+    /// converting them to Q8_0: lighter, slower where decoding is bound by arithmetic
+    /// ([`Q8Matrix::from_qtensor`] has the figures). Off by default.
+    pub keep_q5_0: bool,
 }
 
 /// Default for [`Qwen2LoadOptions::dense_prefill_min_tokens`]: never. With candle's
@@ -121,6 +125,7 @@ impl Default for Qwen2LoadOptions {
             max_context: 4096,
             dense_prefill_min_tokens: DEFAULT_DENSE_PREFILL_MIN_TOKENS,
             q8_kernel: true,
+            keep_q5_0: false,
         }
     }
 }
@@ -300,7 +305,8 @@ impl Qwen2Weights {
             }
         };
         // Parley's Q8_0 kernel takes every quantized matrix whose rows are whole
-        // 32-value blocks: Q8_0 as stored, Q5_0 rewritten exactly, the K-quants
+        // 32-value blocks: Q8_0 as stored, Q5_0 rewritten exactly (or kept, with
+        // `keep_q5_0`, where the AVX2 kernels unpack it), the K-quants
         // (`ffn_down` in Q4_K/Q6_K here) requantized from their values, which costs
         // about 50 MB for the 0.5B model and keeps every product off candle's barrier
         // pool ([`crate::pool`] says why that matters). `None`: candle keeps it.
@@ -312,10 +318,15 @@ impl Qwen2Weights {
             }
             let err = |e: String| format!("`{name}` to Q8_0: {e}");
             let (matrix, conversion) = match q.dtype() {
-                GgmlDType::Q8_0 => (Q8Matrix::from_qtensor(q).map_err(|e| err(e.to_string()))?, Conversion::Kept),
+                GgmlDType::Q8_0 => (Q8Matrix::from_qtensor(q, false).map_err(|e| err(e.to_string()))?, Conversion::Kept),
+                // Q8_0 exactly, or kept as Q5_0 when asked and the kernels unpack it.
                 GgmlDType::Q5_0 => {
-                    let (q, conversion) = to_fast_cpu_format(q, device).map_err(|e| err(e.to_string()))?;
-                    (Q8Matrix::from_qtensor(q).map_err(|e| err(e.to_string()))?, conversion)
+                    let matrix = Q8Matrix::from_qtensor(q, options.keep_q5_0).map_err(|e| err(e.to_string()))?;
+                    let conversion = match matrix.stored_format() {
+                        "Q5_0" => Conversion::Kept,
+                        _ => Conversion::Exact,
+                    };
+                    (matrix, conversion)
                 }
                 _ => {
                     let (n, k) = q.shape().dims2().map_err(|e| err(e.to_string()))?;
@@ -326,7 +337,7 @@ impl Qwen2Weights {
                     (Q8Matrix::quantize(n, k, &values).map_err(|e| err(e.to_string()))?, Conversion::Requantized)
                 }
             };
-            summary.borrow_mut().add("Q8_0", matrix.size_in_bytes(), conversion);
+            summary.borrow_mut().add(matrix.stored_format(), matrix.size_in_bytes(), conversion);
             Ok(Ok(matrix))
         };
         let load_dense = |reader: &mut R, name: &str| dense(tensor(reader, name)?, name);
@@ -942,7 +953,7 @@ mod tests {
         let x: Vec<f32> = (0..40 * 256).map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0).collect();
         let x = Tensor::from_vec(x, (1, 40, 256), &dev)?;
         let candle = Linear::Candle(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?);
-        let ours = Linear::Q8(Arc::new(Q8Matrix::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?).map_err(candle_core::Error::wrap)?));
+        let ours = Linear::Q8(Arc::new(Q8Matrix::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?, false).map_err(candle_core::Error::wrap)?));
         let dense = linear(&candle, &x, MatmulPath::Dense)?;
         let scale = dense.abs()?.max_all()?.to_scalar::<f32>()?;
         for (name, w) in [("candle", &candle), ("q8", &ours)] {

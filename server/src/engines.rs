@@ -52,6 +52,7 @@ pub fn load(config: &Config) -> Result<Engines> {
                 kv_budget_bytes: config.llm.kv_cache_mb.saturating_mul(1 << 20),
                 kv_reuse: config.llm.kv_reuse,
                 constrain_tool_calls: config.llm.constrain_tool_calls,
+                keep_q5_0: config.llm.keep_q5_0,
                 ..CandleOptions::default()
             };
             let llm = embedded_llm(config, options).context("loading the language model")?;
