@@ -366,10 +366,8 @@ impl Q8Matrix {
         let kb = self.k / BLOCK;
         match &self.layout {
             Layout::Rows(qs) => {
-                let at = ((row / ROWS) * kb + b) * ROWS_BLOCK_BYTES;
-                let values = std::array::from_fn(|i| qs[at + (row % ROWS) * BLOCK + i] as i8);
-                let scale = at + ROWS * BLOCK + (row % ROWS) * 4;
-                (values, f32::from_le_bytes([qs[scale], qs[scale + 1], qs[scale + 2], qs[scale + 3]]))
+                let (values, scale) = grouped_at(row, b, kb, BLOCK);
+                (std::array::from_fn(|i| qs[values + i] as i8), read_f32(qs, scale))
             }
             Layout::Panels(qs) => {
                 let (p, col) = (row / PANEL, row % PANEL);
@@ -381,11 +379,9 @@ impl Q8Matrix {
                 (values, self.d[(p * kb + b) * PANEL + col])
             }
             Layout::Q5Rows(qs) => {
-                let at = ((row / ROWS) * kb + b) * Q5_ROWS_BLOCK_BYTES;
-                let packed = at + (row % ROWS) * Q5_BLOCK_BYTES;
+                let (packed, scale) = grouped_at(row, b, kb, Q5_BLOCK_BYTES);
                 let packed: &[u8; Q5_BLOCK_BYTES] = qs[packed..packed + Q5_BLOCK_BYTES].try_into().expect("a block's 20 bytes");
-                let scale = at + ROWS * Q5_BLOCK_BYTES + (row % ROWS) * 4;
-                (unpack_q5(packed), f32::from_le_bytes([qs[scale], qs[scale + 1], qs[scale + 2], qs[scale + 3]]))
+                (unpack_q5(packed), read_f32(qs, scale))
             }
         }
     }
@@ -662,10 +658,23 @@ fn quantize_rows(x: &[f32], k: usize, qs: &mut [i8], d: &mut [f32], sums: Option
     });
 }
 
+/// Where block `b` of row `row` lies in a grouped row layout ([`Layout::Rows`],
+/// [`Layout::Q5Rows`]) whose blocks take `values` bytes: the byte offsets of its values
+/// and of its f32 scale. The one place both layouts' readers take their offsets from.
+fn grouped_at(row: usize, b: usize, kb: usize, values: usize) -> (usize, usize) {
+    let at = ((row / ROWS) * kb + b) * ROWS * (values + 4);
+    (at + (row % ROWS) * values, at + ROWS * values + (row % ROWS) * 4)
+}
+
+/// The little-endian f32 at `at`.
+fn read_f32(bytes: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
 /// The 32 values of a Q5_0 block's packed bytes (fifth bits, then nibbles): value
 /// `i` is `q_i − 16`, where the low four bits of `q_i` are nibble `i mod 16` (low
 /// nibbles first) and the fifth is bit `i` of the fifth bits.
-fn unpack_q5(packed: &[u8; Q5_BLOCK_BYTES]) -> [i8; BLOCK] {
+pub(crate) fn unpack_q5(packed: &[u8; Q5_BLOCK_BYTES]) -> [i8; BLOCK] {
     let high = u32::from_le_bytes([packed[0], packed[1], packed[2], packed[3]]);
     let nibbles = &packed[4..];
     std::array::from_fn(|i| {
@@ -704,7 +713,7 @@ fn scalar_tile(w: &Q8Matrix, a: &Acts<'_>, r0: usize, rows: usize, c0: usize, co
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q5_ROWS_BLOCK_BYTES, Q8Matrix, ROWS, ROWS_BLOCK_BYTES, TILE_M, TILE_N};
+    use super::{Acts, BLOCK, Q5_BLOCK_BYTES, Q5_ROWS_BLOCK_BYTES, Q8Matrix, ROWS_BLOCK_BYTES, TILE_M, TILE_N, grouped_at};
 
     /// One block of [`super::quantize_into`]: the same scale and integers as the
     /// scalar code, bit for bit. Rounding is half away from zero, as `f32::round`:
@@ -770,8 +779,7 @@ mod avx2 {
         /// Row `col` of `w`, whose layout's bytes are `qs`.
         #[inline]
         fn of(w: &Q8Matrix, qs: &[u8], col: usize) -> Self {
-            let group = (col / ROWS) * (w.k / BLOCK) * Self::STRIDE;
-            let (values, scales) = (group + (col % ROWS) * Self::VALUES, group + ROWS * Self::VALUES + (col % ROWS) * 4);
+            let (values, scales) = grouped_at(col, 0, w.k / BLOCK, Self::VALUES);
             Self { values: qs[values..].as_ptr(), scales: qs[scales..].as_ptr() }
         }
 

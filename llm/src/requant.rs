@@ -90,17 +90,10 @@ pub fn q5_0_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
     let blocks = src.len() / Q5_0_BLOCK_BYTES;
     let mut out = Vec::with_capacity(blocks * Q8_0_BLOCK_BYTES);
     for block in src.chunks_exact(Q5_0_BLOCK_BYTES) {
-        let (d, rest) = block.split_at(2);
-        let (qh, qs) = rest.split_at(4);
-        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        let (d, packed) = block.split_at(2);
         out.extend_from_slice(d);
-        let value = |i: usize| -> u8 {
-            let nibble = if i < 16 { qs[i] & 0x0f } else { qs[i - 16] >> 4 };
-            let high = ((qh >> i) & 1) as u8;
-            let q = (nibble | (high << 4)) as i8 - 16;
-            q as u8
-        };
-        out.extend((0..BLOCK_VALUES).map(value));
+        let packed = packed.try_into().expect("a Q5_0 block's 20 bytes after its scale");
+        out.extend(crate::q8::unpack_q5(packed).map(|q| q as u8));
     }
     Ok(out)
 }
